@@ -1,0 +1,1 @@
+"""Experiment files: `python launch.py --config=experiments/NAME.py`."""

@@ -1,0 +1,84 @@
+"""Base experiment: every config key of DESIGN §7, each with a one-line comment.
+
+Variants import `get_config` from here and change a few fields; nothing else defines keys.
+Per-level fields are tuples: length 1 broadcasts to every level, otherwise the length must be
+`model.num_levels` (level 1 = finest, 32×32; level L = the top vector).
+
+  python launch.py --config=experiments/base.py --workdir=runs/base
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the base config; `arg` is unused here (variants use it)."""
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # base PRNG seed: parameters, data order, masks and sampling all derive from it
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "embedded"  # celeb_a | folder | embedded | synthetic (tests only)
+  d.path = ""  # image folder for source=folder
+  d.data_dir = ""  # TFDS data_dir ("" = TFDS default, ~/tensorflow_datasets)
+  d.manual_dir = ""  # TFDS manual_dir holding the CelebA files when offline
+  d.train_mask = "centre"  # centre | boxes | freeform (anything but centre needs posterior_sees_mask)
+  d.eval_mask = "centre"  # masks of evaluation passes; deterministic given seed and example index
+  d.flip = True  # random horizontal flips of training images
+  d.image_size = 64  # the model's resolution; only 64 is supported by the level layout
+  d.celeb_a_crop = 140  # centre crop (px) of the aligned 178x218 CelebA images before resizing
+  d.celeb_a_download = False  # let TFDS try the (Google Drive) CelebA download when not prepared
+  d.small_images = "upscale"  # folder images under 64 px: upscale | skip
+  d.validation_fraction = 0.1  # folder source: fraction of files held out (by file-name hash)
+  d.num_workers = 0  # grain worker processes (0 = in the main process)
+
+  c.model = m = ml_collections.ConfigDict()
+  m.kind = "hvae"  # hvae | deterministic (same trunk and decoder, no latents: the baseline)
+  m.num_levels = 4  # L in 1..6: levels 1..L-1 are 2-D maps at 64/2^l, level L a vector
+  m.posterior = "bottom_up"  # bottom_up (the seed) | top_down (VDVAE form)
+  m.context_skips = True  # decoder level l also sees the masked image's trunk features h^p_l
+  m.top_prior = "conditional"  # conditional p(z_L | x_outer) | standard_normal
+  m.posterior_sees_mask = False  # add a 1x1 projection of the mask to h^q_0 (needed for non-centre masks)
+  m.latent_channels = (8,)  # channels of each 2-D latent map (per level; the top level uses top_latent_dim)
+  m.top_latent_dim = 64  # size of the top (vector) latent z_L
+  m.width = 64  # channels of the trunk and of the decoder state at every resolution
+  m.blocks_per_level = 2  # residual blocks per resolution, in the trunk and in the decoder
+  m.likelihood = "dmol"  # dmol | discretized_gaussian | gaussian (continuous, dequantised)
+  m.num_mixtures = 5  # logistic components per pixel for likelihood=dmol
+
+  c.loss = lo = ml_collections.ConfigDict()
+  lo.kl_weight = (1.0,)  # beta_l: per-level KL weight in the training loss (reports stay unweighted)
+  lo.free_bits = (0.0,)  # lambda_l: per-level floor (nats per image) on the batch-mean KL, loss only
+  lo.kl_warmup_steps = 0  # linear beta from 0 to 1 over this many steps (0 = off)
+  lo.kl_balancing = False  # NVAE KL balancing across levels during warm-up
+
+  c.regularize = r = ml_collections.ConfigDict()
+  r.dropout = (0.0,)  # dropout rate on the features feeding level l's posterior and prior heads
+  r.sigma_floor = (0.0,)  # lower bound on the posterior and prior sigma of level l
+  r.head_weight_decay = (0.0,)  # extra L2 weight decay on level l's posterior and prior heads
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.name = "adamw"  # adam | adamw | adamax
+  o.learning_rate = 1e-3  # peak learning rate
+  o.warmup_steps = 100  # linear learning-rate warm-up
+  o.schedule = "cosine"  # constant | cosine (decay to 0 at train.num_steps)
+  o.weight_decay = 0.0  # decoupled weight decay (adamw) on all parameters
+  o.grad_clip = 200.0  # global gradient-norm clipping (0 = off)
+  o.skip_threshold = 0.0  # skip an update whose gradient norm exceeds this (0 = never by norm)
+  o.max_consecutive_skips = 20  # stop with an error after this many skipped updates in a row
+  o.ema_decay = 0.999  # EMA of parameters, used for evaluation (0 = no EMA)
+
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 10_000  # total optimisation steps
+  t.batch_size = 32  # GLOBAL batch size, split over all devices and processes
+  t.log_every_steps = 50  # train/ metrics and console progress
+  t.checkpoint_every_steps = 1000  # periodic checkpoints (also on preemption and at the end)
+  t.keep_checkpoints = 3  # latest checkpoints kept (the best by eval/bpd is kept too)
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.every_steps = 1000  # evaluation period (also at the last step)
+  e.num_examples = 256  # examples of each evaluation pass (held-out and training split alike)
+  e.num_samples = 4  # fill-in samples per context in image grids and sample metrics
+  e.iw_samples = 64  # K of the importance-weighted bound in --mode=eval
+  e.batch_size = 64  # evaluation batch size (global)
+  e.num_grid_examples = 8  # fixed validation contexts shown in images/step_N.png
+  return c

@@ -1,0 +1,38 @@
+"""CelebA 64x64, four levels: the design card's main experiment, sized for an accelerator.
+
+  python launch.py --config=experiments/celeba_l4.py --workdir=runs/celeba_l4 \
+      --config.data.manual_dir=/path/to/celeba_files     # offline: see README "CelebA"
+
+z_1 32x32x16, z_2 16x16x16, z_3 8x8x16 and a 256-d top vector from 4x4 features; width 128,
+two residual blocks per resolution; global batch 128 split over all devices. Expected cost: see
+BENCHMARKS.md (train_step.py --config=experiments/celeba_l4.py) for FLOPs per step and
+steps/s; 200k steps is a few accelerator-days on one GPU, proportionally less on a TPU slice.
+"""
+
+from experiments import base
+
+
+def get_config(arg: str | None = None):
+  c = base.get_config()
+  c.data.source = "celeb_a"
+  c.data.celeb_a_crop = 140
+  c.model.num_levels = 4
+  c.model.width = 128
+  c.model.blocks_per_level = 2
+  c.model.latent_channels = (16,)
+  c.model.top_latent_dim = 256
+  c.model.num_mixtures = 10
+  c.optim.learning_rate = 5e-4
+  c.optim.warmup_steps = 2000
+  c.optim.skip_threshold = 2000.0
+  c.optim.ema_decay = 0.9998
+  c.loss.kl_warmup_steps = 10_000
+  c.train.num_steps = 200_000
+  c.train.batch_size = 128
+  c.train.log_every_steps = 200
+  c.train.checkpoint_every_steps = 5000
+  c.eval.every_steps = 5000
+  c.eval.num_examples = 2048
+  c.eval.batch_size = 256
+  del arg
+  return c

@@ -1,0 +1,1 @@
+"""hvae: hierarchical VAEs that fill in missing image regions."""

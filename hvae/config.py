@@ -1,0 +1,169 @@
+"""Typed, frozen views of the experiment config, validated before anything is traced.
+
+The ml-collections config (experiments/base.py) is what users type; the model and the loss never
+read it directly. `ModelConfig.from_config(config)` resolves per-level tuples (length 1
+broadcasts to all L levels; any other length that is not L is an error naming the field) and
+checks every field, so a bad config fails here with the field's name, before compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+MAX_LEVELS = 6  # level l is at 64 / 2^l; at L = 6 the top features are 1x1
+IMAGE_SIZE = 64
+
+KINDS = ("hvae", "deterministic")
+POSTERIORS = ("bottom_up", "top_down")
+TOP_PRIORS = ("conditional", "standard_normal")
+LIKELIHOODS = ("dmol", "discretized_gaussian", "gaussian")
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message starts with the field's dotted name."""
+
+
+def per_level(field: str, value: Any, num_levels: int, cast=float) -> tuple:
+  """Resolves a per-level field to a tuple of length `num_levels`.
+
+  Args:
+    field: dotted name of the field, used in error messages (e.g. "loss.kl_weight").
+    value: a scalar, or a sequence of length 1 (broadcast) or `num_levels`.
+    num_levels: L.
+    cast: element type.
+
+  Returns:
+    A tuple of `num_levels` elements, entry l-1 for level l.
+  """
+  if isinstance(value, str) or not isinstance(value, Sequence):
+    value = (value,)
+  value = tuple(value)
+  if len(value) == 1:
+    value = value * num_levels
+  if len(value) != num_levels:
+    raise ConfigError(
+        f"{field}: per-level tuple has length {len(value)}, but model.num_levels = {num_levels}; "
+        f"give 1 value (used for every level) or {num_levels} (level 1 = finest first)")
+  try:
+    return tuple(cast(v) for v in value)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{field}: {value!r} is not a tuple of {cast.__name__}") from e
+
+
+def _choice(field: str, value: str, options: Sequence[str]) -> str:
+  if value not in options:
+    raise ConfigError(f"{field}: {value!r} is not one of {', '.join(options)}")
+  return value
+
+
+def _positive(field: str, value, *, allow_zero: bool = False):
+  if not (value > 0 or (allow_zero and value == 0)):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ConfigError(f"{field}: must be {bound}, got {value!r}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the model needs, resolved and checked. Tuples are indexed by level - 1."""
+
+  kind: str = "hvae"
+  num_levels: int = 4
+  posterior: str = "bottom_up"
+  context_skips: bool = True
+  top_prior: str = "conditional"
+  posterior_sees_mask: bool = False
+  latent_channels: tuple[int, ...] = (8, 8, 8, 8)  # entry L unused: the top is top_latent_dim
+  top_latent_dim: int = 64
+  width: int = 64
+  blocks_per_level: int = 2
+  likelihood: str = "dmol"
+  num_mixtures: int = 5
+  dropout: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # from config.regularize
+  sigma_floor: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # from config.regularize
+
+  def __post_init__(self):
+    L = self.num_levels
+    _choice("model.kind", self.kind, KINDS)
+    if not isinstance(L, int) or not 1 <= L <= MAX_LEVELS:
+      raise ConfigError(f"model.num_levels: must be an integer in 1..{MAX_LEVELS}, got {L!r} "
+                        f"(level l is at {IMAGE_SIZE}/2^l, so {IMAGE_SIZE}/2^{MAX_LEVELS} = 1 px)")
+    _choice("model.posterior", self.posterior, POSTERIORS)
+    _choice("model.top_prior", self.top_prior, TOP_PRIORS)
+    _choice("model.likelihood", self.likelihood, LIKELIHOODS)
+    _positive("model.top_latent_dim", self.top_latent_dim)
+    _positive("model.width", self.width)
+    _positive("model.blocks_per_level", self.blocks_per_level, allow_zero=True)
+    _positive("model.num_mixtures", self.num_mixtures)
+    for name in ("latent_channels", "dropout", "sigma_floor"):
+      value = getattr(self, name)
+      field = f"model.{name}" if name == "latent_channels" else f"regularize.{name}"
+      if len(value) != L:
+        raise ConfigError(f"{field}: has {len(value)} entries for {L} levels")
+    for l, c in enumerate(self.latent_channels[:-1], start=1):
+      _positive(f"model.latent_channels (level {l})", c)
+    for l, p in enumerate(self.dropout, start=1):
+      if not 0.0 <= p < 1.0:
+        raise ConfigError(f"regularize.dropout (level {l}): must be in [0, 1), got {p}")
+    for l, s in enumerate(self.sigma_floor, start=1):
+      _positive(f"regularize.sigma_floor (level {l})", s, allow_zero=True)
+
+  @classmethod
+  def from_config(cls, config) -> ModelConfig:
+    """Builds the model config from the full experiment config (`model` and `regularize`)."""
+    m = config.model
+    L = m.num_levels
+    if not isinstance(L, int) or not 1 <= L <= MAX_LEVELS:
+      raise ConfigError(f"model.num_levels: must be an integer in 1..{MAX_LEVELS}, got {L!r}")
+    reg = config.get("regularize", {})
+    return cls(
+        kind=m.kind, num_levels=L, posterior=m.posterior, context_skips=bool(m.context_skips),
+        top_prior=m.top_prior, posterior_sees_mask=bool(m.posterior_sees_mask),
+        latent_channels=per_level("model.latent_channels", m.latent_channels, L, int),
+        top_latent_dim=int(m.top_latent_dim), width=int(m.width),
+        blocks_per_level=int(m.blocks_per_level), likelihood=m.likelihood,
+        num_mixtures=int(m.num_mixtures),
+        dropout=per_level("regularize.dropout", reg.get("dropout", (0.0,)), L),
+        sigma_floor=per_level("regularize.sigma_floor", reg.get("sigma_floor", (0.0,)), L))
+
+  @property
+  def has_latents(self) -> bool:
+    return self.kind == "hvae"
+
+  def resolution(self, level: int) -> int:
+    """Spatial size of the features h_l / d_l at level `level` (0 = the 64x64 input)."""
+    return IMAGE_SIZE // 2**level
+
+  def latent_shape(self, level: int) -> tuple[int, ...]:
+    """Shape of z_level for one example: (r, r, c) for 2-D levels, (top_latent_dim,) at the top."""
+    if level == self.num_levels:
+      return (self.top_latent_dim,)
+    r = self.resolution(level)
+    return (r, r, self.latent_channels[level - 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Weights of the training loss (never of reported figures). Tuples are indexed by level - 1."""
+
+  kl_weight: tuple[float, ...]
+  free_bits: tuple[float, ...]
+  kl_warmup_steps: int = 0
+  kl_balancing: bool = False
+
+  def __post_init__(self):
+    for l, w in enumerate(self.kl_weight, start=1):
+      _positive(f"loss.kl_weight (level {l})", w, allow_zero=True)
+    for l, f in enumerate(self.free_bits, start=1):
+      _positive(f"loss.free_bits (level {l})", f, allow_zero=True)
+    _positive("loss.kl_warmup_steps", self.kl_warmup_steps, allow_zero=True)
+
+  @classmethod
+  def from_config(cls, config) -> LossConfig:
+    L = config.model.num_levels
+    lo = config.loss
+    return cls(kl_weight=per_level("loss.kl_weight", lo.kl_weight, L),
+               free_bits=per_level("loss.free_bits", lo.free_bits, L),
+               kl_warmup_steps=int(lo.kl_warmup_steps), kl_balancing=bool(lo.kl_balancing))

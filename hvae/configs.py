@@ -1,0 +1,41 @@
+"""Experiment configs on disk: `config.json` written by a run and loaded back, unchanged.
+
+JSON has no tuples, so per-level fields come back as lists; `load_config` turns every list back
+into a tuple (the config holds no other lists), so `load_config(save_config(c)) == c`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+
+def _tuplify(value):
+  if isinstance(value, dict):
+    return {k: _tuplify(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuplify(v) for v in value)
+  return value
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A plain dict of the config (tuples kept)."""
+  return config.to_dict()
+
+
+def save_config(config: ml_collections.ConfigDict, path: str) -> None:
+  """Writes the resolved config as JSON (atomically: a crash never leaves half a file)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """Reads a config written by `save_config`; returns it locked (unknown keys are errors)."""
+  with open(path) as f:
+    config = ml_collections.ConfigDict(_tuplify(json.load(f)))
+  config.lock()
+  return config

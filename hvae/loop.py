@@ -1,0 +1,227 @@
+"""`train_and_evaluate(config, workdir)`: the training run behind `launch.py --mode=train`.
+
+Resumes by default: params, optimiser, EMA, step, RNG (derived from the step) and the data
+iterator position all come back from the latest checkpoint. Metrics are fetched from the devices
+only at logging and evaluation steps; SIGTERM / SIGINT save a checkpoint and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from hvae import configs, data, evaluation, images
+from hvae.checkpoint import Checkpointer
+from hvae.config import LossConfig, ModelConfig
+from hvae.model.ladder import HVAE
+from hvae.train import (create_optimizer, create_train_state, make_mesh, make_train_step,
+                        replicate, shard_batch)
+from hvae.writers import MetricWriter
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
+             "ml-collections", "clu", "numpy")
+
+
+class TrainingError(RuntimeError):
+  """Training cannot usefully continue (e.g. every update is being skipped)."""
+
+
+class _Preemption:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. some notebooks): no handler
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Signal %d received: saving a checkpoint and stopping.", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def validate(config) -> tuple[ModelConfig, LossConfig]:
+  """Checks every field the run depends on, before anything is compiled."""
+  model_cfg = ModelConfig.from_config(config)
+  loss_cfg = LossConfig.from_config(config)
+  from hvae.config import per_level
+  per_level("regularize.head_weight_decay", config.regularize.head_weight_decay,
+            model_cfg.num_levels)
+  if config.data.train_mask != "centre" and model_cfg.has_latents and \
+      not model_cfg.posterior_sees_mask:
+    raise ValueError("model.posterior_sees_mask: must be True when data.train_mask is "
+                     f"{config.data.train_mask!r} (the posterior cannot see the hole otherwise)")
+  create_optimizer(config)
+  for name in ("num_steps", "batch_size", "log_every_steps", "checkpoint_every_steps"):
+    if config.train[name] <= 0:
+      raise ValueError(f"train.{name}: must be > 0, got {config.train[name]}")
+  if config.train.batch_size % jax.device_count():
+    raise ValueError(f"train.batch_size: {config.train.batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices")
+  return model_cfg, loss_cfg
+
+
+def _git_commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          timeout=5, cwd=os.path.dirname(__file__)).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def _write_run_info(workdir: str) -> None:
+  versions = {}
+  for p in _PACKAGES:
+    try:
+      versions[p] = metadata.version(p)
+    except metadata.PackageNotFoundError:
+      versions[p] = None
+  info = {"command": sys.argv, "git_commit": _git_commit(), "python": platform.python_version(),
+          "packages": versions, "devices": [str(d) for d in jax.devices()],
+          "process_count": jax.process_count(),
+          "start_time": datetime.datetime.now(datetime.UTC).isoformat()}
+  path = os.path.join(workdir, "run_info.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+  """One device->host transfer for a whole logging window."""
+  stacked = jax.device_get({k: jnp.stack([h[k] for h in history]) for k in history[0]})
+  out = {f"train/{k}": float(np.mean(v)) for k, v in stacked.items()
+         if k not in ("skipped", "consecutive_skips")}
+  out["train/skipped"] = float(np.sum(stacked["skipped"]))
+  out["train/max_consecutive_skips"] = float(np.max(stacked["consecutive_skips"]))
+  return out
+
+
+def train_and_evaluate(config, workdir: str) -> None:
+  """Trains (or resumes) the run in `workdir` to `config.train.num_steps`."""
+  model_cfg, _ = validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    configs.save_config(config, os.path.join(workdir, "config.json"))
+    _write_run_info(workdir)
+
+  model = HVAE(model_cfg)
+  tx = create_optimizer(config)
+  mesh = make_mesh()
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng, eval_rng, grid_rng = jax.random.split(rng, 4)
+  state = replicate(create_train_state(model, tx, init_rng), mesh)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  train_iter = data.create_train_iterator(config)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, data_state, start = ckpt.restore(state)
+    state = replicate(state, mesh)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    logging.info("Resumed from step %d.", start)
+  writer = MetricWriter(workdir, resume_step=start)
+  num_steps = config.train.num_steps
+  if start >= num_steps:
+    logging.info("Nothing to do: step %d >= train.num_steps = %d.", start, num_steps)
+    _finish(workdir)
+    return
+
+  p_train_step = make_train_step(config, model, tx, mesh)
+  eval_step = evaluation.make_eval_step(model, mesh)
+  e = config.eval
+  eval_sets = {"eval": data.eval_batches(config, "validation", e.num_examples, e.batch_size),
+               "eval_train": data.eval_batches(config, "train", e.num_examples, e.batch_size)}
+  grid_batch = data.eval_batches(config, "validation", e.num_grid_examples,
+                                 e.num_grid_examples)[0]
+  fill_in = evaluation.make_fill_in_fn(model, e.num_samples)
+  train_rng = replicate(train_rng, mesh)
+
+  history, window_start, t_start = [], time.perf_counter(), time.perf_counter()
+  with _Preemption() as preemption:
+    step = start
+    while step < num_steps:
+      batch = shard_batch(next(train_iter), mesh)
+      state, metrics = p_train_step(state, batch, train_rng)
+      history.append(metrics)
+      step += 1
+      is_last = step == num_steps
+      if step % config.train.log_every_steps == 0 or is_last or preemption.requested:
+        scalars = _mean_metrics(history)
+        now = time.perf_counter()
+        rate = len(history) / max(now - window_start, 1e-9)
+        scalars.update({"train/steps_per_sec": rate, "train/wall_time": now - t_start})
+        writer.write_scalars(step, scalars)
+        eta = datetime.timedelta(seconds=int((num_steps - step) / max(rate, 1e-9)))
+        logging.info("step %d/%d  loss %.4f  bpd %.4f  %.2f steps/s  %.0f img/s  ETA %s", step,
+                     num_steps, scalars["train/loss"], scalars["train/bpd"], rate,
+                     rate * config.train.batch_size, eta)
+        if scalars["train/max_consecutive_skips"] >= config.optim.max_consecutive_skips:
+          ckpt.wait()
+          raise TrainingError(
+              f"{int(scalars['train/max_consecutive_skips'])} updates in a row were skipped "
+              f"(non-finite gradient or norm > optim.skip_threshold = "
+              f"{config.optim.skip_threshold}); stopping at step {step}. Lower "
+              "optim.learning_rate or raise optim.skip_threshold; the last checkpoint is intact.")
+        history, window_start = [], time.perf_counter()
+      eval_metrics = None
+      if step % e.every_steps == 0 or is_last:
+        t0 = time.perf_counter()
+        eval_metrics = evaluation.evaluate_splits(eval_step, state.ema_params, eval_sets,
+                                                  eval_rng, mesh, model)
+        samples = fill_in(state.ema_params, jnp.asarray(grid_batch["image"]),
+                          jnp.asarray(grid_batch["mask"]), grid_rng)
+        rows = evaluation.fill_in_grid_rows(jax.device_get(samples), grid_batch["image"],
+                                            grid_batch["mask"])
+        labels = (["context", "truth"] + [f"sample {i + 1}" for i in range(e.num_samples)]
+                  + ["mean"])
+        grid = images.make_grid(rows, labels=labels, scale=2)
+        eval_metrics["eval/wall_time"] = time.perf_counter() - t0
+        if jax.process_index() == 0:
+          images.save_png(os.path.join(workdir, "images", f"step_{step}.png"), grid)
+          writer.write_images(step, {"fill_ins": grid})
+        writer.write_scalars(step, eval_metrics)
+        logging.info("eval step %d: eval/bpd %.4f  eval_train/bpd %.4f  gap %.4f  (%.1fs)", step,
+                     eval_metrics["eval/bpd"], eval_metrics["eval_train/bpd"],
+                     eval_metrics["gap/bpd"], eval_metrics["eval/wall_time"])
+      if (step % config.train.checkpoint_every_steps == 0 or is_last or preemption.requested
+          or eval_metrics is not None):
+        ckpt.save(step, state, data_state=train_iter.get_state(), metrics=eval_metrics,
+                  force=is_last or preemption.requested)
+      if preemption.requested:
+        ckpt.wait()
+        writer.flush()
+        logging.warning("Stopped at step %d on request; run the same command to resume.", step)
+        return
+  ckpt.wait()
+  writer.close()
+  _finish(workdir)
+
+
+def _finish(workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "DONE"), "w") as f:
+      f.write(datetime.datetime.now(datetime.UTC).isoformat() + "\n")
+  logging.info("Done: %s", workdir)

@@ -1,0 +1,280 @@
+"""The hierarchical VAE of DESIGN §2: shared trunk, posterior, top-down prior ladder, output head.
+
+Parameter paths are stable and per level, so per-level remedies can address them:
+
+  trunk/...                 shared g (stem, g{l}_block{b})
+  posterior_mask_proj       1x1 conv of the mask added to h^q_0 (posterior_sees_mask)
+  level_{l}/q_head          posterior head of level l        (hvae only)
+  level_{l}/p_head          prior head of level l            (hvae only; absent for a standard-normal top)
+  level_{l}/z_proj          projection merging z_l into the decoder state d_l (hvae only)
+  level_{l}/decoder         f_l: the decoder block producing d_l (l < L)
+  output_head               f_0: the likelihood parameters at 64x64
+
+Which latent each level uses is chosen per call (`sources`, `latents`, `noise`, `temperature`),
+which is what the posterior->prior swap, "resample one level", temperature sampling and the
+importance-weighted bound are built on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hvae.config import ModelConfig
+from hvae.model import layers, likelihoods
+from hvae.model.distributions import DiagGaussian
+from hvae.model.trunk import Trunk
+
+POSTERIOR = "posterior"
+PRIOR = "prior"
+SOURCES = (POSTERIOR, PRIOR)
+
+
+@flax.struct.dataclass
+class LevelOutput:
+  """What one latent level did in a forward pass. Shapes: S = (r, r, c) or (top_latent_dim,)."""
+
+  z: jnp.ndarray  # [B, *S] the latent used
+  p: DiagGaussian  # [B, *S] conditional prior p(z_l | z_{>l}, x_outer), temperature 1
+  q: DiagGaussian | None  # [B, *S] posterior, None when the posterior was not computed
+  kl: jnp.ndarray | None  # [B, *S] analytic KL(q || p) per latent dimension, nats
+  log_q: jnp.ndarray | None  # [B] log q(z_l | ...) of the z used
+  log_p: jnp.ndarray  # [B] log p(z_l | z_{>l}, x_outer) of the z used
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """A forward pass. `levels[l - 1]` is level l (1 = finest); empty for the deterministic kind."""
+
+  px_params: jnp.ndarray  # [B, 64, 64, P] likelihood parameters of every pixel
+  log_px: jnp.ndarray  # [B, 64, 64] log p(x | z, x_outer) of each pixel of `image`, nats
+  levels: tuple[LevelOutput, ...]
+
+
+def preprocess(image: jnp.ndarray, mask: jnp.ndarray, posterior_sees_mask: bool = False):
+  """The network inputs of DESIGN §2 from raw pixels.
+
+  Args:
+    image: [B, 64, 64, 3] pixel values in [0, 255] (uint8 or float; differentiable if float).
+    mask: [B, 64, 64, 1] float, 1 = given, 0 = missing.
+    posterior_sees_mask: unused here (the posterior's mask path is a learned projection).
+
+  Returns:
+    (a_q, a_p), each [B, 64, 64, 4]: concat(x, 1) and concat(x * m, m), x in [-1, 1].
+  """
+  del posterior_sees_mask
+  x = jnp.asarray(image, jnp.float32) / 127.5 - 1.0
+  mask = jnp.asarray(mask, jnp.float32)
+  a_q = jnp.concatenate([x, jnp.ones_like(mask)], axis=-1)
+  a_p = jnp.concatenate([x * mask, mask], axis=-1)
+  return a_q, a_p
+
+
+class DecoderBlock(nn.Module):
+  """f_l: optional context skip (1x1 of h^p_l added), then residual blocks."""
+
+  width: int
+  num_blocks: int
+
+  @nn.compact
+  def __call__(self, u: jnp.ndarray, skip: jnp.ndarray | None) -> jnp.ndarray:
+    h = u
+    if skip is not None:
+      h = h + layers.conv(self.width, 1, name="skip")(skip)
+    for b in range(self.num_blocks):
+      h = layers.ResBlock(self.width, name=f"block{b}")(h)
+    return h
+
+
+class Level(nn.Module):
+  """Everything that belongs to level l: its heads, its z projection and its decoder f_l."""
+
+  config: ModelConfig
+  level: int
+
+  def setup(self):
+    cfg, l = self.config, self.level
+    self.is_top = l == cfg.num_levels
+    if cfg.has_latents:
+      channels = cfg.top_latent_dim if self.is_top else cfg.latent_channels[l - 1]
+      head = lambda: layers.GaussianHead(  # noqa: E731
+          channels, vector=self.is_top, sigma_floor=cfg.sigma_floor[l - 1],
+          dropout=cfg.dropout[l - 1])
+      self.q_head = head()
+      if not (self.is_top and cfg.top_prior == "standard_normal"):
+        self.p_head = head()
+      if self.is_top:
+        r = cfg.resolution(l)
+        self.z_proj = nn.Dense(r * r * cfg.width)
+      else:
+        self.z_proj = layers.conv(cfg.width, 1)
+    if not self.is_top:
+      self.decoder = DecoderBlock(cfg.width, cfg.blocks_per_level)
+
+  def decode(self, u, skip):
+    """d_l = f_l(u, [h^p_l]) for the upsampled state u."""
+    return self.decoder(u, skip)
+
+  def prior(self, d: jnp.ndarray, train: bool) -> DiagGaussian:
+    """p(z_l | z_{>l}, x_outer) from the decoder state d_l."""
+    if self.is_top and self.config.top_prior == "standard_normal":
+      return DiagGaussian.standard((d.shape[0], self.config.top_latent_dim), d.dtype)
+    return self.p_head(d, train=train)
+
+  def posterior(self, h: jnp.ndarray, train: bool) -> DiagGaussian:
+    """q(z_l | ...) from its input features (h^q_l, or concat(d_l, h^q_l) for top_down)."""
+    return self.q_head(h, train=train)
+
+  def merge(self, d: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
+    """merge(d_l, z_l) = d_l + proj(z_l), at level l's own resolution."""
+    return d + self.z_proj(z).reshape(d.shape)
+
+
+class OutputHead(nn.Module):
+  """f_0: sees the upsampled state, h^p_0 (context skip) and a_p itself, gives pixel parameters."""
+
+  width: int
+  num_blocks: int
+  num_params: int
+  context_skips: bool
+
+  @nn.compact
+  def __call__(self, u, h_p0, a_p):
+    h = u + layers.conv(self.width, 3, name="context")(a_p)
+    if self.context_skips:
+      h = h + layers.conv(self.width, 1, name="skip")(h_p0)
+    for b in range(self.num_blocks):
+      h = layers.ResBlock(self.width, name=f"block{b}")(h)
+    return layers.conv(self.num_params, 1, name="out")(nn.gelu(h))
+
+
+def _per_level(value, num_levels: int, name: str) -> tuple:
+  if value is None or not isinstance(value, Sequence) or isinstance(value, str):
+    return (value,) * num_levels
+  if len(value) != num_levels:
+    raise ValueError(f"{name}: expected {num_levels} entries (one per level), got {len(value)}")
+  return tuple(value)
+
+
+class HVAE(nn.Module):
+  """The hierarchical VAE (or, with kind="deterministic", the encoder-decoder baseline).
+
+  RNG streams: "sample" (latent noise, dequantisation), "dropout" (training only).
+  """
+
+  config: ModelConfig
+
+  @property
+  def likelihood(self) -> likelihoods.Likelihood:
+    return likelihoods.get(self.config.likelihood, self.config.num_mixtures)
+
+  @nn.compact
+  def __call__(
+      self,
+      image: jnp.ndarray,
+      mask: jnp.ndarray,
+      *,
+      train: bool = False,
+      sources: str | Sequence[str] = POSTERIOR,
+      latents: Sequence[jnp.ndarray | None] | None = None,
+      noise: Sequence[jnp.ndarray | None] | None = None,
+      temperature: float | Sequence[float] = 1.0,
+      compute_posterior: bool | None = None,
+  ) -> ModelOutput:
+    """Runs the model.
+
+    Args:
+      image: [B, 64, 64, 3] pixels in [0, 255]. Only the given pixels reach the prior and the
+        decoder; the missing ones reach the posterior (and `log_px`, which scores this image).
+      mask: [B, 64, 64, 1] float, 1 = given.
+      train: enables dropout.
+      sources: per level (or one for all) "posterior" or "prior": where z_l is drawn from.
+      latents: per level, an explicit z_l (overrides `sources` for that level) or None.
+      noise: per level, the standard-normal eps used for z_l = mean + tau * sigma * eps, or
+        None to draw it from the "sample" stream.
+      temperature: tau, global or per level; scales sigma of prior-drawn levels only.
+      compute_posterior: run the posterior side (default: iff some level draws from it). When
+        False, q, kl and log_q are None and `image`'s missing pixels are never read.
+
+    Returns:
+      A `ModelOutput`.
+    """
+    cfg = self.config
+    L = cfg.num_levels
+    sources = _per_level(sources, L, "sources")
+    latents = _per_level(latents, L, "latents")
+    noise = _per_level(noise, L, "noise")
+    temperature = _per_level(temperature, L, "temperature")
+    for s in sources:
+      if s not in SOURCES:
+        raise ValueError(f"sources: {s!r} is not one of {SOURCES}")
+    if compute_posterior is None:
+      compute_posterior = cfg.has_latents and any(
+          s == POSTERIOR and z is None for s, z in zip(sources, latents))
+    if not compute_posterior and any(
+        s == POSTERIOR and z is None for s, z in zip(sources, latents)) and cfg.has_latents:
+      raise ValueError("a level draws from the posterior but compute_posterior=False")
+
+    a_q, a_p = preprocess(image, mask)
+    trunk = Trunk(cfg.width, L, cfg.blocks_per_level, name="trunk")
+    h_p = trunk(a_p)
+    h_q = None
+    if compute_posterior:
+      extra = None
+      if cfg.posterior_sees_mask:
+        extra = layers.conv(cfg.width, 1, name="posterior_mask_proj")(jnp.asarray(mask, a_q.dtype))
+      h_q = trunk(a_q, extra)
+
+    levels = {l: Level(cfg, l, name=f"level_{l}") for l in range(1, L + 1)}
+    outputs = []
+    state = h_p[L]  # d_L = h^p_L
+    for l in range(L, 0, -1):
+      level = levels[l]
+      d = state if l == L else level.decode(
+          layers.upsample(state), h_p[l] if cfg.context_skips else None)
+      if not cfg.has_latents:
+        state = d
+        continue
+      p = level.prior(d, train)
+      q = None
+      if compute_posterior:
+        q_in = h_q[l] if cfg.posterior == "bottom_up" else jnp.concatenate([d, h_q[l]], axis=-1)
+        q = level.posterior(q_in, train)
+      z = latents[l - 1]
+      if z is None:
+        eps = noise[l - 1]
+        if eps is None:
+          eps = jax.random.normal(self.make_rng("sample"), p.mean.shape, p.mean.dtype)
+        if sources[l - 1] == POSTERIOR:
+          z = q.sample(eps)
+        else:
+          z = p.sample(eps, temperature[l - 1])
+      flat = lambda t: t.reshape(t.shape[0], -1).sum(-1)  # noqa: E731
+      outputs.append(LevelOutput(
+          z=z, p=p, q=q,
+          kl=None if q is None else q.kl(p),
+          log_q=None if q is None else flat(q.log_prob(z)),
+          log_p=flat(p.log_prob(z))))
+      state = level.merge(d, z)
+
+    lik = self.likelihood
+    head = OutputHead(cfg.width, cfg.blocks_per_level, lik.num_params, cfg.context_skips,
+                      name="output_head")
+    px_params = head(layers.upsample(state), h_p[0], a_p)
+    rng = self.make_rng("sample") if cfg.likelihood == "gaussian" else None
+    log_px = lik.log_prob(px_params, image, rng)
+    return ModelOutput(px_params=px_params, log_px=log_px, levels=tuple(reversed(outputs)))
+
+
+def init(model: HVAE, rng: jax.Array, batch_size: int = 1) -> Any:
+  """Initialises the parameters for 64x64 inputs; returns the `params` collection."""
+  image = jnp.zeros((batch_size, 64, 64, 3), jnp.float32)
+  mask = jnp.ones((batch_size, 64, 64, 1), jnp.float32)
+  param_rng, sample_rng = jax.random.split(rng)
+  variables = model.init({"params": param_rng, "sample": sample_rng}, image, mask)
+  return variables["params"]

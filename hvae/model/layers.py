@@ -1,0 +1,75 @@
+"""Building blocks shared by the trunk, the decoder ladder and the latent heads."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from hvae.model.distributions import DiagGaussian
+
+# softplus(x + _SOFTPLUS_ONE) = 1 at x = 0: heads start at sigma = 1 (plus the floor).
+_SOFTPLUS_ONE = math.log(math.e - 1.0)
+_MIN_SIGMA = 1e-4  # keeps log sigma finite even when the floor is 0
+
+
+def conv(features: int, kernel: int = 3, *, scale: float = 1.0, name: str | None = None):
+  """A SAME-padded convolution; `scale` shrinks the init of a layer that feeds a residual."""
+  init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+  return nn.Conv(features, (kernel, kernel), padding="SAME", kernel_init=init, name=name)
+
+
+def upsample(x: jnp.ndarray) -> jnp.ndarray:
+  """Nearest-neighbour 2x upsampling, [B, r, r, C] -> [B, 2r, 2r, C]."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def downsample(x: jnp.ndarray) -> jnp.ndarray:
+  """2x average pooling, [B, 2r, 2r, C] -> [B, r, r, C]."""
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class ResBlock(nn.Module):
+  """x + conv(gelu(conv(gelu(x)))); the last conv starts small so deep stacks start near identity."""
+
+  width: int
+  residual_scale: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    h = conv(self.width, 3)(nn.gelu(x))
+    h = conv(self.width, 3, scale=self.residual_scale)(nn.gelu(h))
+    return x + h
+
+
+def gaussian_from_raw(mean: jnp.ndarray, raw_scale: jnp.ndarray, sigma_floor: float):
+  """sigma = floor + softplus(raw) (never below the floor); raw = 0 gives sigma = 1 + floor."""
+  sigma = sigma_floor + _MIN_SIGMA + nn.softplus(raw_scale + _SOFTPLUS_ONE)
+  return DiagGaussian(mean, jnp.log(sigma))
+
+
+class GaussianHead(nn.Module):
+  """Maps features to a diagonal Gaussian over one level's latent.
+
+  A 2-D level ([B, r, r, C] features) gets a 3x3 conv to 2 * channels; the vector level gets
+  the features flattened and a dense layer to 2 * channels. The output layer starts small so
+  every posterior and prior starts near N(0, 1) and every KL near 0.
+  """
+
+  channels: int
+  vector: bool
+  sigma_floor: float = 0.0
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, h: jnp.ndarray, *, train: bool) -> DiagGaussian:
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.gelu(h)
+    init = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+    if self.vector:
+      out = nn.Dense(2 * self.channels, kernel_init=init)(h.reshape(h.shape[0], -1))
+    else:
+      out = nn.Conv(2 * self.channels, (3, 3), padding="SAME", kernel_init=init)(h)
+    mean, raw = jnp.split(out, 2, axis=-1)
+    return gaussian_from_raw(mean, raw, self.sigma_floor)

@@ -1,0 +1,46 @@
+"""The shared conv-pool trunk g (DESIGN §2): one set of weights for the posterior and the prior.
+
+`Trunk` maps a 64x64x4 input `a` to the list [h_0, h_1, ..., h_L]: h_0 = stem(a) at 64x64 and
+h_l = g_l(h_{l-1}) = pool(blocks(h_{l-1})) at 64/2^l. The model calls the *same* Trunk
+instance on a_q = concat(x, 1) and on a_p = concat(x * m, m), so flax shares its parameters.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from hvae.model import layers
+
+
+class Trunk(nn.Module):
+  """Conv-pool feature extractor.
+
+  Attributes:
+    width: channels at every resolution.
+    num_levels: L; the last output is at 64 / 2^L.
+    blocks_per_level: residual blocks before each 2x pool.
+  """
+
+  width: int
+  num_levels: int
+  blocks_per_level: int
+
+  @nn.compact
+  def __call__(self, a: jnp.ndarray, extra: jnp.ndarray | None = None) -> list[jnp.ndarray]:
+    """Returns [h_0 ([B,64,64,W]), h_1 ([B,32,32,W]), ..., h_L ([B,64/2^L,64/2^L,W])].
+
+    Args:
+      a: [B, 64, 64, 4] input (image in [-1, 1] and a mask/ones channel).
+      extra: optional [B, 64, 64, W] added to h_0 (the posterior's own view of the mask).
+    """
+    h = layers.conv(self.width, 3, name="stem")(a)
+    if extra is not None:
+      h = h + extra
+    hs = [h]
+    for level in range(1, self.num_levels + 1):
+      for b in range(self.blocks_per_level):
+        h = layers.ResBlock(self.width, name=f"g{level}_block{b}")(h)
+      h = layers.downsample(h)
+      hs.append(h)
+    return hs

@@ -1,0 +1,98 @@
+"""The objective of DESIGN §2: per-example negative ELBO terms, bits/dim, and the training loss.
+
+Reported figures always use the *unweighted* bound (`ElboTerms`); the training loss
+(`training_loss`) may weight (beta_l), clamp (free bits) and anneal (warm-up) the KL terms.
+Bits/dim count only missing sub-pixels: D = 3 * |hole| per example, and dataset figures are
+sum(nats) / (sum(D) ln 2), so recon_bpd + sum_l kl_bpd = bpd exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax
+import jax.numpy as jnp
+
+from hvae.model.ladder import ModelOutput
+
+LN2 = math.log(2.0)
+
+
+@flax.struct.dataclass
+class ElboTerms:
+  """Per-example terms of the unweighted negative ELBO, in nats."""
+
+  recon: jnp.ndarray  # [B] -log p(x_inner | z, x_outer), summed over missing sub-pixels
+  kl: jnp.ndarray  # [B, L] KL of every level per image (L = 0 for the deterministic kind)
+  num_dims: jnp.ndarray  # [B] D, the number of missing sub-pixels
+
+  @property
+  def nelbo(self) -> jnp.ndarray:  # [B]
+    return self.recon + self.kl.sum(-1)
+
+
+def elbo_terms(out: ModelOutput, mask: jnp.ndarray) -> ElboTerms:
+  """Reduces a forward pass to per-example ELBO terms.
+
+  Args:
+    out: the model's output for (image, mask), latents from the posterior.
+    mask: [B, 64, 64, 1], 1 = given.
+
+  Returns:
+    `ElboTerms`; the reconstruction ignores given pixels entirely.
+  """
+  missing = 1.0 - jnp.asarray(mask, jnp.float32)[..., 0]  # [B, 64, 64]
+  recon = -jnp.sum(out.log_px * missing, axis=(1, 2))
+  num_dims = 3.0 * jnp.sum(missing, axis=(1, 2))
+  batch = recon.shape[0]
+  kls = [lev.kl.reshape(batch, -1).sum(-1) for lev in out.levels]
+  kl = jnp.stack(kls, axis=-1) if kls else jnp.zeros((batch, 0), recon.dtype)
+  return ElboTerms(recon=recon, kl=kl, num_dims=num_dims)
+
+
+def to_bpd(nats: jnp.ndarray, num_dims: jnp.ndarray, weights: jnp.ndarray | None = None):
+  """Dataset bits/dim: sum(nats) / (sum(D) ln 2), optionally over examples with weight 1."""
+  if weights is not None:
+    nats, num_dims = nats * weights, num_dims * weights
+  return jnp.sum(nats) / (jnp.maximum(jnp.sum(num_dims), 1.0) * LN2)
+
+
+def bpd_metrics(terms: ElboTerms, weights: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+  """bpd, recon_bpd and every level's kl / kl_bpd (names of DESIGN §7, without the split).
+
+  Per-latent-dim KL needs the latent sizes and is added by the caller (`kl_per_dim`).
+  """
+  w = jnp.ones_like(terms.recon) if weights is None else weights
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  metrics = {"bpd": to_bpd(terms.nelbo, terms.num_dims, w),
+             "recon_bpd": to_bpd(terms.recon, terms.num_dims, w)}
+  for l in range(terms.kl.shape[-1]):
+    metrics[f"kl/level_{l + 1}"] = jnp.sum(terms.kl[:, l] * w) / n
+    metrics[f"kl_bpd/level_{l + 1}"] = to_bpd(terms.kl[:, l], terms.num_dims, w)
+  return metrics
+
+
+def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0):
+  """The weighted training loss, in bits per missing dim of the batch.
+
+  loss = (sum_b recon_b + beta * B * sum_l w_l * max(mean_b KL_l, lambda_l)) / (sum_b D_b ln 2)
+
+  Free bits clamp the *batch-mean* KL of a level from below, so below lambda_l the level gets
+  no KL gradient at all. The normalisation uses the global batch, never the device count.
+
+  Args:
+    terms: per-example terms of the global batch.
+    kl_weight: [L] per-level weights beta_l (array or tuple).
+    free_bits: [L] per-level floors lambda_l in nats per image (0 = off).
+    beta: global KL coefficient (warm-up), a scalar.
+
+  Returns:
+    (loss scalar, kl_loss [L] the clamped, weighted per-level KL terms in nats per image).
+  """
+  kl_mean = jnp.mean(terms.kl, axis=0)  # [L]
+  free_bits = jnp.asarray(free_bits, kl_mean.dtype)
+  clamped = jnp.where(free_bits > 0, jnp.maximum(kl_mean, free_bits), kl_mean)
+  kl_loss = beta * jnp.asarray(kl_weight, kl_mean.dtype) * clamped  # [L]
+  batch = terms.recon.shape[0]
+  loss = (jnp.sum(terms.recon) + batch * jnp.sum(kl_loss)) / (jnp.sum(terms.num_dims) * LN2)
+  return loss, kl_loss

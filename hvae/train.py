@@ -1,0 +1,183 @@
+"""Training: the train state, the optimiser, and the jitted data-parallel train step.
+
+`train_step(state, batch, rng, *, ...) -> (state, metrics)` is a pure module-level function;
+`make_train_step` binds its static arguments and jits it once over a device `Mesh` (batch split
+over the `data` axis, everything else replicated, the state donated). The same code runs on one
+CPU, 8 GPUs or a TPU slice; there is no pmap. The loop that drives it is `hvae.loop`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from hvae import objective
+from hvae.config import ConfigError, LossConfig, ModelConfig
+from hvae.model import ladder
+from hvae.model.ladder import HVAE
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; all of it is checkpointed."""
+
+  step: jnp.ndarray  # [] int32, number of steps taken (skipped ones included)
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  consecutive_skips: jnp.ndarray  # [] int32, skipped updates in a row so far
+  total_skips: jnp.ndarray  # [] int32
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warm-up to `optim.learning_rate`, then constant or cosine decay to 0."""
+  o, steps = config.optim, config.train.num_steps
+  warmup = max(int(o.warmup_steps), 0)
+  schedules = {
+      "constant": lambda: optax.constant_schedule(o.learning_rate),
+      "cosine": lambda: optax.cosine_decay_schedule(o.learning_rate, max(steps - warmup, 1)),
+  }
+  if o.schedule not in schedules:
+    raise ConfigError(f"optim.schedule: {o.schedule!r} is not one of {', '.join(schedules)}")
+  after = schedules[o.schedule]()
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), after],
+                              [warmup])
+
+
+_OPTIMIZERS = {
+    "adam": lambda lr, wd: optax.adam(lr),
+    "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd),
+    "adamax": lambda lr, wd: optax.adamax(lr),
+}
+
+
+def create_optimizer(config) -> optax.GradientTransformation:
+  """The optimiser of `config.optim` (clipping is part of it; skipping is in the step)."""
+  o = config.optim
+  if o.name not in _OPTIMIZERS:
+    raise ConfigError(f"optim.name: {o.name!r} is not one of {', '.join(_OPTIMIZERS)}")
+  if o.weight_decay and o.name != "adamw":
+    raise ConfigError(f"optim.weight_decay: only optim.name='adamw' applies it (got {o.name!r})")
+  parts = []
+  if o.grad_clip and o.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(o.grad_clip))
+  parts.append(_OPTIMIZERS[o.name](learning_rate_schedule(config), o.weight_decay))
+  return optax.chain(*parts)
+
+
+def create_train_state(model: HVAE, tx: optax.GradientTransformation, rng) -> TrainState:
+  params = ladder.init(model, rng)
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params),
+                    consecutive_skips=zero, total_skips=zero)
+
+
+def kl_beta(step, warmup_steps: int):
+  """KL warm-up: beta rises linearly from 0 to 1 over `warmup_steps` (1 throughout if 0)."""
+  if warmup_steps <= 0:
+    return jnp.ones((), jnp.float32)
+  return jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
+
+
+def latent_dims(cfg: ModelConfig) -> tuple[int, ...]:
+  """Number of latent dimensions of every level (for kl_per_dim)."""
+  if not cfg.has_latents:
+    return ()
+  return tuple(int(np.prod(cfg.latent_shape(l))) for l in range(1, cfg.num_levels + 1))
+
+
+def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: LossConfig,
+               skip_threshold: float, ema_decay: float, lr_schedule):
+  """One optimisation step on the global batch.
+
+  Args:
+    state: the train state (replicated).
+    batch: {"image": uint8 [B,64,64,3], "mask": float32 [B,64,64,1]}, B the global batch.
+    rng: the run's base key; the step's key is fold_in(rng, state.step).
+    model, tx, loss_cfg, skip_threshold, ema_decay, lr_schedule: static, bound by
+      `make_train_step`.
+
+  Returns:
+    (new state, metrics): scalars named as DESIGN §7 without the `train/` prefix. An update
+    whose gradient is non-finite or whose norm exceeds `skip_threshold` (> 0) is skipped:
+    parameters, optimiser state and EMA stay as they were.
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+  sample_rng, dropout_rng = jax.random.split(step_rng)
+  beta = kl_beta(state.step, loss_cfg.kl_warmup_steps)
+
+  def loss_fn(params):
+    out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
+                      rngs={"sample": sample_rng, "dropout": dropout_rng})
+    terms = objective.elbo_terms(out, batch["mask"])
+    loss, _ = objective.training_loss(terms, kl_weight=loss_cfg.kl_weight,
+                                      free_bits=loss_cfg.free_bits, beta=beta)
+    return loss, terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  skip = ~jnp.isfinite(grad_norm) | ~jnp.isfinite(loss)
+  if skip_threshold > 0:
+    skip = skip | (grad_norm > skip_threshold)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  new_ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                   state.ema_params, new_params)
+  keep = lambda old, new: jax.tree_util.tree_map(  # noqa: E731
+      lambda o, n: jnp.where(skip, o, n), old, new)
+  consecutive = jnp.where(skip, state.consecutive_skips + 1, 0)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(state.params, new_params),
+      ema_params=keep(state.ema_params, new_ema),
+      opt_state=keep(state.opt_state, new_opt_state),
+      consecutive_skips=consecutive, total_skips=state.total_skips + skip.astype(jnp.int32))
+
+  metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": skip.astype(jnp.float32),
+             "lr": lr_schedule(state.step), "beta": beta,
+             "consecutive_skips": consecutive.astype(jnp.float32)}
+  metrics.update(objective.bpd_metrics(terms))
+  for l, dims in enumerate(latent_dims(model.config), start=1):
+    metrics[f"kl_per_dim/level_{l}"] = metrics[f"kl/level_{l}"] / dims
+  return new_state, metrics
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over every device (of every process), axis `data`."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def make_train_step(config, model: HVAE, tx, mesh: Mesh):
+  """Binds the static arguments of `train_step` and jits it once for `mesh`."""
+  fn = functools.partial(
+      train_step, model=model, tx=tx, loss_cfg=LossConfig.from_config(config),
+      skip_threshold=float(config.optim.skip_threshold),
+      ema_decay=float(config.optim.ema_decay), lr_schedule=learning_rate_schedule(config))
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(fn, in_shardings=(replicated, data, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Process-local numpy batch -> global arrays split over the `data` axis."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree on every device of `mesh` (replicated)."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))

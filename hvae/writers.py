@@ -1,0 +1,232 @@
+"""Metrics to TensorBoard and WORKDIR/metrics.jsonl (DESIGN §7 "Workdir", "Metric names").
+
+`MetricWriter` writes every scalar twice, under the same names: TensorBoard event files (through
+`clu.metric_writers`) for browsing, and one JSON object per logged step in `metrics.jsonl`
+(`{"step": N, "eval/bpd": 3.1, ...}`) for reports and notebooks. Both are flushed after every
+write, so a crash loses nothing already written and readers see runs in progress.
+
+JSON has no NaN or infinity: non-finite values are written as `null` in `metrics.jsonl` (and as
+themselves in TensorBoard). A reader cannot tell NaN from inf there; both mean "diverged".
+
+Only process 0 writes files; other processes only log through absl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _scalar(value: Any) -> float:
+  """A Python float from a Python/numpy/jax scalar or size-1 array."""
+  return float(np.asarray(value).reshape(()))
+
+
+def _json_value(value: float) -> float | None:
+  return value if math.isfinite(value) else None
+
+
+def _parse_lines(text: str, path: str) -> tuple[list[dict], str]:
+  """Parses metrics.jsonl text.
+
+  Args:
+    text: the file's contents.
+    path: the file's path, for log messages.
+
+  Returns:
+    (rows, good_text): the parsed rows and the text of exactly the lines that parsed, each
+    ending in a newline (what a repaired file should contain).
+  """
+  rows, good = [], []
+  lines = text.split("\n")
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if not isinstance(row, dict) or "step" not in row:
+      # The last line is expected to be cut short by a crash mid-write; anything else is news.
+      last = i == len(lines) - 1
+      (logging.info if last else logging.warning)(
+          "Skipping unreadable line %d of %s: %.80r", i + 1, path, line)
+      continue
+    rows.append(row)
+    good.append(line + "\n")
+  return rows, "".join(good)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Reads WORKDIR/metrics.jsonl.
+
+  Args:
+    workdir: the run's working directory.
+
+  Returns:
+    One dict per logged step, in file order: {"step": int, name: float or None (non-finite)}.
+    Unreadable lines (a last line truncated by a crash) are skipped. [] if there is no file.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    rows, _ = _parse_lines(f.read(), path)
+  return rows
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+  """TensorBoard's hparams plugin takes only bool/int/float/str; everything else as text."""
+  if isinstance(value, bool | int | float | str):
+    return value
+  if isinstance(value, np.generic):
+    return value.item()
+  return str(value)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dicts to dotted keys ("optim.learning_rate"), as on the --config.a.b command line."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}.{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, name))
+    else:
+      flat[name] = value
+  return flat
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard and metrics.jsonl, images and hparams to TensorBoard."""
+
+  def __init__(self, workdir: str, *, process_index: int | None = None,
+               resume_step: int | None = None):
+    """Opens the writers; on process 0, prepares metrics.jsonl for appending.
+
+    Args:
+      workdir: the run's working directory (event files and metrics.jsonl go in it).
+      process_index: this process's index; only 0 writes. Defaults to jax.process_index().
+      resume_step: the step a resumed run restarts from. Rows with a larger step, logged by the
+        crashed run after its last checkpoint, are dropped so the file stays monotone.
+    """
+    self._workdir = workdir
+    index = jax.process_index() if process_index is None else process_index
+    self._primary = index == 0
+    self._file = None
+    if self._primary:
+      os.makedirs(workdir, exist_ok=True)
+      self._repair(resume_step)
+      # Line-buffering is not enough on its own (see write_scalars): we flush explicitly.
+      self._file = open(self.metrics_path, "a", encoding="utf-8")
+    self._writer = metric_writers.create_default_writer(
+        workdir if self._primary else None, just_logging=not self._primary, asynchronous=False)
+
+  @property
+  def metrics_path(self) -> str:
+    return os.path.join(self._workdir, METRICS_FILE)
+
+  def _repair(self, resume_step: int | None) -> None:
+    """Drops a truncated last line and (with resume_step) rows past the restored step."""
+    path = self.metrics_path
+    if not os.path.exists(path):
+      return
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    rows, good = _parse_lines(text, path)
+    if resume_step is not None:
+      keep = [row for row in rows if row["step"] <= resume_step]
+      if len(keep) < len(rows):
+        logging.info("Dropping %d rows of %s with step > %d (resuming from step %d).",
+                     len(rows) - len(keep), path, resume_step, resume_step)
+        good = "".join(json.dumps(row) + "\n" for row in keep)
+    # Appending after a partial line would glue the next row onto it, so rewrite first.
+    if good != text:
+      _atomic_write_text(path, good)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes one step's scalars to TensorBoard and as one line of metrics.jsonl.
+
+    Args:
+      step: the training step.
+      scalars: name -> Python/numpy/jax scalar. Names follow DESIGN §7 "Metric names".
+    """
+    if "step" in scalars:
+      raise ValueError("'step' is reserved for the row's step in metrics.jsonl.")
+    values = {name: _scalar(value) for name, value in scalars.items()}
+    step = int(step)
+    self._writer.write_scalars(step, values)
+    if not self._primary:
+      return
+    self._writer.flush()
+    row = {"step": step, **{name: _json_value(v) for name, v in values.items()}}
+    # allow_nan=False: a stray NaN would make the file unreadable by strict JSON parsers.
+    self._file.write(json.dumps(row, allow_nan=False) + "\n")
+    self._file.flush()
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """Writes images to TensorBoard.
+
+    Args:
+      step: the training step.
+      images: name -> uint8 [H, W, 3] or [N, H, W, 3] (float arrays are clipped to 0..255).
+    """
+    batch = {}
+    for name, image in images.items():
+      image = np.asarray(image)
+      if image.dtype != np.uint8:
+        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+      if image.ndim not in (3, 4):
+        raise ValueError(f"image {name!r} must be [H, W, C] or [N, H, W, C]; got {image.shape}")
+      batch[name] = image
+    self._writer.write_images(int(step), batch)
+    if self._primary:
+      self._writer.flush()
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Writes the (nested) config to TensorBoard's hparams tab under dotted names.
+
+    Args:
+      hparams: a nested dict of hyper-parameters (e.g. config.to_dict()).
+    """
+    flat = {name: _hparam_value(value) for name, value in _flatten(hparams).items()}
+    self._writer.write_hparams(flat)
+    if self._primary:
+      self._writer.flush()
+
+  def flush(self) -> None:
+    """Flushes both outputs (each write already does; this is for callers that want to be sure)."""
+    self._writer.flush()
+    if self._file is not None:
+      self._file.flush()
+
+  def close(self) -> None:
+    """Flushes and closes both outputs; the writer is unusable afterwards."""
+    self._writer.close()
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

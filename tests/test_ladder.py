@@ -1,0 +1,268 @@
+"""Tests of hvae/model/ladder.py: shapes, no leakage, latent sources, parameter paths."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import centre_mask, random_images, tiny_model_config
+
+from hvae.config import ModelConfig
+from hvae.model import ladder
+from hvae.model.ladder import HVAE
+
+B = 2
+
+
+def _init(cfg, seed=0):
+  return ladder.init(HVAE(cfg), jax.random.PRNGKey(seed))
+
+
+# ---------------------------------------------------------------- shapes, through eval_shape
+
+
+_GRID = [
+    (L, post, skips, lik, kind)
+    for L, post, skips, lik, kind in itertools.product(
+        range(1, 7), ("bottom_up", "top_down"), (True, False),
+        ("dmol", "discretized_gaussian", "gaussian"), ("hvae", "deterministic"))
+    # The deterministic kind has no posterior: one posterior value covers it.
+    if not (kind == "deterministic" and post == "top_down")
+]
+
+
+@pytest.mark.parametrize("L,posterior,skips,likelihood,kind", _GRID)
+def test_shapes_of_every_level(L, posterior, skips, likelihood, kind):
+  cfg = tiny_model_config(num_levels=L, posterior=posterior, context_skips=skips,
+                          likelihood=likelihood, kind=kind, num_mixtures=3)
+  model = HVAE(cfg)
+  image = jax.ShapeDtypeStruct((B, 64, 64, 3), jnp.uint8)
+  mask = jax.ShapeDtypeStruct((B, 64, 64, 1), jnp.float32)
+
+  def run(rng, image, mask):
+    params = model.init({"params": rng, "sample": rng}, image, mask)["params"]
+    return params, model.apply({"params": params}, image, mask, rngs={"sample": rng})
+
+  params, out = jax.eval_shape(run, jax.random.PRNGKey(0), image, mask)
+  assert out.px_params.shape == (B, 64, 64, model.likelihood.num_params)
+  assert out.log_px.shape == (B, 64, 64)
+  if kind == "deterministic":
+    assert out.levels == ()
+    assert not any(k.startswith("level_") and "q_head" in v for k, v in params.items())
+    return
+  assert len(out.levels) == L
+  for l, lev in enumerate(out.levels, start=1):
+    want = (B,) + cfg.latent_shape(l)
+    if l < L:
+      assert want == (B, 64 // 2**l, 64 // 2**l, 2)
+    else:
+      assert want == (B, cfg.top_latent_dim)
+    for arr in (lev.z, lev.p.mean, lev.p.log_scale, lev.q.mean, lev.q.log_scale, lev.kl):
+      assert arr.shape == want
+    assert lev.log_q.shape == lev.log_p.shape == (B,)
+    # Stable per-level parameter paths (per-level weight decay and dropout address them).
+    assert "q_head" in params[f"level_{l}"]
+    assert "z_proj" in params[f"level_{l}"]
+    assert ("decoder" in params[f"level_{l}"]) == (l < L)
+
+
+def test_standard_normal_top_prior_has_no_prior_head():
+  cfg = tiny_model_config(top_prior="standard_normal")
+  params = _init(cfg)
+  assert "p_head" not in params["level_3"] and "p_head" in params["level_2"]
+  out = HVAE(cfg).apply({"params": params}, random_images(B), centre_mask(B),
+                        rngs={"sample": jax.random.PRNGKey(1)})
+  np.testing.assert_array_equal(out.levels[-1].p.mean, 0.0)
+  np.testing.assert_array_equal(out.levels[-1].p.log_scale, 0.0)
+
+
+def test_trunk_parameters_are_shared_between_posterior_and_prior():
+  params = _init(tiny_model_config())
+  # One trunk; the posterior side adds only its mask projection (off here) and its heads.
+  assert set(params) == {"trunk", "output_head", "level_1", "level_2", "level_3"}
+  params = _init(tiny_model_config(posterior_sees_mask=True))
+  assert "posterior_mask_proj" in params
+
+
+# ---------------------------------------------------------------- no leakage (DESIGN §4)
+
+
+def _leak_probe(cfg):
+  """grad wrt the raw image of (every prior's parameters + decoder output) and of the posterior.
+
+  Explicit z for every level; random projections so no term can cancel by symmetry.
+  """
+  model = HVAE(cfg)
+  params = _init(cfg, seed=3)
+  mask = jnp.asarray(centre_mask(B))
+  shapes = [cfg.latent_shape(l) for l in range(1, cfg.num_levels + 1)]
+  keys = jax.random.split(jax.random.PRNGKey(4), 2 * len(shapes) + 4)
+  zs = [jax.random.normal(k, (B,) + s) for k, s in zip(keys, shapes)]
+
+  def project(tree, key):
+    leaves = jax.tree_util.tree_leaves(tree)
+    ks = jax.random.split(key, len(leaves))
+    return sum(jnp.sum(x * jax.random.normal(k, x.shape)) for x, k in zip(leaves, ks))
+
+  def run(image):
+    return model.apply({"params": params}, image, mask, latents=zs, compute_posterior=True,
+                       rngs={"sample": jax.random.PRNGKey(5)})
+
+  def prior_and_decoder(image):
+    out = run(image)
+    priors = [(lev.p.mean, lev.p.log_scale) for lev in out.levels]
+    return project(priors, keys[-1]) + project(out.px_params, keys[-2])
+
+  def posterior(image):
+    out = run(image)
+    return project([(lev.q.mean, lev.q.log_scale) for lev in out.levels], keys[-3])
+
+  image = jnp.asarray(random_images(B, seed=6), jnp.float32)
+  return (np.asarray(jax.jit(jax.grad(prior_and_decoder))(image)),
+          np.asarray(jax.jit(jax.grad(posterior))(image)), np.asarray(mask))
+
+
+@pytest.mark.parametrize("posterior", ["bottom_up", "top_down"])
+def test_no_leakage_from_missing_pixels(posterior):
+  cfg = tiny_model_config(posterior=posterior, posterior_sees_mask=True)
+  g_prior, g_post, mask = _leak_probe(cfg)
+  missing = np.broadcast_to(mask == 0, g_prior.shape)
+  # Priors and decoder: exactly zero gradient from every missing pixel ...
+  assert np.all(g_prior[missing] == 0.0)
+  # ... while the same path is live for the given pixels (a stop_gradient would zero both).
+  assert np.abs(g_prior[~missing]).max() > 0.0
+  # The posterior does see the missing pixels.
+  assert np.abs(g_post[missing]).max() > 0.0
+
+
+def test_no_leakage_deterministic_baseline():
+  cfg = tiny_model_config(kind="deterministic")
+  model, params = HVAE(cfg), _init(cfg)
+  mask = jnp.asarray(centre_mask(B))
+  f = lambda im: jnp.sum(model.apply({"params": params}, im, mask).px_params ** 2)  # noqa: E731
+  g = np.asarray(jax.grad(f)(jnp.asarray(random_images(B), jnp.float32)))
+  missing = np.broadcast_to(np.asarray(mask) == 0, g.shape)
+  assert np.all(g[missing] == 0.0) and np.abs(g[~missing]).max() > 0.0
+
+
+# ---------------------------------------------------------------- latent sources
+
+
+@functools.lru_cache
+def _source_fixture():
+  cfg = tiny_model_config(posterior="top_down")
+  model = HVAE(cfg)
+  params = _init(cfg, seed=7)
+
+  @functools.partial(jax.jit, static_argnames=("sources",))
+  def apply(image, mask, rng, sources, noise=None):
+    return model.apply({"params": params}, image, mask, sources=sources, noise=noise,
+                       compute_posterior=True, rngs={"sample": rng})
+
+  return cfg, apply
+
+
+def test_all_prior_sources_make_output_independent_of_missing_pixels():
+  _, apply = _source_fixture()
+  a = random_images(B, seed=1)
+  b = a.copy()
+  b[:, 16:48, 16:48] = random_images(B, seed=2)[:, 16:48, 16:48]
+  mask = centre_mask(B)
+  key = jax.random.PRNGKey(0)
+  out_a, out_b = apply(a, mask, key, "prior"), apply(b, mask, key, "prior")
+  np.testing.assert_array_equal(out_a.px_params, out_b.px_params)
+  # With the posterior in charge the missing pixels do matter.
+  post_a, post_b = apply(a, mask, key, "posterior"), apply(b, mask, key, "posterior")
+  assert np.abs(np.asarray(post_a.px_params - post_b.px_params)).max() > 0
+
+
+def test_fixed_noise_gives_identical_samples():
+  cfg, apply = _source_fixture()
+  image, mask = random_images(B), centre_mask(B)
+  shapes = [(B,) + cfg.latent_shape(l) for l in range(1, cfg.num_levels + 1)]
+  noise = [jax.random.normal(jax.random.PRNGKey(l), s) for l, s in enumerate(shapes)]
+  one = apply(image, mask, jax.random.PRNGKey(1), "prior", noise)
+  two = apply(image, mask, jax.random.PRNGKey(2), "prior", noise)
+  for a, b in zip(one.levels, two.levels):
+    np.testing.assert_array_equal(a.z, b.z)
+  np.testing.assert_array_equal(one.px_params, two.px_params)
+  three = apply(image, mask, jax.random.PRNGKey(2), "prior")
+  assert np.abs(np.asarray(three.px_params - one.px_params)).max() > 0
+
+
+def test_per_level_sources_swap_only_that_level():
+  cfg, apply = _source_fixture()
+  image, mask = random_images(B), centre_mask(B)
+  key = jax.random.PRNGKey(3)
+  post = apply(image, mask, key, "posterior")
+  swap = apply(image, mask, key, ("posterior", "prior", "posterior"))
+  np.testing.assert_array_equal(post.levels[2].z, swap.levels[2].z)  # above: same posterior
+  # Level 2 from the prior: z = mu_p + sigma_p * eps with the same eps the posterior used.
+  eps = (post.levels[1].z - post.levels[1].q.mean) / post.levels[1].q.scale
+  want = swap.levels[1].p.mean + swap.levels[1].p.scale * eps
+  np.testing.assert_allclose(swap.levels[1].z, want, atol=1e-4)
+
+
+def test_log_q_and_log_p_are_those_of_the_used_z():
+  _, apply = _source_fixture()
+  out = apply(random_images(B), centre_mask(B), jax.random.PRNGKey(4), "posterior")
+  for lev in out.levels:
+    np.testing.assert_allclose(lev.log_q, lev.q.log_prob(lev.z).reshape(B, -1).sum(-1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(lev.log_p, lev.p.log_prob(lev.z).reshape(B, -1).sum(-1),
+                               rtol=1e-5)
+
+
+def test_bad_source_or_per_level_length_is_an_error():
+  model = HVAE(tiny_model_config())
+  params = _init(tiny_model_config())
+  with pytest.raises(ValueError, match="sources"):
+    model.apply({"params": params}, random_images(1), centre_mask(1), sources="poster",
+                rngs={"sample": jax.random.PRNGKey(0)})
+  with pytest.raises(ValueError, match="temperature"):
+    model.apply({"params": params}, random_images(1), centre_mask(1), sources="prior",
+                temperature=(1.0, 0.5), rngs={"sample": jax.random.PRNGKey(0)})
+
+
+# ---------------------------------------------------------------- remedies living in the model
+
+
+def test_sigma_floor_bounds_every_sigma():
+  cfg = tiny_model_config(sigma_floor=(0.5, 0.0, 0.2))
+  model, params = HVAE(cfg), _init(cfg)
+  # Push the raw scale very negative by shifting every head's bias.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x - 50.0 if "head" in jax.tree_util.keystr(p) and "bias" in
+      jax.tree_util.keystr(p) else x, params)
+  out = model.apply({"params": params}, random_images(B), centre_mask(B),
+                    rngs={"sample": jax.random.PRNGKey(0)})
+  for floor, lev in zip(cfg.sigma_floor, out.levels):
+    assert float(jnp.min(lev.q.scale)) >= floor and float(jnp.min(lev.p.scale)) >= floor
+
+
+def test_dropout_of_one_level_touches_only_that_level():
+  cfg = tiny_model_config(dropout=(0.0, 0.5, 0.0))
+  model, params = HVAE(cfg), _init(cfg)
+  image, mask = random_images(B), centre_mask(B)
+  noise = [jnp.zeros((B,) + cfg.latent_shape(l)) for l in (1, 2, 3)]
+
+  def run(train, key):
+    return model.apply({"params": params}, image, mask, train=train, noise=noise,
+                       rngs={"sample": key, "dropout": key})
+
+  ref, drop = run(False, jax.random.PRNGKey(0)), run(True, jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(ref.levels[2].q.mean, drop.levels[2].q.mean)  # level 3
+  np.testing.assert_array_equal(ref.levels[2].p.mean, drop.levels[2].p.mean)
+  assert np.abs(np.asarray(ref.levels[1].q.mean - drop.levels[1].q.mean)).max() > 0  # level 2
+  assert np.abs(np.asarray(ref.levels[1].p.mean - drop.levels[1].p.mean)).max() > 0
+  # Level 1's bottom-up posterior never sees level 2's features.
+  np.testing.assert_array_equal(ref.levels[0].q.mean, drop.levels[0].q.mean)
+
+
+def test_model_config_is_frozen_and_hashable():
+  cfg = ModelConfig()
+  hash(cfg)
+  with pytest.raises(Exception):
+    cfg.width = 3  # type: ignore[misc]

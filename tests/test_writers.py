@@ -1,0 +1,107 @@
+"""Tests for hvae/writers.py: TensorBoard and metrics.jsonl agree; crash and resume handling."""
+
+import glob
+import json
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from hvae.writers import MetricWriter, read_metrics
+
+
+def _tensorboard_scalars(workdir: str) -> dict[str, dict[int, float]]:
+  """tag -> {step: value} of every scalar summary in workdir's event files."""
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()["tensors"]:
+    events = acc.Tensors(tag)
+    if tensor_util.make_ndarray(events[0].tensor_proto).ndim == 0:
+      out[tag] = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events}
+  return out
+
+
+def test_scalars_land_in_tensorboard_and_jsonl(tmp_path):
+  workdir = str(tmp_path)
+  with MetricWriter(workdir, process_index=0) as writer:
+    writer.write_scalars(1, {"train/loss": 2.5, "train/kl/level_1": np.float32(0.25)})
+    writer.write_scalars(2, {"train/loss": jnp.asarray(1.5), "train/kl/level_1": 0.125})
+    # Readers see rows before close (a run in progress).
+    assert [row["step"] for row in read_metrics(workdir)] == [1, 2]
+  rows = read_metrics(workdir)
+  assert rows == [{"step": 1, "train/loss": 2.5, "train/kl/level_1": 0.25},
+                  {"step": 2, "train/loss": 1.5, "train/kl/level_1": 0.125}]
+  assert all(type(v) in (int, float) for row in rows for v in row.values())
+  tb = _tensorboard_scalars(workdir)
+  from_jsonl = {}
+  for row in rows:
+    for name, value in row.items():
+      if name != "step":
+        from_jsonl.setdefault(name, {})[row["step"]] = value
+  assert tb == from_jsonl
+
+
+def test_non_finite_written_as_null(tmp_path):
+  with MetricWriter(str(tmp_path), process_index=0) as writer:
+    writer.write_scalars(3, {"eval/bpd": float("nan"), "train/grad_norm": np.inf, "ok": 1.0})
+  with open(tmp_path / "metrics.jsonl") as f:
+    line = f.read()
+  assert "NaN" not in line and "Infinity" not in line
+  assert json.loads(line) == {"step": 3, "eval/bpd": None, "train/grad_norm": None, "ok": 1.0}
+  assert math.isnan(_tensorboard_scalars(str(tmp_path))["eval/bpd"][3])
+
+
+def test_truncated_last_line_is_skipped_and_repaired(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n{"step": 3, "a')
+  assert read_metrics(str(tmp_path)) == [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}]
+  # Appending after the partial line must not glue the next row onto it.
+  with MetricWriter(str(tmp_path), process_index=0) as writer:
+    writer.write_scalars(3, {"a": 3.0})
+  assert [row["step"] for row in read_metrics(str(tmp_path))] == [1, 2, 3]
+  assert path.read_text().count("\n") == 3
+
+
+def test_resume_step_drops_later_rows(tmp_path):
+  with MetricWriter(str(tmp_path), process_index=0) as writer:
+    for step in range(1, 6):
+      writer.write_scalars(step * 10, {"a": float(step)})
+  # The crashed run logged up to step 50 but its last checkpoint was step 30.
+  with MetricWriter(str(tmp_path), process_index=0, resume_step=30) as writer:
+    assert [row["step"] for row in read_metrics(str(tmp_path))] == [10, 20, 30]
+    writer.write_scalars(40, {"a": 40.0})
+  rows = read_metrics(str(tmp_path))
+  assert [row["step"] for row in rows] == [10, 20, 30, 40]
+  assert rows[-1]["a"] == 40.0
+  assert not glob.glob(str(tmp_path / "metrics.jsonl.tmp*"))
+
+
+def test_images_and_hparams(tmp_path):
+  image = np.zeros((8, 8, 3), np.uint8)
+  image[..., 0] = 255
+  with MetricWriter(str(tmp_path), process_index=0) as writer:
+    writer.write_images(5, {"samples": image, "grid": np.stack([image, image]).astype(float)})
+    writer.write_hparams({"seed": 0, "optim": {"learning_rate": 1e-3, "name": "adamw"},
+                          "model": {"latent_channels": (2, 4)}})
+    with pytest.raises(ValueError, match="reserved"):
+      writer.write_scalars(1, {"step": 1.0})
+  acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  acc.Reload()
+  assert {"samples", "grid"} <= set(acc.Tags()["tensors"])
+  assert acc.Tensors("samples")[0].step == 5
+  assert "_hparams_/session_start_info" in acc.Tags()["tensors"]
+
+
+def test_non_zero_process_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  with MetricWriter(str(workdir), process_index=1) as writer:
+    writer.write_scalars(1, {"a": 1.0})
+    writer.write_images(1, {"x": np.zeros((4, 4, 3), np.uint8)})
+    writer.write_hparams({"seed": 0})
+  assert not os.path.exists(workdir)
+  assert read_metrics(str(workdir)) == []
