@@ -48,16 +48,24 @@ def _pad(batch: dict, multiple: int) -> tuple[dict, int]:
 
 
 def per_example_terms(eval_step, params, batches: list[dict], rng, mesh: Mesh) -> dict:
-  """Runs `eval_step` over `batches`; returns numpy per-example arrays for all examples."""
+  """Runs `eval_step` over `batches`; returns numpy per-example arrays of the real examples.
+
+  Batches may carry a `weight` [B] (0 = padding, as `hvae.data.eval_batches` pads the last
+  batch); padded rows, and rows added here to fill every device, are dropped.
+  """
   results = []
   local_devices = len(mesh.local_devices)
   for i, batch in enumerate(batches):
-    batch = {k: v for k, v in batch.items() if k in ("image", "mask")}
+    weight = np.asarray(batch.get("weight", np.ones(batch["image"].shape[0], np.float32)))
+    batch = {"image": batch["image"], "mask": batch["mask"], "weight": weight}
     padded, n = _pad(batch, local_devices)
-    out = eval_step(params, shard_batch(padded, mesh), jax.random.fold_in(rng, i))
+    padded["weight"][n:] = 0.0
+    out = eval_step(params, shard_batch({k: padded[k] for k in ("image", "mask")}, mesh),
+                    jax.random.fold_in(rng, i))
+    out["weight"] = shard_batch({"w": padded["weight"]}, mesh)["w"]
     out = multihost_utils.process_allgather(out, tiled=True)
-    count = n * jax.process_count()
-    results.append({k: np.asarray(v)[:count] for k, v in out.items()})
+    keep = np.asarray(out.pop("weight")) > 0
+    results.append({k: np.asarray(v)[keep] for k, v in out.items()})
   return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
 
