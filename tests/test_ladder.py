@@ -72,8 +72,8 @@ def test_standard_normal_top_prior_has_no_prior_head():
   cfg = tiny_model_config(top_prior="standard_normal")
   params = _init(cfg)
   assert "p_head" not in params["level_3"] and "p_head" in params["level_2"]
-  out = HVAE(cfg).apply({"params": params}, random_images(B), centre_mask(B),
-                        rngs={"sample": jax.random.PRNGKey(1)})
+  apply = jax.jit(lambda p, im, m, k: HVAE(cfg).apply({"params": p}, im, m, rngs={"sample": k}))
+  out = apply(params, random_images(B), centre_mask(B), jax.random.PRNGKey(1))
   np.testing.assert_array_equal(out.levels[-1].p.mean, 0.0)
   np.testing.assert_array_equal(out.levels[-1].p.log_scale, 0.0)
 
@@ -142,7 +142,7 @@ def test_no_leakage_deterministic_baseline():
   model, params = HVAE(cfg), _init(cfg)
   mask = jnp.asarray(centre_mask(B))
   f = lambda im: jnp.sum(model.apply({"params": params}, im, mask).px_params ** 2)  # noqa: E731
-  g = np.asarray(jax.grad(f)(jnp.asarray(random_images(B), jnp.float32)))
+  g = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(random_images(B), jnp.float32)))
   missing = np.broadcast_to(np.asarray(mask) == 0, g.shape)
   assert np.all(g[missing] == 0.0) and np.abs(g[~missing]).max() > 0.0
 
@@ -236,8 +236,8 @@ def test_sigma_floor_bounds_every_sigma():
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x - 50.0 if "head" in jax.tree_util.keystr(p) and "bias" in
       jax.tree_util.keystr(p) else x, params)
-  out = model.apply({"params": params}, random_images(B), centre_mask(B),
-                    rngs={"sample": jax.random.PRNGKey(0)})
+  apply = jax.jit(lambda p, im, m, k: model.apply({"params": p}, im, m, rngs={"sample": k}))
+  out = apply(params, random_images(B), centre_mask(B), jax.random.PRNGKey(0))
   for floor, lev in zip(cfg.sigma_floor, out.levels):
     assert float(jnp.min(lev.q.scale)) >= floor and float(jnp.min(lev.p.scale)) >= floor
 
@@ -248,6 +248,7 @@ def test_dropout_of_one_level_touches_only_that_level():
   image, mask = random_images(B), centre_mask(B)
   noise = [jnp.zeros((B,) + cfg.latent_shape(l)) for l in (1, 2, 3)]
 
+  @functools.partial(jax.jit, static_argnums=0)
   def run(train, key):
     return model.apply({"params": params}, image, mask, train=train, noise=noise,
                        rngs={"sample": key, "dropout": key})

@@ -276,5 +276,6 @@ def init(model: HVAE, rng: jax.Array, batch_size: int = 1) -> Any:
   image = jnp.zeros((batch_size, 64, 64, 3), jnp.float32)
   mask = jnp.ones((batch_size, 64, 64, 1), jnp.float32)
   param_rng, sample_rng = jax.random.split(rng)
-  variables = model.init({"params": param_rng, "sample": sample_rng}, image, mask)
-  return variables["params"]
+  # Jitted: eager initialisation dispatches thousands of small ops and is far slower on CPU.
+  init_fn = jax.jit(lambda rngs: model.init(rngs, image, mask)["params"])
+  return init_fn({"params": param_rng, "sample": sample_rng})

@@ -1,0 +1,418 @@
+"""Per-pixel output likelihoods p(x | z) for 8-bit RGB images (DESIGN §2 "Output likelihood").
+
+Three choices, selected by name through `get`:
+
+  dmol                  discretised mixture of logistics, PixelCNN++ form (Salimans et al. 2017)
+                        with per-component linear RGB coupling; 10 * K parameters per pixel.
+  discretized_gaussian  independent Gaussian per sub-pixel integrated over its 8-bit bin;
+                        6 parameters per pixel.
+  gaussian              continuous Gaussian density on uniformly dequantised pixels x + u in
+                        [0, 256); 6 parameters per pixel.
+
+Every `log_prob` is in nats per pixel (the three sub-pixels together) and in units of the
+discrete 8-bit pixel: the discrete ones give log-probabilities of the bin, the continuous one a
+log-density per unit pixel value, whose expectation over u lower-bounds the discrete
+log-likelihood. So -log_prob / (3 ln 2) is bits/dim for all three and they are comparable.
+
+The network's raw outputs are read on the [-1, 1] data scale (pixel v <-> v / 127.5 - 1, bin
+half-width 1 / 255), so an output head initialised near zero predicts mid-grey with unit scale
+for every choice. Log-scales are clamped below at -7 (as in PixelCNN++) so densities stay
+bounded; they are clamped above only when sampling, where exp() would otherwise overflow.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+MIN_LOG_SCALE = -7.0
+# Sampling only: exp(20) on the [-1, 1] scale is far wider than the data range, so this changes
+# no sample, but exp(log_scale) of an unbounded network output could overflow to inf.
+_MAX_SAMPLE_LOG_SCALE = 20.0
+# Below this bin mass the difference of CDFs is dominated by rounding; PixelCNN++ then uses the
+# density at the bin centre times the bin width instead.
+_MIN_BIN_MASS = 1e-5
+_HALF_BIN = 1.0 / 255.0  # half the width of one 8-bit bin on the [-1, 1] scale
+_LOG_BIN_WIDTH = math.log(2.0 / 255.0)  # log width of one bin on the [-1, 1] scale
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _to_unit(image: jnp.ndarray) -> jnp.ndarray:
+  """Pixel values 0..255 (any dtype) -> float32 on the [-1, 1] scale."""
+  return jnp.asarray(image, jnp.float32) / 127.5 - 1.0
+
+
+def _quantize(x: jnp.ndarray) -> jnp.ndarray:
+  """[-1, 1]-scale values -> the nearest 8-bit pixel value as float32 in [0, 255].
+
+  Values outside [-1, 1] go to the edge bins, which extend to infinity.
+  """
+  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0.0, 255.0)
+
+
+def _log1mexp(d: jnp.ndarray) -> jnp.ndarray:
+  """log(1 - exp(d)) for d < 0, accurate for d near 0 and for very negative d."""
+  return jnp.where(d > -math.log(2.0), jnp.log(-jnp.expm1(d)), jnp.log1p(-jnp.exp(d)))
+
+
+def _check_params(params: jnp.ndarray, num_params: int) -> jnp.ndarray:
+  if params.shape[-1] != num_params:
+    raise ValueError(
+      f"expected {num_params} likelihood parameters per pixel, got params of shape {params.shape}"
+    )
+  return jnp.asarray(params, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Likelihood(abc.ABC):
+  """A per-pixel likelihood over 8-bit RGB pixels; hashable, so it can be a static field.
+
+  Shapes: params [..., num_params] (raw network output), images [..., 3] with pixel values in
+  0..255; the leading dims (usually B, H, W) are shared.
+  """
+
+  @property
+  @abc.abstractmethod
+  def num_params(self) -> int:
+    """Channels the network must output per pixel."""
+
+  @abc.abstractmethod
+  def log_prob(
+    self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None = None
+  ) -> jnp.ndarray:
+    """Log-likelihood of every pixel.
+
+    Args:
+      params: [..., num_params] float raw network output.
+      image: [..., 3] pixel values in 0..255 (uint8 or float).
+      rng: PRNG key for dequantisation noise; only read by "gaussian".
+
+    Returns:
+      [...] nats per pixel (three sub-pixels together), in units of the discrete pixel.
+    """
+
+  @abc.abstractmethod
+  def sample(self, params: jnp.ndarray, rng: jax.Array, temperature: float = 1.0) -> jnp.ndarray:
+    """Draws pixels.
+
+    Args:
+      params: [..., num_params] raw network output.
+      rng: PRNG key.
+      temperature: scales the noise of each sub-pixel (0 gives the component means).
+
+    Returns:
+      [..., 3] float32 with integer values in [0, 255].
+    """
+
+  @abc.abstractmethod
+  def mode(self, params: jnp.ndarray) -> jnp.ndarray:
+    """The deterministic "best" pixel: [..., 3] float32 with integer values in [0, 255]."""
+
+  @abc.abstractmethod
+  def mean(self, params: jnp.ndarray) -> jnp.ndarray:
+    """The (approximate) expected pixel: [..., 3] float32 in [0, 255]."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscretizedMixLogistic(Likelihood):
+  """Discretised mixture of K logistics with per-component linear RGB coupling (PixelCNN++).
+
+  Parameter layout per pixel (10 K channels): [0:K] mixture logits, then [K:10K] reshaped to
+  [3, 3, K] = (means, log-scales, raw coupling coefficients) x (R, G, B) x component; the
+  coupling coefficients are tanh(raw) = (alpha, beta, gamma), and given the true R, G values
+  the G mean is mu_g + alpha * x_r and the B mean mu_b + beta * x_r + gamma * x_g.
+  """
+
+  num_mixtures: int
+
+  def __post_init__(self):
+    if self.num_mixtures < 1:
+      raise ValueError(f"num_mixtures must be >= 1, got {self.num_mixtures}")
+
+  @property
+  def num_params(self) -> int:
+    return 10 * self.num_mixtures
+
+  def _split(self, params: jnp.ndarray):
+    """Raw params -> (logits [..., K], means, log_scales, coeffs, each [..., 3, K])."""
+    params = _check_params(params, self.num_params)
+    k = self.num_mixtures
+    logits = params[..., :k]
+    rest = params[..., k:].reshape(params.shape[:-1] + (3, 3, k))
+    means, log_scales, coeffs = rest[..., 0, :, :], rest[..., 1, :, :], rest[..., 2, :, :]
+    return logits, means, jnp.maximum(log_scales, MIN_LOG_SCALE), jnp.tanh(coeffs)
+
+  @staticmethod
+  def _coupled_means(means, coeffs, x_r, x_g):
+    """Means of R, G, B [..., 3, K] given R, G values (broadcastable to [..., K])."""
+    mean_g = means[..., 1, :] + coeffs[..., 0, :] * x_r
+    mean_b = means[..., 2, :] + coeffs[..., 1, :] * x_r + coeffs[..., 2, :] * x_g
+    return jnp.stack([means[..., 0, :], mean_g, mean_b], axis=-2)
+
+  def component_log_probs(self, params: jnp.ndarray, image: jnp.ndarray):
+    """Mixture log-weights and each component's per-channel conditional log-probabilities.
+
+    Args:
+      params: [..., 10 K] raw network output.
+      image: [..., 3] pixel values in 0..255.
+
+    Returns:
+      (log_weights [..., K], log_probs [..., 3, K]) where log_probs[..., c, k] is
+      log p_k(x_c | x_<c) of the discrete bin, so the pixel's log-probability is
+      logsumexp_k(log_weights + sum_c log_probs[..., c, k]).
+    """
+    logits, means, log_scales, coeffs = self._split(params)
+    pixels = jnp.asarray(image, jnp.float32)[..., None]  # [..., 3, 1]
+    x = _to_unit(pixels)
+    # The coupling reads the true (data) values of the earlier channels.
+    mu = self._coupled_means(means, coeffs, x[..., 0, :], x[..., 1, :])
+    inv_s = jnp.exp(-log_scales)
+    centred = x - mu
+    plus_in = inv_s * (centred + _HALF_BIN)
+    min_in = inv_s * (centred - _HALF_BIN)
+    mid_in = inv_s * centred
+    # Edge bins extend to -inf / +inf; log-sigmoids are exact there.
+    log_cdf_plus = jax.nn.log_sigmoid(plus_in)
+    log_one_minus_cdf_min = jax.nn.log_sigmoid(-min_in)
+    # Interior bins: difference of the two tails on the side of the bin away from the mean, so
+    # a bin far above the mean does not subtract two numbers close to 1.
+    upper = mid_in > 0
+    delta = jnp.where(
+      upper,
+      jax.nn.sigmoid(-min_in) - jax.nn.sigmoid(-plus_in),
+      jax.nn.sigmoid(plus_in) - jax.nn.sigmoid(min_in),
+    )
+    log_delta = jnp.log(jnp.maximum(delta, 1e-12))
+    # log of the logistic density at the bin centre, written symmetrically so it cannot
+    # overflow; the fallback approximates the bin mass by density x bin width (2/255).
+    abs_mid = jnp.abs(mid_in)
+    log_pdf_mid = -abs_mid - log_scales - 2.0 * jax.nn.softplus(-abs_mid)
+    interior = jnp.where(delta > _MIN_BIN_MASS, log_delta, log_pdf_mid + _LOG_BIN_WIDTH)
+    log_probs = jnp.where(
+      pixels < 0.5, log_cdf_plus, jnp.where(pixels > 254.5, log_one_minus_cdf_min, interior)
+    )
+    return jax.nn.log_softmax(logits, axis=-1), log_probs
+
+  def log_prob(self, params, image, rng=None):
+    del rng  # deterministic
+    log_weights, log_probs = self.component_log_probs(params, image)
+    return jax.nn.logsumexp(log_weights + jnp.sum(log_probs, axis=-2), axis=-1)
+
+  def _select(self, tensor: jnp.ndarray, component: jnp.ndarray) -> jnp.ndarray:
+    """[..., 3, K] -> [..., 3] at the given component index [...]."""
+    index = jnp.broadcast_to(component[..., None, None], tensor.shape[:-1] + (1,))
+    return jnp.take_along_axis(tensor, index, axis=-1)[..., 0]
+
+  def _chain(self, means, log_scales, coeffs, noise):
+    """Quantised R, then G | R, then B | R, G for one chosen component per pixel ([..., 3]).
+
+    Each channel couples to the already-quantised earlier channels, so the sampler draws
+    exactly the discrete conditionals that `log_prob` scores.
+    """
+    scales = jnp.exp(jnp.minimum(log_scales, _MAX_SAMPLE_LOG_SCALE))
+    r = _quantize(means[..., 0] + scales[..., 0] * noise[..., 0])
+    x_r = _to_unit(r)
+    g = _quantize(means[..., 1] + coeffs[..., 0] * x_r + scales[..., 1] * noise[..., 1])
+    x_g = _to_unit(g)
+    b = _quantize(
+      means[..., 2] + coeffs[..., 1] * x_r + coeffs[..., 2] * x_g + scales[..., 2] * noise[..., 2]
+    )
+    return jnp.stack([r, g, b], axis=-1)
+
+  def sample(self, params, rng, temperature=1.0):
+    logits, means, log_scales, coeffs = self._split(params)
+    component_rng, noise_rng = jax.random.split(rng)
+    # The component choice is not tempered: temperature only scales the logistic noise.
+    component = jax.random.categorical(component_rng, logits, axis=-1)
+    noise = temperature * jax.random.logistic(noise_rng, logits.shape[:-1] + (3,), jnp.float32)
+    return self._chain(
+      self._select(means, component),
+      self._select(log_scales, component),
+      self._select(coeffs, component),
+      noise,
+    )
+
+  def mode(self, params):
+    logits, means, log_scales, coeffs = self._split(params)
+    component = jnp.argmax(logits, axis=-1)
+    zeros = jnp.zeros(logits.shape[:-1] + (3,), jnp.float32)
+    return self._chain(
+      self._select(means, component),
+      self._select(log_scales, component),
+      self._select(coeffs, component),
+      zeros,
+    )
+
+  def mean(self, params):
+    logits, means, _, coeffs = self._split(params)
+    # Approximation: each component's channel means, clipped to the data range, with the
+    # coupling applied to the (clipped) means of the earlier channels.
+    r = jnp.clip(means[..., 0, :], -1.0, 1.0)
+    g = jnp.clip(means[..., 1, :] + coeffs[..., 0, :] * r, -1.0, 1.0)
+    b = jnp.clip(means[..., 2, :] + coeffs[..., 1, :] * r + coeffs[..., 2, :] * g, -1.0, 1.0)
+    weights = jax.nn.softmax(logits, axis=-1)[..., None, :]
+    x = jnp.sum(weights * jnp.stack([r, g, b], axis=-2), axis=-1)
+    return (x + 1.0) * 127.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscretizedGaussian(Likelihood):
+  """Independent Gaussian per sub-pixel, integrated over its 8-bit bin (edges to +-inf).
+
+  Parameter layout per pixel (6 channels): [0:3] means, [3:6] log-scales of R, G, B on the
+  [-1, 1] scale.
+  """
+
+  @property
+  def num_params(self) -> int:
+    return 6
+
+  def _split(self, params):
+    params = _check_params(params, self.num_params)
+    return params[..., :3], jnp.maximum(params[..., 3:], MIN_LOG_SCALE)
+
+  def channel_log_prob(self, params: jnp.ndarray, image: jnp.ndarray) -> jnp.ndarray:
+    """Log-probability of each sub-pixel's bin.
+
+    Args:
+      params: [..., 6] raw network output.
+      image: [..., 3] pixel values in 0..255.
+
+    Returns:
+      [..., 3] nats.
+    """
+    mu, log_s = self._split(params)
+    pixels = jnp.asarray(image, jnp.float32)
+    x = _to_unit(pixels)
+    inv_s = jnp.exp(-log_s)
+    lo = inv_s * (x - _HALF_BIN - mu)
+    hi = inv_s * (x + _HALF_BIN - mu)
+    mid = inv_s * (x - mu)
+    log_cdf_hi = jax.scipy.special.log_ndtr(hi)  # bin 0: P(X < hi)
+    log_sf_lo = jax.scipy.special.log_ndtr(-lo)  # bin 255: P(X > lo)
+    # Interior: Phi(b) - Phi(a) on the lower-tail side of the mean (mirror the bin when it
+    # lies above the mean), in log space: log Phi(b) + log(1 - Phi(a) / Phi(b)).
+    upper = mid > 0
+    a = jnp.where(upper, -hi, lo)
+    b = jnp.where(upper, -lo, hi)
+    log_phi_b = jax.scipy.special.log_ndtr(b)
+    # A ratio within 1e-6 of 1 means a bin mass below 1e-6, where the fallback is used anyway;
+    # capping it keeps log(1 - ratio) and its gradient finite in the unused branch.
+    d = jnp.minimum(jax.scipy.special.log_ndtr(a) - log_phi_b, -1e-6)
+    log_mass = log_phi_b + _log1mexp(d)
+    log_pdf_mid = -0.5 * jnp.square(mid) - log_s - _HALF_LOG_2PI
+    interior = jnp.where(log_mass > math.log(_MIN_BIN_MASS), log_mass, log_pdf_mid + _LOG_BIN_WIDTH)
+    return jnp.where(pixels < 0.5, log_cdf_hi, jnp.where(pixels > 254.5, log_sf_lo, interior))
+
+  def log_prob(self, params, image, rng=None):
+    del rng  # deterministic
+    return jnp.sum(self.channel_log_prob(params, image), axis=-1)
+
+  def sample(self, params, rng, temperature=1.0):
+    mu, log_s = self._split(params)
+    noise = jax.random.normal(rng, mu.shape, jnp.float32)
+    scale = jnp.exp(jnp.minimum(log_s, _MAX_SAMPLE_LOG_SCALE))
+    return _quantize(mu + temperature * scale * noise)
+
+  def mode(self, params):
+    mu, _ = self._split(params)
+    return _quantize(mu)
+
+  def mean(self, params):
+    mu, _ = self._split(params)
+    # Approximation: ignores the mass the edge bins collect from beyond the data range.
+    return (jnp.clip(mu, -1.0, 1.0) + 1.0) * 127.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Gaussian(Likelihood):
+  """Continuous Gaussian on dequantised pixels y = x + u, u ~ U[0, 1), y in [0, 256).
+
+  Parameter layout per pixel (6 channels): [0:3] means, [3:6] log-scales of R, G, B on the
+  scale y / 128 - 1 (so [0, 256) maps onto [-1, 1)). The density is reported per unit pixel
+  value, so E_u[-log p(x + u)] upper-bounds the discrete NLL in nats (Theis et al. 2016).
+  """
+
+  @property
+  def num_params(self) -> int:
+    return 6
+
+  def _split(self, params):
+    params = _check_params(params, self.num_params)
+    return params[..., :3], jnp.maximum(params[..., 3:], MIN_LOG_SCALE)
+
+  def channel_log_prob(
+    self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None = None
+  ) -> jnp.ndarray:
+    """Log-density of each dequantised sub-pixel, per unit pixel value.
+
+    Args:
+      params: [..., 6] raw network output.
+      image: [..., 3] pixel values in 0..255.
+      rng: PRNG key for u ~ U[0, 1); None evaluates at the bin centre x + 0.5.
+
+    Returns:
+      [..., 3] nats.
+    """
+    mu, log_s = self._split(params)
+    pixels = jnp.asarray(image, jnp.float32)
+    if rng is None:
+      u = 0.5
+    else:
+      u = jax.random.uniform(rng, pixels.shape, jnp.float32)
+    y = (pixels + u) / 128.0 - 1.0
+    z = (y - mu) * jnp.exp(-log_s)
+    # -log(128): change of variables from the [-1, 1) scale back to pixel units.
+    return -0.5 * jnp.square(z) - log_s - _HALF_LOG_2PI - math.log(128.0)
+
+  def log_prob(self, params, image, rng=None):
+    return jnp.sum(self.channel_log_prob(params, image, rng), axis=-1)
+
+  def sample(self, params, rng, temperature=1.0):
+    mu, log_s = self._split(params)
+    noise = jax.random.normal(rng, mu.shape, jnp.float32)
+    scale = jnp.exp(jnp.minimum(log_s, _MAX_SAMPLE_LOG_SCALE))
+    # floor inverts the dequantisation x + u.
+    return jnp.clip(jnp.floor((mu + temperature * scale * noise + 1.0) * 128.0), 0.0, 255.0)
+
+  def mode(self, params):
+    mu, _ = self._split(params)
+    return jnp.clip(jnp.floor((mu + 1.0) * 128.0), 0.0, 255.0)
+
+  def mean(self, params):
+    mu, _ = self._split(params)
+    # E[floor(y)] ~ E[y] - 1/2 away from the clipped edges.
+    return jnp.clip((mu + 1.0) * 128.0 - 0.5, 0.0, 255.0)
+
+
+_REGISTRY: dict[str, Callable[[int], Likelihood]] = {
+  "dmol": lambda num_mixtures: DiscretizedMixLogistic(num_mixtures),
+  "discretized_gaussian": lambda num_mixtures: DiscretizedGaussian(),
+  "gaussian": lambda num_mixtures: Gaussian(),
+}
+NAMES = tuple(_REGISTRY)
+
+
+def get(name: str, num_mixtures: int) -> Likelihood:
+  """The likelihood called `name`.
+
+  Args:
+    name: one of NAMES ("dmol", "discretized_gaussian", "gaussian").
+    num_mixtures: K, the number of mixture components (read by "dmol" only).
+
+  Returns:
+    A hashable `Likelihood`.
+
+  Raises:
+    ValueError: for an unknown name (the message lists the valid ones).
+  """
+  try:
+    factory = _REGISTRY[name]
+  except KeyError:
+    raise ValueError(f"unknown likelihood {name!r}; valid names: {', '.join(NAMES)}") from None
+  return factory(num_mixtures)
