@@ -43,9 +43,20 @@ def _maybe_initialize_distributed() -> None:
     logging.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
+class _QuietLibraries:
+  """Drops INFO lines of chatty libraries (orbax, XLA bridge) so progress lines stay readable."""
+
+  _NOISY = ("orbax", "jax/_src", "tensorflow_datasets", "grain")
+
+  def filter(self, record) -> bool:
+    # record.levelno is a Python level (INFO = 20), not absl's (INFO = 0).
+    return record.levelno > 20 or not any(n in record.pathname for n in self._NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   import jax
 
   if _CACHE.value:

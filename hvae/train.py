@@ -79,9 +79,11 @@ def create_optimizer(config) -> optax.GradientTransformation:
 
 def create_train_state(model: HVAE, tx: optax.GradientTransformation, rng) -> TrainState:
   params = ladder.init(model, rng)
-  zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params),
-                    consecutive_skips=zero, total_skips=zero)
+  zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers, see below)
+  # A copy, not an alias: the step donates the state, and a buffer cannot be donated twice.
+  ema_params = jax.tree_util.tree_map(jnp.copy, params)
+  return TrainState(step=zero(), params=params, ema_params=ema_params,
+                    opt_state=tx.init(params), consecutive_skips=zero(), total_skips=zero())
 
 
 def kl_beta(step, warmup_steps: int):
