@@ -144,6 +144,9 @@ def train_and_evaluate(config, workdir: str) -> None:
     logging.info("Resumed from step %d.", start)
   writer = MetricWriter(workdir, resume_step=start)
   num_steps = config.train.num_steps
+  done_path = os.path.join(workdir, "DONE")
+  if start < num_steps and os.path.exists(done_path) and jax.process_index() == 0:
+    os.remove(done_path)  # train.num_steps was raised: the run is not done any more
   if start >= num_steps:
     logging.info("Nothing to do: step %d >= train.num_steps = %d.", start, num_steps)
     _finish(workdir)

@@ -441,31 +441,11 @@ def test_gaussian_sample_histogram():
 def test_dmol_sample_histogram_with_coupling():
   """Marginals of R, G and B from the sampler match brute-force marginals of `log_prob`."""
   lik = _lik("dmol", 2)
-  p = np.array(
-    [
-      0.3,
-      -0.2,  # logits
-      -0.3,
-      0.4,
-      0.1,
-      -0.2,
-      0.2,
-      0.0,  # means (r, g, b) x component
-      -3.0,
-      -2.5,
-      -2.8,
-      -3.2,
-      -2.6,
-      -3.0,  # log-scales
-      0.8,
-      -0.6,
-      -0.5,
-      0.9,
-      0.6,
-      0.3,
-    ],
-    np.float32,
-  )  # raw coupling
+  logits = [0.3, -0.2]
+  means = [-0.3, 0.4, 0.1, -0.2, 0.2, 0.0]  # (r, g, b) x component
+  log_scales = [-3.0, -2.5, -2.8, -3.2, -2.6, -3.0]
+  raw_coupling = [0.8, -0.6, -0.5, 0.9, 0.6, 0.3]  # (alpha, beta, gamma) x component
+  p = np.array(logits + means + log_scales + raw_coupling, np.float32)
   p_rg, p_rb = (np.asarray(t, np.float64) for t in _dmol_joint_marginals(lik, p))
   samples = np.asarray(_sample(lik, np.broadcast_to(p, (200, 100, 20)), jax.random.PRNGKey(5), 1.0))
   _assert_histogram_matches(samples[..., 0], p_rg.sum(1))

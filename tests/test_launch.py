@@ -1,0 +1,143 @@
+"""End-to-end tests of launch.py / hvae.loop on experiments/tiny.py (synthetic data).
+
+One tiny trained workdir is shared by the file-layout tests; resume and preemption tests make
+their own. Every run is a few steps of a model with a few thousand parameters.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import load_experiment
+
+from hvae import configs, loop
+from hvae.writers import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _launch(*args, timeout=300, check=False):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)  # one device: the multi-device path is covered in test_train
+  proc = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode:
+    raise AssertionError(proc.stderr[-4000:])
+  return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("tiny")
+  _launch("--config=experiments/tiny.py", f"--workdir={workdir}", "--jax_cache=", check=True)
+  return workdir
+
+
+def test_end_to_end_writes_every_file_of_the_contract(tiny_workdir):
+  w = tiny_workdir
+  for name in ("config.json", "run_info.json", "metrics.jsonl", "DONE"):
+    assert (w / name).is_file(), name
+  assert list(w.glob("events.out.tfevents*"))
+  assert sorted(p.name for p in (w / "images").glob("*.png")) == ["step_3.png", "step_6.png"]
+  assert {p.name for p in (w / "checkpoints").iterdir()} >= {"3", "6"}
+  info = json.loads((w / "run_info.json").read_text())
+  assert {"command", "git_commit", "packages", "devices", "start_time"} <= set(info)
+
+
+def test_config_json_loads_back_to_the_same_config(tiny_workdir):
+  assert configs.load_config(str(tiny_workdir / "config.json")) == load_experiment("tiny")
+
+
+def test_every_level_is_logged_on_both_evaluation_splits(tiny_workdir):
+  rows = read_metrics(str(tiny_workdir))
+  names = set().union(*rows)
+  for split in ("train", "eval", "eval_train"):
+    for name in ("bpd", "recon_bpd"):
+      assert f"{split}/{name}" in names
+    for level in (1, 2):
+      for kind in ("kl", "kl_bpd", "kl_per_dim"):
+        assert f"{split}/{kind}/level_{level}" in names
+  for level in (1, 2):
+    assert f"gap/kl/level_{level}" in names
+  for r in rows:
+    for split in ("eval", "eval_train"):
+      if f"{split}/bpd" in r:
+        parts = r[f"{split}/recon_bpd"] + sum(r[f"{split}/kl_bpd/level_{l}"] for l in (1, 2))
+        assert parts == pytest.approx(r[f"{split}/bpd"], rel=1e-5)
+
+
+def test_running_again_on_a_finished_workdir_does_nothing(tiny_workdir):
+  before = (tiny_workdir / "metrics.jsonl").read_text()
+  proc = _launch("--config=experiments/tiny.py", f"--workdir={tiny_workdir}", "--jax_cache=")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (tiny_workdir / "metrics.jsonl").read_text() == before
+
+
+def _tiny(num_steps):
+  config = load_experiment("tiny")
+  config.optim.schedule = "constant"  # the schedule must not depend on where the run stopped
+  config.train.num_steps = num_steps
+  config.train.log_every_steps = 1
+  config.eval.every_steps = 100
+  return config
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+  loop.train_and_evaluate(_tiny(6), str(tmp_path / "straight"))
+  loop.train_and_evaluate(_tiny(3), str(tmp_path / "resumed"))
+  assert (tmp_path / "resumed" / "DONE").exists()
+  loop.train_and_evaluate(_tiny(6), str(tmp_path / "resumed"))
+  loss = lambda d: {r["step"]: r["train/loss"]  # noqa: E731
+                    for r in read_metrics(str(tmp_path / d)) if "train/loss" in r}
+  straight, resumed = loss("straight"), loss("resumed")
+  assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+  for step in (4, 5, 6):
+    np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tmp_path):
+  workdir = tmp_path / "preempted"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)
+  args = [sys.executable, "launch.py", "--config=experiments/tiny.py", f"--workdir={workdir}",
+          "--jax_cache=", "--config.train.num_steps=100000", "--config.train.log_every_steps=1",
+          "--config.eval.every_steps=100000", "--config.train.checkpoint_every_steps=100000"]
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    rows = read_metrics(str(workdir)) if (workdir / "metrics.jsonl").exists() else []
+    if any(r.get("step", 0) >= 3 for r in rows):
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert steps and not (workdir / "DONE").exists()
+  stopped = max(steps)
+  proc = _launch(f"--workdir={workdir}", "--jax_cache=", f"--config=experiments/tiny.py",
+                 f"--config.train.num_steps={stopped + 2}", "--config.train.log_every_steps=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Resumed from step {stopped}" in proc.stderr
+  assert (workdir / "DONE").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=experiments/tiny.py", "--config.model.widht=3"], "widht"),
+    (["--config=experiments/tiny.py", "--config.loss.kl_weight=(1.0,2.0,3.0)"],
+     "loss.kl_weight"),
+    (["--config=experiments/no_such_file.py"], "no_such_file"),
+    (["--config=experiments/tiny.py", "--config.model.num_levels=9"], "model.num_levels"),
+])
+def test_bad_command_lines_fail_with_a_clear_message(tmp_path, args, message):
+  proc = _launch(*args, f"--workdir={tmp_path / 'w'}", "--jax_cache=", timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()  # failed before any training state

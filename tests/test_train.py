@@ -1,0 +1,124 @@
+"""Tests of hvae/train.py: the jitted, sharded train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import centre_mask, load_experiment, random_images
+
+from hvae import train
+from hvae.config import ModelConfig
+from hvae.model.ladder import HVAE
+
+
+def _config(**optim):
+  config = load_experiment("tiny")
+  config.optim.ema_decay = 0.5
+  for k, v in optim.items():
+    config.optim[k] = v
+  return config
+
+
+def _batch(n=8, seed=0):
+  return {"image": random_images(n, seed), "mask": centre_mask(n)}
+
+
+def _run(config, devices, steps=2, count_traces=None):
+  mesh = train.make_mesh(devices)
+  model = HVAE(ModelConfig.from_config(config))
+  tx = train.create_optimizer(config)
+  state = train.replicate(train.create_train_state(model, tx, jax.random.PRNGKey(0)), mesh)
+  step_fn = train.make_train_step(config, model, tx, mesh)
+  rng = train.replicate(jax.random.PRNGKey(1), mesh)
+  losses = []
+  for i in range(steps):
+    state, metrics = step_fn(state, train.shard_batch(_batch(seed=i), mesh), rng)
+    losses.append(metrics["loss"])
+  return jax.device_get(state), np.asarray(jax.device_get(losses))
+
+
+def test_eight_devices_match_one_device_and_trace_once(monkeypatch):
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  traces = []
+  original = train.train_step
+
+  def counting(*args, **kwargs):
+    traces.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, "train_step", counting)
+  config = _config()
+  state8, loss8 = _run(config, jax.devices(), steps=3)
+  assert len(traces) == 1, "the sharded step was traced more than once"
+  state1, loss1 = _run(config, jax.devices()[:1], steps=3)
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(state8.params),
+                  jax.tree_util.tree_leaves(state1.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert int(state8.step) == 3
+
+
+def test_no_host_transfer_inside_the_step():
+  config = _config()
+  mesh = train.make_mesh()
+  model = HVAE(ModelConfig.from_config(config))
+  tx = train.create_optimizer(config)
+  state = train.replicate(train.create_train_state(model, tx, jax.random.PRNGKey(0)), mesh)
+  step_fn = train.make_train_step(config, model, tx, mesh)
+  rng = train.replicate(jax.random.PRNGKey(1), mesh)
+  batch = train.shard_batch(_batch(), mesh)
+  state, _ = step_fn(state, batch, rng)  # compile outside the guard
+  history = []
+  with jax.transfer_guard("disallow"):
+    for _ in range(3):
+      state, metrics = step_fn(state, batch, rng)
+      history.append(metrics)
+  assert len(history) == 3
+
+
+def test_non_finite_gradient_skips_the_update():
+  config = _config()
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = HVAE(ModelConfig.from_config(config))
+  tx = train.create_optimizer(config)
+  state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
+  before = jax.device_get(state)
+  step_fn = train.make_train_step(config, model, tx, mesh)
+  bad = _batch()
+  bad["image"] = bad["image"].astype(np.float32)
+  bad["image"][0, 0, 0, 0] = np.nan  # a NaN given pixel poisons the gradient
+  state, metrics = step_fn(state, train.shard_batch(bad, mesh), jax.random.PRNGKey(1))
+  assert float(metrics["skipped"]) == 1.0 and int(state.consecutive_skips) == 1
+  for a, b in zip(jax.tree_util.tree_leaves(before.params),
+                  jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree_util.tree_leaves(before.opt_state),
+                  jax.tree_util.tree_leaves(state.opt_state)):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.step) == 1
+
+
+def test_gradient_norm_threshold_skips_and_resets():
+  config = _config(skip_threshold=1e-6)
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = HVAE(ModelConfig.from_config(config))
+  tx = train.create_optimizer(config)
+  state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
+  step_fn = train.make_train_step(config, model, tx, mesh)
+  for i in range(2):
+    state, metrics = step_fn(state, train.shard_batch(_batch(seed=i), mesh),
+                             jax.random.PRNGKey(1))
+  assert int(state.consecutive_skips) == 2 and int(state.total_skips) == 2
+
+
+def test_kl_warmup_is_linear():
+  beta = lambda s: float(train.kl_beta(jnp.asarray(s), 100))  # noqa: E731
+  assert beta(0) == 0.0 and beta(50) == pytest.approx(0.5) and beta(100) == beta(500) == 1.0
+  assert float(train.kl_beta(jnp.asarray(0), 0)) == 1.0
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("name", "sgd", "optim.name"), ("schedule", "linear", "optim.schedule")])
+def test_bad_optimizer_fields_are_named(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    train.create_optimizer(_config(**{field: value}))
