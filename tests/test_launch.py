@@ -51,7 +51,9 @@ def test_end_to_end_writes_every_file_of_the_contract(tiny_workdir):
 
 
 def test_config_json_loads_back_to_the_same_config(tiny_workdir):
-  assert configs.load_config(str(tiny_workdir / "config.json")) == load_experiment("tiny")
+  loaded = configs.load_config(str(tiny_workdir / "config.json"))
+  assert loaded.to_dict() == load_experiment("tiny").to_dict()  # tuples stay tuples
+  assert loaded.is_locked  # a misspelt key is still an error after loading
 
 
 def test_every_level_is_logged_on_both_evaluation_splits(tiny_workdir):
