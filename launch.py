@@ -1,7 +1,7 @@
 """hvae's command line: train, evaluate, inpaint or report (DESIGN §7).
 
   python launch.py --config=experiments/quickstart.py
-  python launch.py --config=experiments/celeba_l4.py --workdir=runs/celeba --config.train.batch_size=128
+  python launch.py --config=experiments/celeba_l4.py --config.train.batch_size=256
   python launch.py --mode=train --workdir=runs/quickstart        # resume from config.json
 
 `--workdir` defaults to runs/NAME for --config=experiments/NAME.py; running `train` again on the

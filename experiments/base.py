@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.path = ""  # image folder for source=folder
   d.data_dir = ""  # TFDS data_dir ("" = TFDS default, ~/tensorflow_datasets)
   d.manual_dir = ""  # TFDS manual_dir holding the CelebA files when offline
-  d.train_mask = "centre"  # centre | boxes | freeform (anything but centre needs posterior_sees_mask)
+  d.train_mask = "centre"  # centre | boxes | freeform (non-centre needs posterior_sees_mask)
   d.eval_mask = "centre"  # masks of evaluation passes; deterministic given seed and example index
   d.flip = True  # random horizontal flips of training images
   d.image_size = 64  # the model's resolution; only 64 is supported by the level layout
@@ -37,8 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.posterior = "bottom_up"  # bottom_up (the seed) | top_down (VDVAE form)
   m.context_skips = True  # decoder level l also sees the masked image's trunk features h^p_l
   m.top_prior = "conditional"  # conditional p(z_L | x_outer) | standard_normal
-  m.posterior_sees_mask = False  # add a 1x1 projection of the mask to h^q_0 (needed for non-centre masks)
-  m.latent_channels = (8,)  # channels of each 2-D latent map (per level; the top level uses top_latent_dim)
+  m.posterior_sees_mask = False  # 1x1 projection of the mask added to h^q_0 (non-centre masks)
+  m.latent_channels = (8,)  # channels of each 2-D latent (per level; the top uses top_latent_dim)
   m.top_latent_dim = 64  # size of the top (vector) latent z_L
   m.width = 64  # channels of the trunk and of the decoder state at every resolution
   m.blocks_per_level = 2  # residual blocks per resolution, in the trunk and in the decoder
@@ -46,10 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.num_mixtures = 5  # logistic components per pixel for likelihood=dmol
 
   c.loss = lo = ml_collections.ConfigDict()
-  lo.kl_weight = (1.0,)  # beta_l: per-level KL weight in the training loss (reports stay unweighted)
-  lo.free_bits = (0.0,)  # lambda_l: per-level floor (nats per image) on the batch-mean KL, loss only
+  lo.kl_weight = (1.0,)  # beta_l: per-level KL weight in the loss (reports stay unweighted)
+  lo.free_bits = (0.0,)  # lambda_l: per-level floor (nats/image) on the batch-mean KL, loss only
   lo.kl_warmup_steps = 0  # linear beta from 0 to 1 over this many steps (0 = off)
   lo.kl_balancing = False  # NVAE KL balancing across levels during warm-up
+  lo.free_bits_per = "level"  # free bits on each level's batch-mean KL | on each of its channels
 
   c.regularize = r = ml_collections.ConfigDict()
   r.dropout = (0.0,)  # dropout rate on the features feeding level l's posterior and prior heads
@@ -81,4 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.iw_samples = 64  # K of the importance-weighted bound in --mode=eval
   e.batch_size = 64  # evaluation batch size (global)
   e.num_grid_examples = 8  # fixed validation contexts shown in images/step_N.png
+  e.num_swap_examples = 64  # examples of the posterior->prior swap (L + 1 forward passes each)
+  e.diagnostics_every = 1  # diagnostic images (worst, resample, KL heatmaps) every N evaluations
+  e.num_worst = 3  # held-out examples with the largest KL shown per level
   return c

@@ -152,8 +152,13 @@ class LossConfig:
   free_bits: tuple[float, ...]
   kl_warmup_steps: int = 0
   kl_balancing: bool = False
+  free_bits_per: str = "level"  # level | channel
+  head_weight_decay: tuple[float, ...] = ()  # from config.regularize, per level
 
   def __post_init__(self):
+    _choice("loss.free_bits_per", self.free_bits_per, ("level", "channel"))
+    for l, w in enumerate(self.head_weight_decay, start=1):
+      _positive(f"regularize.head_weight_decay (level {l})", w, allow_zero=True)
     for l, w in enumerate(self.kl_weight, start=1):
       _positive(f"loss.kl_weight (level {l})", w, allow_zero=True)
     for l, f in enumerate(self.free_bits, start=1):
@@ -164,6 +169,10 @@ class LossConfig:
   def from_config(cls, config) -> LossConfig:
     L = config.model.num_levels
     lo = config.loss
+    reg = config.get("regularize", {})
     return cls(kl_weight=per_level("loss.kl_weight", lo.kl_weight, L),
                free_bits=per_level("loss.free_bits", lo.free_bits, L),
-               kl_warmup_steps=int(lo.kl_warmup_steps), kl_balancing=bool(lo.kl_balancing))
+               kl_warmup_steps=int(lo.kl_warmup_steps), kl_balancing=bool(lo.kl_balancing),
+               free_bits_per=lo.get("free_bits_per", "level"),
+               head_weight_decay=per_level("regularize.head_weight_decay",
+                                           reg.get("head_weight_decay", (0.0,)), L))

@@ -22,12 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hvae import configs, data, evaluation, images
+from hvae import configs, data, diagnostics, evaluation, images
 from hvae.checkpoint import Checkpointer
 from hvae.config import LossConfig, ModelConfig
 from hvae.model.ladder import HVAE
-from hvae.train import (create_optimizer, create_train_state, make_mesh, make_train_step,
-                        replicate, shard_batch)
+from hvae.train import (
+  create_optimizer,
+  create_train_state,
+  make_mesh,
+  make_train_step,
+  replicate,
+  shard_batch,
+)
 from hvae.writers import MetricWriter
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
@@ -160,7 +166,10 @@ def train_and_evaluate(config, workdir: str) -> None:
   grid_batch = data.eval_batches(config, "validation", e.num_grid_examples,
                                  e.num_grid_examples)[0]
   fill_in = evaluation.make_fill_in_fn(model, e.num_samples)
+  mode_fill_in = evaluation.make_mode_fn(model)
+  diag = _Diagnostics(config, model, mesh, eval_sets, grid_batch, workdir, writer)
   train_rng = replicate(train_rng, mesh)
+  evaluations = 0
 
   history, window_start, t_start = [], time.perf_counter(), time.perf_counter()
   with _Preemption() as preemption:
@@ -192,14 +201,19 @@ def train_and_evaluate(config, workdir: str) -> None:
       eval_metrics = None
       if step % e.every_steps == 0 or is_last:
         t0 = time.perf_counter()
-        eval_metrics = evaluation.evaluate_splits(eval_step, state.ema_params, eval_sets,
-                                                  eval_rng, mesh, model)
+        eval_metrics, passes = evaluation.evaluate_passes(eval_step, state.ema_params,
+                                                          eval_sets, eval_rng, mesh, model)
+        eval_metrics.update(diag.run(state.ema_params, passes, eval_rng, step,
+                                     images_too=evaluations % e.diagnostics_every == 0))
+        evaluations += 1
         samples = fill_in(state.ema_params, jnp.asarray(grid_batch["image"]),
                           jnp.asarray(grid_batch["mask"]), grid_rng)
+        mode = mode_fill_in(state.ema_params, jnp.asarray(grid_batch["image"]),
+                            jnp.asarray(grid_batch["mask"]))
         rows = evaluation.fill_in_grid_rows(jax.device_get(samples), grid_batch["image"],
-                                            grid_batch["mask"])
+                                            grid_batch["mask"], jax.device_get(mode))
         labels = (["context", "truth"] + [f"sample {i + 1}" for i in range(e.num_samples)]
-                  + ["mean"])
+                  + ["mean", "mode"])
         grid = images.make_grid(rows, labels=labels, scale=2)
         eval_metrics["eval/wall_time"] = time.perf_counter() - t0
         if jax.process_index() == 0:
@@ -221,6 +235,73 @@ def train_and_evaluate(config, workdir: str) -> None:
   ckpt.wait()
   writer.close()
   _finish(workdir)
+
+
+class _Diagnostics:
+  """The per-level diagnostics run at each evaluation (see hvae/diagnostics.py)."""
+
+  def __init__(self, config, model, mesh, eval_sets, grid_batch, workdir, writer):
+    self.model, self.mesh, self.workdir, self.writer = model, mesh, workdir, writer
+    self.enabled = model.config.has_latents
+    e = config.eval
+    self.num_worst = e.num_worst
+    self.swap_sets = {k: _first_examples(v, e.num_swap_examples) for k, v in eval_sets.items()}
+    self.eval_batches = eval_sets["eval"]
+    self.grid = {k: v[:2] for k, v in grid_batch.items()}
+    if self.enabled:
+      self.swap_step = diagnostics.make_swap_step(model, mesh)
+      self.resample = diagnostics.make_resample_fn(model, max(e.num_samples, 4))
+      self.fill_one = evaluation.make_fill_in_fn(model, 1)
+
+  def run(self, params, passes, rng, step, images_too: bool) -> dict[str, float]:
+    if not self.enabled:
+      return {}
+    metrics = {}
+    for split, batches in self.swap_sets.items():
+      m = diagnostics.swap_metrics(self.swap_step, params, batches, rng, self.mesh)
+      metrics.update({f"{split}/{k}": v for k, v in m.items()})
+    L = self.model.config.num_levels
+    if "eval" in self.swap_sets and "eval_train" in self.swap_sets:
+      for l in range(1, L + 1):
+        metrics[f"gap/swap/level_{l}"] = (metrics[f"eval/swap/level_{l}"]
+                                          - metrics[f"eval_train/swap/level_{l}"])
+    if images_too and jax.process_index() == 0:
+      self._images(params, passes, rng, step)
+    return metrics
+
+  def _images(self, params, passes, rng, step):
+    out = lambda name: os.path.join(self.workdir, "images", f"{name}_step_{step}.png")  # noqa
+    worst = diagnostics.worst_examples(passes["eval"]["per_example"]["kl"], self.eval_batches,
+                                       self.num_worst)
+    rows = []
+    for ex in worst.values():
+      fills = self.fill_one(params, jnp.asarray(ex["image"]), jnp.asarray(ex["mask"]), rng)[0]
+      ctx = images.hole_overlay(ex["image"], ex["mask"])
+      rows.append(np.stack([x for i in range(len(ex["kl"]))
+                            for x in (ctx[i], ex["image"][i], np.asarray(fills[i]))]))
+    labels = [f"{name} #{i + 1}" for i in range(self.num_worst)
+              for name in ("context", "truth", "fill-in")]
+    images.save_png(out("worst"), images.make_grid(rows, labels=labels, scale=2))
+    resampled = self.resample(params, jnp.asarray(self.grid["image"]),
+                              jnp.asarray(self.grid["mask"]), rng)
+    images.save_png(out("resample"), diagnostics.resample_grid(
+        jax.device_get(resampled), self.grid["image"], self.grid["mask"]))
+    heat = diagnostics.kl_heatmap_grid(
+        passes["eval"]["sums"], passes["eval_train"]["sums"], passes["eval"]["count"],
+        passes["eval_train"]["count"], self.model.config.num_levels)
+    if heat is not None:
+      images.save_png(out("kl_heatmap"), heat)
+
+
+def _first_examples(batches: list[dict], n: int) -> list[dict]:
+  """The first batches holding at least `n` examples (whole batches: shapes stay the same)."""
+  out, count = [], 0
+  for b in batches:
+    if count >= n:
+      break
+    out.append(b)
+    count += b["image"].shape[0]
+  return out
 
 
 def _finish(workdir: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import flax
+import jax
 import jax.numpy as jnp
 
 from hvae.model.ladder import ModelOutput
@@ -72,27 +73,58 @@ def bpd_metrics(terms: ElboTerms, weights: jnp.ndarray | None = None) -> dict[st
   return metrics
 
 
-def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0):
+def kl_balancing_coeffs(kl_per_dim: jnp.ndarray) -> jnp.ndarray:
+  """NVAE's KL balancing coefficients (Vahdat & Kautz 2020, §3.2 / `kl_balancer` in their code).
+
+  gamma_l is proportional to the batch-average KL per latent dimension of level l and is
+  normalised so that sum_l gamma_l = L: levels that carry little information get a smaller KL
+  penalty during warm-up, which keeps them from collapsing. No gradient flows through gamma.
+
+  Args:
+    kl_per_dim: [L] batch-mean KL of each level divided by its number of latent dimensions.
+
+  Returns:
+    [L] coefficients summing to L.
+  """
+  a = jax.lax.stop_gradient(kl_per_dim) + 0.01
+  return a.shape[0] * a / jnp.sum(a)
+
+
+def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channels=None,
+                  kl_coeffs=None):
   """The weighted training loss, in bits per missing dim of the batch.
 
-  loss = (sum_b recon_b + beta * B * sum_l w_l * max(mean_b KL_l, lambda_l)) / (sum_b D_b ln 2)
+  loss = (sum_b recon_b + beta * B * sum_l c_l w_l * max(mean_b KL_l, lambda_l)) / (sum_b D_b ln 2)
 
   Free bits clamp the *batch-mean* KL of a level from below, so below lambda_l the level gets
-  no KL gradient at all. The normalisation uses the global batch, never the device count.
+  no KL gradient at all. With `kl_channels`, the clamp applies to each channel of a level
+  separately (lambda_l per channel, NVAE/IAF-style groups). The normalisation uses the global
+  batch, never the device count.
 
   Args:
     terms: per-example terms of the global batch.
     kl_weight: [L] per-level weights beta_l (array or tuple).
     free_bits: [L] per-level floors lambda_l in nats per image (0 = off).
     beta: global KL coefficient (warm-up), a scalar.
+    kl_channels: optional list of L arrays [B, C_l], each level's KL per channel (summed over
+      positions): free bits are then applied per channel.
+    kl_coeffs: optional [L] extra coefficients c_l (KL balancing), default 1.
 
   Returns:
     (loss scalar, kl_loss [L] the clamped, weighted per-level KL terms in nats per image).
   """
   kl_mean = jnp.mean(terms.kl, axis=0)  # [L]
+  num_levels = kl_mean.shape[0]
   free_bits = jnp.asarray(free_bits, kl_mean.dtype)
-  clamped = jnp.where(free_bits > 0, jnp.maximum(kl_mean, free_bits), kl_mean)
-  kl_loss = beta * jnp.asarray(kl_weight, kl_mean.dtype) * clamped  # [L]
+  if kl_channels is None:
+    clamped = jnp.where(free_bits > 0, jnp.maximum(kl_mean, free_bits), kl_mean)
+  else:
+    clamped = jnp.stack([
+        jnp.sum(jnp.where(free_bits[l] > 0, jnp.maximum(jnp.mean(c, 0), free_bits[l]),
+                          jnp.mean(c, 0)))
+        for l, c in enumerate(kl_channels)]) if num_levels else kl_mean
+  coeffs = jnp.ones_like(kl_mean) if kl_coeffs is None else kl_coeffs
+  kl_loss = beta * coeffs * jnp.asarray(kl_weight, kl_mean.dtype) * clamped  # [L]
   batch = terms.recon.shape[0]
   loss = (jnp.sum(terms.recon) + batch * jnp.sum(kl_loss)) / (jnp.sum(terms.num_dims) * LN2)
   return loss, kl_loss

@@ -93,6 +93,21 @@ def kl_beta(step, warmup_steps: int):
   return jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
 
 
+HEADS = ("q_head", "p_head")  # the per-level parameters that per-level remedies address
+
+
+def head_weight_penalty(params, head_weight_decay) -> jnp.ndarray:
+  """sum_l wd_l * ||level l's posterior and prior head kernels||^2 (biases are not decayed)."""
+  total = jnp.zeros((), jnp.float32)
+  for l, wd in enumerate(head_weight_decay, start=1):
+    level = params.get(f"level_{l}", {}) if wd > 0 else {}
+    for name in HEADS:
+      for path, x in jax.tree_util.tree_leaves_with_path(level.get(name, {})):
+        if "kernel" in jax.tree_util.keystr(path):
+          total += wd * jnp.sum(jnp.square(x))
+  return total
+
+
 def latent_dims(cfg: ModelConfig) -> tuple[int, ...]:
   """Number of latent dimensions of every level (for kl_per_dim)."""
   if not cfg.has_latents:
@@ -120,13 +135,25 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
   sample_rng, dropout_rng = jax.random.split(step_rng)
   beta = kl_beta(state.step, loss_cfg.kl_warmup_steps)
 
+  dims = jnp.asarray(latent_dims(model.config), jnp.float32)
+
   def loss_fn(params):
     out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
                       rngs={"sample": sample_rng, "dropout": dropout_rng})
     terms = objective.elbo_terms(out, batch["mask"])
+    kl_channels = None
+    if loss_cfg.free_bits_per == "channel":
+      kl_channels = [lev.kl.reshape(lev.kl.shape[0], -1, lev.kl.shape[-1]).sum(1)
+                     for lev in out.levels]
+    coeffs = None
+    if loss_cfg.kl_balancing and dims.size:
+      gamma = objective.kl_balancing_coeffs(jnp.mean(terms.kl, 0) / dims)
+      # Balancing acts during warm-up only (beta < 1), as in NVAE.
+      coeffs = jnp.where(beta < 1.0, gamma, jnp.ones_like(gamma))
     loss, _ = objective.training_loss(terms, kl_weight=loss_cfg.kl_weight,
-                                      free_bits=loss_cfg.free_bits, beta=beta)
-    return loss, terms
+                                      free_bits=loss_cfg.free_bits, beta=beta,
+                                      kl_channels=kl_channels, kl_coeffs=coeffs)
+    return loss + head_weight_penalty(params, loss_cfg.head_weight_decay), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
@@ -135,7 +162,10 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
     skip = skip | (grad_norm > skip_threshold)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  new_ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+  # EMA warm-up: early on the average would be dominated by the initial parameters.
+  step_f = state.step.astype(jnp.float32)
+  decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
+  new_ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
                                    state.ema_params, new_params)
   keep = lambda old, new: jax.tree_util.tree_map(  # noqa: E731
       lambda o, n: jnp.where(skip, o, n), old, new)
@@ -150,6 +180,9 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
              "lr": lr_schedule(state.step), "beta": beta,
              "consecutive_skips": consecutive.astype(jnp.float32)}
   metrics.update(objective.bpd_metrics(terms))
+  for l in range(1, len(dims) + 1):
+    heads = {k: v for k, v in grads.get(f"level_{l}", {}).items() if k in HEADS}
+    metrics[f"grad_norm/level_{l}"] = optax.global_norm(heads)
   for l, dims in enumerate(latent_dims(model.config), start=1):
     metrics[f"kl_per_dim/level_{l}"] = metrics[f"kl/level_{l}"] / dims
   return new_state, metrics

@@ -1,5 +1,6 @@
 """Tests of hvae/model/ladder.py: shapes, no leakage, latent sources, parameter paths."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -265,5 +266,5 @@ def test_dropout_of_one_level_touches_only_that_level():
 def test_model_config_is_frozen_and_hashable():
   cfg = ModelConfig()
   hash(cfg)
-  with pytest.raises(Exception):
+  with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.width = 3  # type: ignore[misc]

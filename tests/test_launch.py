@@ -44,7 +44,10 @@ def test_end_to_end_writes_every_file_of_the_contract(tiny_workdir):
   for name in ("config.json", "run_info.json", "metrics.jsonl", "DONE"):
     assert (w / name).is_file(), name
   assert list(w.glob("events.out.tfevents*"))
-  assert sorted(p.name for p in (w / "images").glob("*.png")) == ["step_3.png", "step_6.png"]
+  pngs = {p.name for p in (w / "images").glob("*.png")}
+  for step in (3, 6):  # the fill-in grid and the per-level diagnostics of every evaluation
+    for prefix in ("", "worst_", "resample_", "kl_heatmap_"):
+      assert f"{prefix}step_{step}.png" in pngs
   assert {p.name for p in (w / "checkpoints").iterdir()} >= {"3", "6"}
   info = json.loads((w / "run_info.json").read_text())
   assert {"command", "git_commit", "packages", "devices", "start_time"} <= set(info)
@@ -124,7 +127,7 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tmp_path):
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert steps and not (workdir / "DONE").exists()
   stopped = max(steps)
-  proc = _launch(f"--workdir={workdir}", "--jax_cache=", f"--config=experiments/tiny.py",
+  proc = _launch(f"--workdir={workdir}", "--jax_cache=", "--config=experiments/tiny.py",
                  f"--config.train.num_steps={stopped + 2}", "--config.train.log_every_steps=1")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"Resumed from step {stopped}" in proc.stderr

@@ -5,7 +5,7 @@ Parameter paths are stable and per level, so per-level remedies can address them
   trunk/...                 shared g (stem, g{l}_block{b})
   posterior_mask_proj       1x1 conv of the mask added to h^q_0 (posterior_sees_mask)
   level_{l}/q_head          posterior head of level l        (hvae only)
-  level_{l}/p_head          prior head of level l            (hvae only; absent for a standard-normal top)
+  level_{l}/p_head          prior head of level l  (hvae only; none for a standard-normal top)
   level_{l}/z_proj          projection merging z_l into the decoder state d_l (hvae only)
   level_{l}/decoder         f_l: the decoder block producing d_l (l < L)
   output_head               f_0: the likelihood parameters at 64x64

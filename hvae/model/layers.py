@@ -31,7 +31,7 @@ def downsample(x: jnp.ndarray) -> jnp.ndarray:
 
 
 class ResBlock(nn.Module):
-  """x + conv(gelu(conv(gelu(x)))); the last conv starts small so deep stacks start near identity."""
+  """x + conv(gelu(conv(gelu(x)))); the last conv starts small: deep stacks start near identity."""
 
   width: int
   residual_scale: float = 0.1
