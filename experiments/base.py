@@ -85,4 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.num_swap_examples = 64  # examples of the posterior->prior swap (L + 1 forward passes each)
   e.diagnostics_every = 1  # diagnostic images (worst, resample, KL heatmaps) every N evaluations
   e.num_worst = 3  # held-out examples with the largest KL shown per level
+
+  c.verdict = v = ml_collections.ConfigDict()  # verdict/overfit/level_l (rule: hvae/verdict.py)
+  v.window = 4  # evaluations the trend is measured over (first vs last of them)
+  v.gap_margin = 2.0  # nats/image gap/kl (or the swap gap) must grow by over the window
+  v.train_margin = 0.5  # nats/image eval_train/kl may rise by and still count as "has not"
   return c

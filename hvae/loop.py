@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hvae import configs, data, diagnostics, evaluation, images
+from hvae import configs, data, diagnostics, evaluation, images, verdict
 from hvae.checkpoint import Checkpointer
 from hvae.config import LossConfig, ModelConfig
 from hvae.model.ladder import HVAE
@@ -34,7 +34,7 @@ from hvae.train import (
   replicate,
   shard_batch,
 )
-from hvae.writers import MetricWriter
+from hvae.writers import MetricWriter, read_metrics
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
              "ml-collections", "clu", "numpy")
@@ -170,6 +170,9 @@ def train_and_evaluate(config, workdir: str) -> None:
   diag = _Diagnostics(config, model, mesh, eval_sets, grid_batch, workdir, writer)
   train_rng = replicate(train_rng, mesh)
   evaluations = 0
+  # The verdict looks at the trend over evaluations, including those before a restart.
+  verdict_settings = verdict.settings(config)
+  eval_rows = [r for r in read_metrics(workdir) if "eval/bpd" in r]
 
   history, window_start, t_start = [], time.perf_counter(), time.perf_counter()
   with _Preemption() as preemption:
@@ -215,6 +218,13 @@ def train_and_evaluate(config, workdir: str) -> None:
         labels = (["context", "truth"] + [f"sample {i + 1}" for i in range(e.num_samples)]
                   + ["mean", "mode"])
         grid = images.make_grid(rows, labels=labels, scale=2)
+        eval_rows.append({"step": step, **eval_metrics})
+        if model_cfg.has_latents:
+          verdicts = verdict.explain(eval_rows, model_cfg.num_levels, verdict_settings)
+          eval_metrics.update(verdict.verdict_metrics({l: v.flagged for l, v in verdicts.items()}))
+          for v in verdicts.values():
+            if v.flagged:
+              logging.warning("Level %d looks like it overfits: %s", v.level, v.why)
         eval_metrics["eval/wall_time"] = time.perf_counter() - t0
         if jax.process_index() == 0:
           images.save_png(os.path.join(workdir, "images", f"step_{step}.png"), grid)

@@ -1,0 +1,400 @@
+"""`launch.py --mode=report`: plots, the latest image grids and report.md for one or more runs.
+
+  python launch.py --mode=report --workdir=runs/a [--workdir=runs/b ...]
+
+Each workdir gets WORKDIR/report/ (DESIGN §7 "Workdir"): PNG plots of the metrics over steps,
+the newest image grid of every kind in WORKDIR/images/ (copied to report/images/), and report.md
+with the final figures per level and the overfitting verdict (hvae/verdict.py). With several
+workdirs, a side-by-side comparison goes to FIRST/report/compare/ (compare.md and its plots).
+
+Reads only metrics.jsonl, config.json and images/*.png, with numpy and matplotlib (Agg, through
+`matplotlib.figure.Figure`, no pyplot): no JAX, no TensorFlow, so it runs on a laptop, on runs
+still in progress (no DONE) and on a metrics.jsonl whose last line is cut short. Metrics a run
+does not log (a deterministic run has no levels; older runs no swaps) are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+from absl import logging
+from matplotlib.figure import Figure
+
+from hvae import verdict
+
+REPORT_DIR = "report"
+COMPARE_DIR = "compare"
+_IMAGE_RE = re.compile(r"^(?P<prefix>.*?)step_(?P<step>\d+)\.png$")
+_LEVEL_RE = re.compile(r"/level_(\d+)$")
+SPLITS = ("train", "eval_train", "eval")
+_STYLE = dict(train=dict(color="0.6", lw=1), eval_train=dict(color="C0"), eval=dict(color="C3"))
+
+
+def read_rows(workdir: str) -> list[dict]:
+  """WORKDIR/metrics.jsonl as rows, like `hvae.writers.read_metrics` but without importing JAX.
+
+  Args:
+    workdir: the run's directory.
+
+  Returns:
+    One dict per readable line ({"step": int, name: float or None}); unreadable lines (a last line
+    cut short by a writer mid-append) are skipped. [] without the file.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if isinstance(row, dict) and "step" in row:
+      rows.append(row)
+    elif line.strip() and i < len(lines) - 1:  # a cut-short last line is expected
+      logging.warning("Skipping unreadable line %d of %s: %.80r", i + 1, path, line)
+  return rows
+
+
+@dataclasses.dataclass
+class Run:
+  """What the report knows about one workdir."""
+
+  workdir: str
+  name: str
+  config: dict  # config.json as plain dicts and lists ({} when missing)
+  rows: list[dict]
+  num_levels: int  # 0 for a deterministic run
+  done: bool
+
+  def last(self, name: str) -> tuple[int | None, Any]:
+    """(step, value) of the newest row holding `name`; (None, None) when never logged."""
+    for row in reversed(self.rows):
+      if name in row:
+        return row["step"], row[name]
+    return None, None
+
+  def series(self, name: str) -> tuple[list[int], list[float]]:
+    """Steps and values (non-finite as NaN) of every row holding `name`."""
+    pairs = [(r["step"], math.nan if r[name] is None else r[name]) for r in self.rows if name in r]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+  def has(self, name: str) -> bool:
+    return any(name in r for r in self.rows)
+
+
+def load_run(workdir: str, name: str | None = None) -> Run:
+  """Reads a workdir's config.json and metrics.jsonl (either may be missing).
+
+  Args:
+    workdir: the run's directory.
+    name: a display name (default: the directory's base name).
+
+  Returns:
+    The Run. Its level count comes from config.json (0 for model.kind = deterministic), else from
+    the largest `level_l` among the logged metric names.
+  """
+  config, path = {}, os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  rows = read_rows(workdir)
+  model = config.get("model", {})
+  if model.get("kind") == "deterministic":
+    num_levels = 0
+  elif "num_levels" in model:
+    num_levels = int(model["num_levels"])
+  else:
+    found = [int(m.group(1)) for r in rows for k in r if (m := _LEVEL_RE.search(k))]
+    num_levels = max(found, default=0)
+  name = name or os.path.basename(os.path.normpath(workdir))
+  return Run(workdir, name, config, rows, num_levels, os.path.exists(os.path.join(workdir, "DONE")))
+
+
+def resolution(run: Run, level: int) -> str:
+  """Level `level`'s latent shape in words: "16×16×8", or "vector (64)" for the top level."""
+  model = run.config.get("model", {})
+  if level == run.num_levels:
+    dim = model.get("top_latent_dim")
+    return f"vector ({dim})" if dim is not None else "vector"
+  r = run.config.get("data", {}).get("image_size", 64) // 2**level
+  channels = list(model.get("latent_channels", []))
+  c = "" if not channels else f"×{channels[0 if len(channels) == 1 else level - 1]}"
+  return f"{r}×{r}{c}"
+
+
+def latest_images(workdir: str) -> dict[str, str]:
+  """The newest `PREFIXstep_N.png` of every prefix in WORKDIR/images/ ("" for the fill-in grids).
+
+  Args:
+    workdir: the run's directory.
+
+  Returns:
+    prefix -> file name, in prefix order.
+  """
+  directory = os.path.join(workdir, "images")
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  newest = {}  # later steps overwrite earlier ones
+  for m in sorted(filter(None, map(_IMAGE_RE.match, names)), key=lambda m: int(m.group("step"))):
+    newest[m.group("prefix")] = m.group(0)
+  return dict(sorted(newest.items()))
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def _plot(path: str, title: str, ylabel: str, panels: Sequence[tuple[str, list]],
+          zero_line: bool = False) -> str | None:
+  """Saves one figure of (panel title, curves) panels; a curve is (run, metric, label, style).
+
+  Returns:
+    The file's base name, or None (nothing saved) when no curve of any panel was ever logged.
+  """
+  if not panels:
+    return None
+  cols = min(len(panels), 3)
+  rows = math.ceil(len(panels) / cols)
+  fig = Figure(figsize=(4.5 * cols, 3.2 * rows + 0.4), layout="constrained")
+  axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+  fig.suptitle(title)
+  drawn = False
+  for ax, (panel_title, curves) in zip(axes, panels):
+    for run, name, label, style in curves:
+      steps, values = run.series(name)
+      if steps:
+        ax.plot(steps, values, label=label, marker="." if len(steps) < 30 else None, **style)
+        drawn = True
+    if zero_line:
+      ax.axhline(0, color="k", lw=0.5)
+    ax.set(title=panel_title, xlabel="step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  for ax in axes[len(panels):]:
+    ax.set_visible(False)
+  if not drawn:
+    return None
+  fig.savefig(path, dpi=90)
+  return os.path.basename(path)
+
+
+def _run_plots(run: Run, out: str) -> list[str]:
+  """Writes the per-run plots into `out`; returns the file names written."""
+  levels = range(1, run.num_levels + 1)
+  splits = lambda kind: [(f"level {l}", [(run, f"{s}/{kind}/level_{l}", s, _STYLE[s])  # noqa: E731
+                                         for s in SPLITS]) for l in levels]
+  bpd = [(run, f"{s}/bpd", f"{s}/bpd", _STYLE[s]) for s in SPLITS]
+  bpd.append((run, "eval/iw_bpd", "eval/iw_bpd", dict(color="C2", ls="--")))
+  gap = [(run, f"gap/kl/level_{l}", f"level {l}", dict(color=f"C{l - 1}")) for l in levels]
+  quantiles = [(f"level {l}", [(run, f"eval/kl/level_{l}", "mean", dict(color="k"))] + [
+      (run, f"eval/kl_{q}/level_{l}", q, dict(color=f"C{i}", ls="--"))
+      for i, q in enumerate(("p50", "p90", "p99", "max"))]) for l in levels]
+  path = lambda name: os.path.join(out, name)  # noqa: E731
+  files = [
+      _plot(path("bpd.png"), f"{run.name}: negative ELBO", "bits per missing dim",
+            [("bpd", bpd)]),
+      _plot(path("kl.png"), f"{run.name}: KL per level", "nats / image", splits("kl")),
+      _plot(path("gap.png"), f"{run.name}: held-out minus train-split KL", "nats / image",
+            [("gap/kl/level_l", gap)] if gap else [], zero_line=True),
+      _plot(path("swap.png"), f"{run.name}: posterior→prior swap",
+            "nats (drop in recon. log-lik.)", splits("swap")),
+      _plot(path("active_units.png"), f"{run.name}: active units", "fraction",
+            splits("active_units")),
+      _plot(path("kl_quantiles.png"), f"{run.name}: held-out per-example KL", "nats / image",
+            quantiles)]
+  return [f for f in files if f]
+
+
+# --- report.md ---------------------------------------------------------------------------------
+
+
+def _fmt(run: Run, name: str, digits: int = 3) -> str:
+  _, value = run.last(name)
+  if value is None:
+    return "n/a" if run.has(name) else "—"  # logged but non-finite | never logged
+  return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.4g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _status(run: Run) -> str:
+  total = run.config.get("train", {}).get("num_steps")
+  state = (f" of {total}" if total else "") + (", done" if run.done else ", in progress (no DONE)")
+  return f"last logged step {run.rows[-1]['step']}{state}" if run.rows else "no metrics yet"
+
+
+def _level_rows(run: Run, verdicts: dict[int, verdict.LevelVerdict]) -> tuple[list, list]:
+  """Header and rows of the per-level table; optional columns only when logged."""
+  cols = [("kl", "eval/kl/level_{l}", 2), ("kl_bpd", "eval/kl_bpd/level_{l}", 4),
+          ("kl_per_dim", "eval/kl_per_dim/level_{l}", 4),
+          ("train-split kl", "eval_train/kl/level_{l}", 2), ("gap", "gap/kl/level_{l}", 2)]
+  optional = [(q, f"eval/kl_{q}/level_{{l}}", 2) for q in ("p50", "p90", "p99", "max")] + [
+      ("active units", "eval/active_units/level_{l}", 3),
+      ("train-split active", "eval_train/active_units/level_{l}", 3),
+      ("swap", "eval/swap/level_{l}", 2), ("train-split swap", "eval_train/swap/level_{l}", 2)]
+  levels = range(1, run.num_levels + 1)
+  cols += [c for c in optional if any(run.has(c[1].format(l=l)) for l in levels)]
+  header = ["level", "resolution"] + [c[0] for c in cols] + ["overfit"]
+  rows = [[str(l), resolution(run, l)] + [_fmt(run, c[1].format(l=l), c[2]) for c in cols]
+          + ["**yes**" if verdicts[l].flagged else "no"] for l in levels]
+  return header, rows
+
+
+def _markdown(run: Run, plots: list[str], images: dict[str, str], s: verdict.Settings,
+              verdicts: dict[int, verdict.LevelVerdict]) -> str:
+  model = run.config.get("model", {})
+  now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+  lines = [f"# Report: {run.name}", "",
+           f"`{os.path.abspath(run.workdir)}` — model.kind {model.get('kind', '?')}, "
+           f"{run.num_levels} latent level(s); {_status(run)}. Written {now}.", ""]
+  eval_step, _ = run.last("eval/bpd")
+  at = f"evaluation at step {eval_step}" if eval_step is not None else "no evaluation yet"
+  lines += [f"## Final figures (bits per missing dim; {at})", ""]
+  split_rows = [[s_] + [_fmt(run, f"{s_}/{n}", 4) for n in ("bpd", "recon_bpd")] for s_ in SPLITS]
+  split_rows.append(["gap"] + [_fmt(run, "gap/bpd", 4), "—"])
+  if run.has("eval/iw_bpd"):
+    split_rows.append(["eval (importance-weighted)", _fmt(run, "eval/iw_bpd", 4), "—"])
+  lines += _table(["split", "bpd", "recon_bpd"], split_rows) + [""]
+  if run.num_levels:
+    lines += ["## Per level (held-out `eval/` unless named; KL in nats per image)", ""]
+    lines += _table(*_level_rows(run, verdicts)) + [""]
+    lines += ["## Verdict", ""] + verdict.markdown(verdicts, s) + [""]
+  else:
+    lines += ["No latent levels (deterministic model): no per-level figures or verdict.", ""]
+  if plots:
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+  if images:
+    lines += ["## Latest images", ""]
+    lines += [f"**{name}**\n\n![{name}](images/{name})\n" for name in images.values()]
+  return "\n".join(lines)
+
+
+def _remove_pngs(directory: str, pattern: re.Pattern) -> None:
+  if os.path.isdir(directory):
+    for name in os.listdir(directory):
+      if pattern.match(name):
+        os.remove(os.path.join(directory, name))
+
+
+def write_report(workdir: str, output: str | None = None) -> str:
+  """Writes the report of one run.
+
+  Args:
+    workdir: the run's directory.
+    output: where to write (default WORKDIR/report). Existing report/images/*.png are replaced.
+
+  Returns:
+    The report directory (holding report.md, the plots and images/).
+  """
+  run = load_run(workdir)
+  out = output or os.path.join(workdir, REPORT_DIR)
+  os.makedirs(out, exist_ok=True)
+  plots = _run_plots(run, out)
+  image_dir = os.path.join(out, "images")
+  _remove_pngs(image_dir, _IMAGE_RE)  # an older report's copies
+  images = latest_images(workdir)
+  for name in images.values():
+    os.makedirs(image_dir, exist_ok=True)
+    shutil.copyfile(os.path.join(workdir, "images", name), os.path.join(image_dir, name))
+  s = verdict.settings(run.config)
+  verdicts = verdict.explain(run.rows, run.num_levels, s)
+  with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+    f.write(_markdown(run, plots, images, s, verdicts))
+  logging.info("Report of %s: %s", workdir, out)
+  return out
+
+
+def _names(workdirs: Sequence[str]) -> list[str]:
+  """Base names, or parent/base where base names collide."""
+  bases = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  return [b if bases.count(b) == 1 else os.path.join(
+      os.path.basename(os.path.dirname(os.path.normpath(w))), b) for b, w in zip(bases, workdirs)]
+
+
+def write_comparison(workdirs: Sequence[str], output: str) -> str:
+  """Writes a side-by-side comparison of several runs: compare.md, plots and latest grids.
+
+  Args:
+    workdirs: the runs' directories, in the order of the table's rows.
+    output: the directory to write into (launch.py uses FIRST/report/compare).
+
+  Returns:
+    `output`.
+  """
+  runs = [load_run(w, n) for w, n in zip(workdirs, _names(workdirs))]
+  os.makedirs(output, exist_ok=True)
+  colour = {r.name: dict(color=f"C{i % 10}") for i, r in enumerate(runs)}
+  pair = lambda name: [c for r in runs for c in (  # noqa: E731  held-out solid, train dashed
+      (r, f"eval/{name}", r.name, colour[r.name]),
+      (r, f"eval_train/{name}", None, dict(colour[r.name], ls="--")))]
+  levels = range(1, max(r.num_levels for r in runs) + 1)
+  plots = [
+      _plot(os.path.join(output, "compare_bpd.png"), "held-out (solid) and train-split "
+            "(dashed) negative ELBO", "bits per missing dim", [("bpd", pair("bpd"))]),
+      _plot(os.path.join(output, "compare_kl.png"), "held-out (solid) and train-split (dashed) "
+            "KL", "nats / image", [(f"level {l}", pair(f"kl/level_{l}")) for l in levels]),
+      _plot(os.path.join(output, "compare_gap.png"), "held-out minus train-split KL",
+            "nats / image", [(f"level {l}", [(r, f"gap/kl/level_{l}", r.name, colour[r.name])
+                                             for r in runs]) for l in levels], zero_line=True)]
+  plots = [p for p in plots if p]
+  flags = {r.name: verdict.explain(r.rows, r.num_levels, verdict.settings(r.config)) for r in runs}
+  header = ["run", "kind", "levels", "status", "train/bpd", "eval_train/bpd", "eval/bpd",
+            "gap/bpd", "overfitting levels"]
+  rows = [[r.name, r.config.get("model", {}).get("kind", "?"), str(r.num_levels), _status(r)]
+          + [_fmt(r, n, 4) for n in ("train/bpd", "eval_train/bpd", "eval/bpd", "gap/bpd")]
+          + [", ".join(str(l) for l, v in flags[r.name].items() if v.flagged) or "none"]
+          for r in runs]
+  lines = ["# Comparison", ""] + [f"- **{r.name}**: `{os.path.abspath(r.workdir)}`" for r in runs]
+  lines += [""] + _table(header, rows) + [""]
+  if levels:
+    lines += ["Per level: held-out KL / gap (nats per image).", ""]
+    lines += _table(["level"] + [r.name for r in runs], [
+        [str(l)] + [f"{_fmt(r, f'eval/kl/level_{l}', 2)} / {_fmt(r, f'gap/kl/level_{l}', 2)}"
+                    if l <= r.num_levels else "—" for r in runs] for l in levels]) + [""]
+  lines += [f"![{p}]({p})" for p in plots] + [""]
+  _remove_pngs(output, re.compile(r"^\d+_.*\.png$"))  # an older comparison's grids
+  grids = []
+  for i, r in enumerate(runs):
+    name = latest_images(r.workdir).get("")
+    if name:
+      copy = f"{i}_{name}"
+      shutil.copyfile(os.path.join(r.workdir, "images", name), os.path.join(output, copy))
+      grids.append((r.name, name, copy))
+  if grids:
+    lines += ["## Latest fill-in grids", ""]
+    lines += _table([f"{n} ({src})" for n, src, _ in grids], [[f"![]({c})" for *_, c in grids]])
+  with open(os.path.join(output, "compare.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  logging.info("Comparison of %d runs: %s", len(runs), output)
+  return output
+
+
+def main(workdirs: Sequence[str]) -> list[str]:
+  """What `launch.py --mode=report` does: every run's report, then a comparison if several.
+
+  Args:
+    workdirs: one or more run directories.
+
+  Returns:
+    The directories written (each run's report, then the comparison's if any).
+  """
+  missing = [w for w in workdirs if not os.path.isdir(w)]
+  if missing:
+    raise FileNotFoundError(f"no such workdir: {', '.join(missing)}")
+  out = [write_report(w) for w in workdirs]
+  if len(workdirs) > 1:
+    out.append(write_comparison(workdirs, os.path.join(out[0], COMPARE_DIR)))
+  return out
