@@ -63,13 +63,16 @@ def _metric_value(metrics: Mapping[str, Any], name: str) -> float:
 class Checkpointer:
   """Saves and restores (state, data_state) per step; keeps the latest N and the best."""
 
-  def __init__(self, directory: str, *, keep: int = 3, best_metric: str = "eval/bpd"):
+  def __init__(self, directory: str, *, keep: int = 3, best_metric: str = "eval/bpd",
+               read_only: bool = False):
     """Opens (or creates) the checkpoint directory.
 
     Args:
       directory: where step directories live, normally WORKDIR/checkpoints.
       keep: how many of the most recent checkpoints to keep (the best one is kept on top).
       best_metric: the metric, lower is better, that picks the best checkpoint.
+      read_only: for readers (evaluation, notebooks): never create, save, delete, or clean up
+        the tmp directories of a training run that may be saving right now.
     """
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
@@ -89,8 +92,9 @@ class Checkpointer:
         best_fn=get_metric,
         best_mode="min",
         preservation_policy=policy,
-        cleanup_tmp_directories=True,
-        create=True,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
     )
     self._manager = ocp.CheckpointManager(self._directory, item_names=(_STATE, _DATA),
                                           options=options)

@@ -1,0 +1,228 @@
+"""`hvae.load(workdir)`: a trained model for notebooks, `--mode=eval` and `--mode=inpaint`.
+
+  import hvae
+  model = hvae.load("runs/quickstart")            # best checkpoint, EMA parameters
+  fills = model.fill_in(images, masks, n=8, temperature=0.8)   # uint8 [8, B, 64, 64, 3]
+  figures = model.evaluate(images, masks, k=64)   # IW bound, ELBO, ESS per example
+
+Images are uint8 (or floats in 0..255) [B, 64, 64, 3] or one [64, 64, 3]; masks are
+[B, 64, 64, 1], [B, 64, 64] or one [64, 64(, 1)] shared by the batch, 1 = given, 0 = missing.
+Every method is jitted once per shape (temperatures and keys are arguments, not constants), and
+large requests are split into chunks of at most `max_rows` forward-pass rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from hvae import configs, iw, objective, sampling
+from hvae.checkpoint import Checkpointer
+from hvae.config import ModelConfig
+from hvae.model.ladder import HVAE
+from hvae.train import create_optimizer, create_train_state
+
+LN2 = objective.LN2
+
+
+def _images_and_masks(images, masks) -> tuple[np.ndarray, np.ndarray]:
+  """Normalises shapes: images float32 [B, 64, 64, 3], masks float32 [B, 64, 64, 1] in {0, 1}."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[None]
+  masks = np.asarray(masks, np.float32)
+  if masks.ndim == 2 or (masks.ndim == 3 and masks.shape[-1] != 1):  # no channel axis
+    masks = masks[..., None]
+  if masks.ndim == 3:  # one mask for the whole batch
+    masks = masks[None]
+  masks = np.broadcast_to(masks, images.shape[:3] + (1,))
+  if images.shape[1:] != (64, 64, 3):
+    raise ValueError(f"images must be [B, 64, 64, 3] (or [64, 64, 3]); got {images.shape}")
+  return images.astype(np.float32), (masks > 0.5).astype(np.float32)
+
+
+def _key(seed: int | jax.Array) -> jax.Array:
+  """A PRNG key from an int seed (Python or numpy) or a key."""
+  return jax.random.PRNGKey(int(seed)) if isinstance(seed, int | np.integer) else seed
+
+
+@functools.lru_cache(maxsize=16)
+def _fill_fn(model: HVAE, num_samples: int):
+  def fn(params, image, mask, rng, temperature):
+    return sampling.sample_fill_ins(model, params, image, mask, rng, num_samples=num_samples,
+                                    temperature=temperature)
+  return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=4)
+def _elbo_fn(model: HVAE):
+  def fn(params, image, mask, rng):
+    out = model.apply({"params": params}, image, mask, rngs={"sample": rng})
+    terms = objective.elbo_terms(out, mask)
+    return {"recon": terms.recon, "kl": terms.kl, "num_dims": terms.num_dims}
+  return jax.jit(fn)
+
+
+@dataclasses.dataclass
+class Inpainter:
+  """A trained model: its config, the model and the parameters of one checkpoint.
+
+  Attributes:
+    config: the run's experiment config (ml-collections, locked).
+    model: the `HVAE` module.
+    params: the parameters (EMA by default).
+    step: the checkpoint's training step.
+    workdir: the run directory it came from.
+    ema: whether `params` are the EMA parameters.
+    max_rows: forward-pass rows per compiled call (samples x examples); bounds memory.
+  """
+
+  config: ml_collections.ConfigDict
+  model: HVAE
+  params: Any
+  step: int
+  workdir: str = ""
+  ema: bool = True
+  max_rows: int = iw.DEFAULT_MAX_ROWS
+
+  def temperatures(self, temperature: float | Sequence[float]) -> tuple[float, ...]:
+    """tau per level (a float broadcasts; a sequence must have one entry per level)."""
+    L = self.model.config.num_levels
+    if isinstance(temperature, int | float):
+      return (float(temperature),) * L
+    temperature = tuple(float(t) for t in temperature)
+    if len(temperature) == 1:
+      return temperature * L
+    if len(temperature) != L:
+      raise ValueError(f"temperature: {len(temperature)} values for {L} levels (level 1 first)")
+    return temperature
+
+  def fill_in(self, images, masks, n: int = 4, temperature: float | Sequence[float] = 1.0,
+              seed: int | jax.Array = 0) -> np.ndarray:
+    """Draws n fill-ins per context (latents from the conditional prior at temperature tau).
+
+    Args:
+      images: [B, 64, 64, 3] (or one image); the missing pixels are never read.
+      masks: [B, 64, 64, 1] or one mask for all, 1 = given.
+      n: fill-ins per context.
+      temperature: tau, one for every level or one per level (level 1 = finest first).
+      seed: an int or a PRNG key.
+
+    Returns:
+      uint8 [n, B, 64, 64, 3]: fill-ins composited into the context; the given pixels equal the
+      input's exactly.
+    """
+    image, mask = _images_and_masks(images, masks)
+    rng = _key(seed)
+    chunk = iw.chunk_size(n, image.shape[0], self.max_rows)
+    fn = _fill_fn(self.model, chunk)
+    tau = tuple(jnp.float32(t) for t in self.temperatures(temperature))
+    parts = [fn(self.params, image, mask, jax.random.fold_in(rng, i), tau)
+             for i in range(math.ceil(n / chunk))]
+    fills = np.concatenate([np.asarray(p) for p in jax.device_get(parts)])[:n]
+    # Exactly the input where given (the composite already is; rounding guards float inputs).
+    fills = np.where(mask[None] > 0.5, image[None], fills)
+    return np.clip(np.rint(fills), 0, 255).astype(np.uint8)
+
+  def elbo(self, images, masks, seed: int | jax.Array = 0) -> dict[str, np.ndarray]:
+    """Per-example unweighted ELBO terms (one posterior sample, analytic KL), nats.
+
+    Returns:
+      {"recon": [B], "kl": [B, L], "num_dims": [B], "nelbo": [B]} numpy arrays.
+    """
+    image, mask = _images_and_masks(images, masks)
+    rng = _key(seed)
+    out = jax.device_get(_elbo_fn(self.model)(self.params, image, mask, rng))
+    out = {k: np.asarray(v, np.float64) for k, v in out.items()}
+    out["nelbo"] = out["recon"] + out["kl"].sum(-1)
+    return out
+
+  def score(self, images, masks, k: int = 8, seed: int | jax.Array = 0) -> np.ndarray:
+    """The K-sample IW bound on log p(x_inner | x_outer) of each image, nats. Returns [B]."""
+    return self.evaluate(images, masks, k=k, seed=seed, with_elbo=False)["iw_log_px"]
+
+  def evaluate(self, images, masks, k: int = 64, seed: int | jax.Array = 0,
+               with_elbo: bool = True) -> dict[str, np.ndarray]:
+    """Likelihood figures of the true fill-ins: the K-sample IW bound, its ESS and the ELBO.
+
+    Args:
+      images: [B, 64, 64, 3] true images (the missing pixels are the ones scored).
+      masks: [B, 64, 64, 1] or one mask, 1 = given.
+      k: K, importance samples per example.
+      seed: an int or a PRNG key.
+      with_elbo: also compute the single-sample ELBO (analytic KL).
+
+    Returns:
+      Per-example numpy arrays: iw_log_px (nats, <= log p(x_inner | x_outer)), iw_bpd (bits per
+      missing dim of -iw_log_px), iw_ess (in [1, K]), num_dims; with_elbo adds nelbo (nats),
+      bpd, recon and kl [B, L].
+    """
+    image, mask = _images_and_masks(images, masks)
+    rng = _key(seed)
+    iw_rng, elbo_rng = jax.random.split(rng)
+    est = iw.estimate(self.model, self.params, image, mask, iw_rng, k, max_rows=self.max_rows)
+    num_dims = 3.0 * np.sum(mask[..., 0] < 0.5, axis=(1, 2))
+    out = {"iw_log_px": est["log_px"], "iw_ess": est["ess"], "num_dims": num_dims,
+           "iw_bpd": -est["log_px"] / (np.maximum(num_dims, 1.0) * LN2)}
+    if with_elbo:
+      terms = self.elbo(image, mask, elbo_rng)
+      out.update(nelbo=terms["nelbo"], recon=terms["recon"], kl=terms["kl"],
+                 bpd=terms["nelbo"] / (np.maximum(num_dims, 1.0) * LN2))
+    return out
+
+
+def _restore_params(workdir: str, config, model: HVAE, checkpoint, ema: bool):
+  """Reads one checkpoint's (EMA) parameters onto the first local device."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir} has no checkpoints/ directory (train it first)")
+  tx = create_optimizer(config)
+  abstract = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.PRNGKey(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+  with Checkpointer(directory, read_only=True) as ckpt:
+    if checkpoint in (None, "best") and ckpt.best_step() is None:
+      logging.warning("No checkpoint in %s has eval metrics; using the latest one.", directory)
+      checkpoint = "latest"
+    state, _, step = ckpt.restore(target, checkpoint)
+  return (state.ema_params if ema else state.params), int(step)
+
+
+def load(workdir: str, checkpoint: str | int = "best", ema: bool = True, *,
+         config: ml_collections.ConfigDict | None = None) -> Inpainter:
+  """Loads a trained run for filling in and evaluating.
+
+  Args:
+    workdir: the run directory (with config.json and checkpoints/).
+    checkpoint: "best" (lowest eval/bpd; the latest when no checkpoint was evaluated),
+      "latest", or a step number.
+    ema: use the EMA parameters (as evaluation does); False for the raw parameters.
+    config: the experiment config to use instead of WORKDIR/config.json (its model section must
+      match the checkpoint's).
+
+  Returns:
+    An `Inpainter` with `fill_in`, `evaluate`, `score` and `elbo`.
+  """
+  workdir = os.fspath(workdir)
+  if config is None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} does not exist: is {workdir} a training run directory?")
+    config = configs.load_config(path)
+  model = HVAE(ModelConfig.from_config(config))
+  if isinstance(checkpoint, str) and checkpoint.isdigit():
+    checkpoint = int(checkpoint)
+  params, step = _restore_params(workdir, config, model, checkpoint, ema)
+  logging.info("Loaded %s step %d (%s parameters).", workdir, step, "EMA" if ema else "raw")
+  return Inpainter(config=config, model=model, params=params, step=step, workdir=workdir, ema=ema)

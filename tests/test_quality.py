@@ -1,0 +1,103 @@
+"""Sample-quality metrics (hvae/quality.py) against values computed by hand on small arrays."""
+
+import math
+
+import numpy as np
+import pytest
+from helpers import centre_mask, random_images
+
+from hvae import quality
+
+
+@pytest.fixture(scope="module")
+def example():
+  image = random_images(1, seed=3)[0].astype(np.float64)
+  image = np.clip(image, 40, 200)  # room for +-30 shifts without clipping
+  return image, centre_mask(1)[0]
+
+
+def _shift_hole(image, mask, delta):
+  return np.where(mask > 0.5, image, image + delta)
+
+
+def test_identical_images_give_the_cap_and_perfect_scores(example):
+  image, mask = example
+  assert quality.psnr(image, image, mask) == quality.PSNR_CAP == 100.0
+  assert quality.ssim(image, image, mask) == pytest.approx(1.0, abs=1e-12)
+  assert quality.l1(image, image, mask) == 0.0
+  assert quality.seam(image, image, mask) == 0.0
+  assert quality.diversity(np.stack([image] * 3), mask) == 0.0
+
+
+def test_a_constant_shift_of_the_hole_gives_the_computed_figures(example):
+  image, mask = example
+  shifted = _shift_hole(image, mask, 5.0)
+  # MSE = 25 on every hole sub-pixel: PSNR = 10 log10(255^2 / 25) = 20 log10(51).
+  assert quality.psnr(shifted, image, mask) == pytest.approx(20 * math.log10(51.0), abs=1e-9)
+  assert quality.psnr(shifted, image, mask) == pytest.approx(34.1514, abs=1e-4)
+  assert quality.l1(shifted, image, mask) == pytest.approx(5.0)
+  # Every difference across the border changes by exactly +-5.
+  assert quality.seam(shifted, image, mask) == pytest.approx(5.0)
+  # Pixels outside the hole do not count.
+  outside = np.where(mask > 0.5, image + 50.0, image)
+  assert quality.psnr(outside, image, mask) == quality.PSNR_CAP
+  assert quality.l1(outside, image, mask) == 0.0
+
+
+def test_shifting_the_whole_image_leaves_no_seam(example):
+  image, mask = example
+  assert quality.seam(image + 7.0, image, mask) == pytest.approx(0.0, abs=1e-12)
+  assert quality.l1(image + 7.0, image, mask) == pytest.approx(7.0)
+
+
+def test_seam_on_a_tiny_array_by_hand():
+  truth = np.zeros((3, 3, 3))
+  mask = np.ones((3, 3, 1))
+  mask[1, 1] = 0.0  # one missing pixel: four border pairs, 12 differences over channels
+  fill = truth.copy()
+  fill[1, 1] = [4.0, 8.0, 0.0]
+  # Each pair's difference changes by the fill's value at (1, 1), in every direction.
+  assert quality.seam(fill, truth, mask) == pytest.approx((4 + 8 + 0) * 4 / 12)
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+  mask = centre_mask(1)[0]
+  x, y = np.full((64, 64, 3), 100.0), np.full((64, 64, 3), 110.0)
+  c1 = (0.01 * 255) ** 2
+  expected = (2 * 100 * 110 + c1) / (100**2 + 110**2 + c1)  # variances are 0: contrast term 1
+  assert quality.ssim(y, x, mask) == pytest.approx(expected, rel=1e-12)
+
+
+def test_ssim_matches_scikit_image_over_the_grown_box(example):
+  metrics = pytest.importorskip("skimage.metrics")
+  image, mask = example
+  other = np.clip(image + np.random.RandomState(0).normal(0, 20, image.shape), 0, 255)
+  _, full = metrics.structural_similarity(
+      other, image, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+      data_range=255, channel_axis=-1, full=True)
+  assert quality.hole_box(mask) == (12, 12, 52, 52)  # 32x32 hole at 16..47, grown by 4
+  np.testing.assert_allclose(quality.ssim(other, image, mask), full[12:52, 12:52].mean(),
+                             rtol=1e-9)
+
+
+def test_diversity_is_the_mean_pairwise_l1(example):
+  image, mask = example
+  fills = np.stack([_shift_hole(image, mask, d) for d in (0.0, 10.0, 30.0)])
+  assert quality.diversity(fills, mask) == pytest.approx((10 + 30 + 20) / 3)
+  assert quality.diversity(fills[:1], mask) == 0.0
+
+
+def test_sample_metrics_best_mean_rank_and_mean_fill_in(example):
+  image, mask = example
+  fills = np.stack([_shift_hole(image, mask, d) for d in (0.0, 10.0, -10.0)])[:, None]
+  scores = np.array([[-5.0], [-1.0], [-3.0]])  # the model prefers the +10 fill-in
+  m = quality.sample_metrics(fills, image[None], mask[None], scores)
+  p10 = 20 * math.log10(25.5)
+  assert m["psnr_best"][0] == quality.PSNR_CAP
+  assert m["psnr_mean"][0] == pytest.approx((100 + 2 * p10) / 3)
+  assert m["psnr_rank"][0] == pytest.approx(p10)
+  assert m["psnr_of_mean"][0] == quality.PSNR_CAP  # +10 and -10 average out
+  assert m["l1"][0] == pytest.approx(20 / 3) and m["l1_best"][0] == 0.0
+  assert m["ssim_best"][0] == pytest.approx(1.0)
+  assert m["diversity"][0] == pytest.approx((10 + 10 + 20) / 3)
+  assert m["seam"][0] == pytest.approx(20 / 3)
