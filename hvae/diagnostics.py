@@ -97,8 +97,8 @@ def resample_grid(resampled: np.ndarray, image: np.ndarray, mask: np.ndarray) ->
   for c in range(C):
     for l in range(L):
       rows.append(np.concatenate([context[c:c + 1], resampled[l, :, c]]))
-  labels = ["context"] + [f"level varied, sample {s + 1}" if s == 0 else f"sample {s + 1}"
-                          for s in range(resampled.shape[1])]
+  # Rows: context 1 with level 1, 2, ..., L varied, then context 2, ...
+  labels = ["context"] + [f"sample {s + 1}" for s in range(resampled.shape[1])]
   return images.make_grid(rows, labels=labels, scale=2)
 
 

@@ -115,6 +115,9 @@ def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channe
   """
   kl_mean = jnp.mean(terms.kl, axis=0)  # [L]
   num_levels = kl_mean.shape[0]
+  batch = terms.recon.shape[0]
+  if num_levels == 0:  # the deterministic baseline: no latents, the loss is the reconstruction
+    return jnp.sum(terms.recon) / (jnp.sum(terms.num_dims) * LN2), kl_mean
   free_bits = jnp.asarray(free_bits, kl_mean.dtype)
   if kl_channels is None:
     clamped = jnp.where(free_bits > 0, jnp.maximum(kl_mean, free_bits), kl_mean)
@@ -125,6 +128,5 @@ def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channe
         for l, c in enumerate(kl_channels)]) if num_levels else kl_mean
   coeffs = jnp.ones_like(kl_mean) if kl_coeffs is None else kl_coeffs
   kl_loss = beta * coeffs * jnp.asarray(kl_weight, kl_mean.dtype) * clamped  # [L]
-  batch = terms.recon.shape[0]
   loss = (jnp.sum(terms.recon) + batch * jnp.sum(kl_loss)) / (jnp.sum(terms.num_dims) * LN2)
   return loss, kl_loss

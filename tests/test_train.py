@@ -124,3 +124,19 @@ def test_kl_warmup_is_linear():
 def test_bad_optimizer_fields_are_named(field, value, match):
   with pytest.raises(ValueError, match=match):
     train.create_optimizer(_config(**{field: value}))
+
+
+def test_deterministic_baseline_trains_with_per_level_loss_fields():
+  config = _config()
+  config.model.kind = "deterministic"
+  config.loss.free_bits = (0.5, 0.5)  # per-level fields are ignored without latents, not errors
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = HVAE(ModelConfig.from_config(config))
+  tx = train.create_optimizer(config)
+  state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
+  step_fn = train.make_train_step(config, model, tx, mesh)
+  state, metrics = step_fn(state, train.shard_batch(_batch(), mesh), jax.random.PRNGKey(1))
+  assert np.isfinite(float(metrics["loss"]))
+  np.testing.assert_allclose(float(metrics["loss"]), float(metrics["bpd"]), rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["bpd"]), float(metrics["recon_bpd"]), rtol=1e-6)
+  assert not any(k.startswith("kl") for k in metrics)
