@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.NAME` from the repository root (results in BENCHMARKS.md)."""
