@@ -4,9 +4,11 @@
       --config.data.manual_dir=/path/to/celeba_files     # offline: see README "CelebA"
 
 z_1 32x32x16, z_2 16x16x16, z_3 8x8x16 and a 256-d top vector from 4x4 features; width 128,
-two residual blocks per resolution; global batch 128 split over all devices. Expected cost: see
-BENCHMARKS.md (train_step.py --config=experiments/celeba_l4.py) for FLOPs per step and
-steps/s; 200k steps is a few accelerator-days on one GPU, proportionally less on a TPU slice.
+two residual blocks per resolution; global batch 128 split over all devices; 7.7M parameters.
+Expected cost (BENCHMARKS.md, `python -m benchmarks.train_step --config=experiments/celeba_l4.py`):
+~7.4e12 FLOPs per step at batch 128, i.e. ~65 s/step on a 2-core CPU (not a CPU job); an
+estimated ~0.4 s/step, ~1 GPU-day for 200k steps on one H100 (not measured yet), proportionally
+less on a TPU slice.
 """
 
 from experiments import base
