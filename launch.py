@@ -3,6 +3,8 @@
   python launch.py --config=experiments/quickstart.py
   python launch.py --config=experiments/celeba_l4.py --config.train.batch_size=256
   python launch.py --mode=train --workdir=runs/quickstart        # resume from config.json
+  python launch.py --mode=report --workdir=runs/a --workdir=runs/b  # reports + comparison
+  python launch.py --config=experiments/ablate_levels.py:cpu --sweep --workdir=runs/levels_cpu
 
 `--workdir` defaults to runs/NAME for --config=experiments/NAME.py; running `train` again on the
 same workdir resumes. Modes other than train may omit --config and read WORKDIR/config.json.
@@ -15,8 +17,28 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, experiments/NAME.py[:ARG].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/NAME).")
+_WORKDIR = flags.DEFINE_multi_string(
+    "workdir", None, "Run directory (default runs/NAME); --mode=report takes several.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "inpaint", "report"], "What to do.")
+# --mode=eval and --mode=inpaint (docs/evaluation.md).
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "eval/inpaint: best | latest | STEP.")
+_SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test", "train"],
+                           "eval: the split to evaluate (test only when asked for).")
+_MASK = flags.DEFINE_string(
+    "mask", None, "eval: centre | boxes | freeform (default data.eval_mask); inpaint: also "
+    "box:X,Y,W,H or a mask image (black = missing).")
+_INPUT = flags.DEFINE_string("input", None, "inpaint: an image file or a folder of images.")
+_OUTPUT = flags.DEFINE_string("output", None, "inpaint: output folder (default WORKDIR/inpaint).")
+_NUM_SAMPLES = flags.DEFINE_integer(
+    "num_samples", None, "eval/inpaint: fill-ins per context (default eval.num_samples).")
+_TEMPERATURE = flags.DEFINE_string(
+    "temperature", "1.0", "eval/inpaint: latent temperature, one value or one per level.")
+_RANK = flags.DEFINE_bool("rank", False, "inpaint: order fill-ins by the model's likelihood.")
+# Sweeps (docs/sweeps.md): the experiment file's sweep(arg), one point per subdirectory.
+_SWEEP = flags.DEFINE_bool("sweep", False, "train every point of the experiment's sweep(arg).")
+_SWEEP_INDEX = flags.DEFINE_integer(
+    "sweep_index", None, "sweep: run only point I (e.g. $SLURM_ARRAY_TASK_ID); implies --sweep.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "sweep: print the points, run nothing.")
 _CACHE = flags.DEFINE_string(
     "jax_cache", os.path.expanduser("~/.cache/hvae/jax"),
     "JAX persistent compilation cache ('' = off); re-runs skip most compilation.")
@@ -43,6 +65,16 @@ def _maybe_initialize_distributed() -> None:
     logging.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
+def _setup_jax() -> None:
+  """The persistent compilation cache, then multi-host initialisation."""
+  import jax
+
+  if _CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  _maybe_initialize_distributed()
+
+
 class _QuietLibraries:
   """Drops INFO lines of chatty libraries (orbax, XLA bridge) so progress lines stay readable."""
 
@@ -57,13 +89,26 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
-  import jax
+  if _MODE.value == "report":  # reads files only: no JAX, no config (docs/report.md)
+    from hvae import report
 
-  if _CACHE.value:
-    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  _maybe_initialize_distributed()
-  workdir = _WORKDIR.value or _default_workdir()
+    report.main(_WORKDIR.value or [_default_workdir()])
+    return
+  if len(_WORKDIR.value or ()) > 1:
+    raise app.UsageError(f"--mode={_MODE.value} takes one --workdir, got {len(_WORKDIR.value)}")
+  if _SWEEP.value or _SWEEP_INDEX.value is not None or _DRY_RUN.value:
+    if _MODE.value != "train" or _CONFIG.value is None:
+      raise app.UsageError("--sweep needs --mode=train and --config=experiments/FILE.py[:ARG]")
+    from hvae import sweep
+
+    text = sweep.main(flags.FLAGS["config"].config_filename, _CONFIG.value,
+                      _WORKDIR.value[0] if _WORKDIR.value else _default_workdir(),
+                      index=_SWEEP_INDEX.value, dry_run=_DRY_RUN.value, setup=_setup_jax)
+    if text:
+      print(text)
+    return
+  _setup_jax()
+  workdir = _WORKDIR.value[0] if _WORKDIR.value else _default_workdir()
   config = _CONFIG.value
   if config is None:
     from hvae import configs
@@ -77,6 +122,19 @@ def main(argv):
     from hvae import loop
 
     loop.train_and_evaluate(config, workdir)
+  elif _MODE.value == "eval":
+    from hvae.modes import evaluate
+
+    evaluate.run(workdir, config, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
+                 mask=_MASK.value, temperature=_TEMPERATURE.value, num_samples=_NUM_SAMPLES.value)
+  elif _MODE.value == "inpaint":
+    from hvae.modes import inpaint
+
+    if not _INPUT.value:
+      raise app.UsageError("--mode=inpaint needs --input=IMAGE_OR_FOLDER")
+    inpaint.run(workdir, _INPUT.value, _OUTPUT.value or os.path.join(workdir, "inpaint"), config,
+                mask=_MASK.value, num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
+                temperature=_TEMPERATURE.value, rank=_RANK.value, checkpoint=_CHECKPOINT.value)
   else:
     raise app.UsageError(f"--mode={_MODE.value} is not implemented yet (see the open issues)")
 

@@ -5,6 +5,17 @@ Per-level fields are tuples: length 1 broadcasts to every level, otherwise the l
 `model.num_levels` (level 1 = finest, 32×32; level L = the top vector).
 
   python launch.py --config=experiments/base.py --workdir=runs/base
+
+Sweeps (docs/sweeps.md), one convention for every experiment file: beside `get_config(arg)` a
+file may define `sweep(arg) -> list[dict]`, one dict of overrides (dotted config key -> value;
+the seed is the ordinary key `seed`) per point, e.g.
+
+  def sweep(arg=None):
+    return [{"model.num_levels": L, "seed": s} for L in (2, 3, 4) for s in (0, 1)]
+
+`python launch.py --config=experiments/FILE.py[:ARG] --sweep --workdir=DIR` trains every point
+in DIR/<name from the overrides> (`L3_seed1`), `--sweep_index=I` only point I, `--sweep
+--dry_run` lists them; `--mode=report --workdir=DIR` tabulates them (seeds aggregated).
 """
 
 import ml_collections

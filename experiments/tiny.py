@@ -1,6 +1,7 @@
 """Tiny experiment for tests: synthetic images, a 2-level model a few thousand parameters big.
 
   python launch.py --config=experiments/tiny.py --workdir=/tmp/tiny
+  python launch.py --config=experiments/tiny.py --sweep --workdir=/tmp/tiny_sweep  # two seeds
 """
 
 from experiments import base
@@ -28,3 +29,9 @@ def get_config(arg: str | None = None):
   c.eval.num_grid_examples = 2
   c.eval.iw_samples = 4
   return c
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+  """Two seeds of the same config: the smallest sweep, for tests (docs/sweeps.md)."""
+  del arg
+  return [{"seed": s} for s in (0, 1)]

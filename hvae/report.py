@@ -385,16 +385,23 @@ def write_comparison(workdirs: Sequence[str], output: str) -> str:
 def main(workdirs: Sequence[str]) -> list[str]:
   """What `launch.py --mode=report` does: every run's report, then a comparison if several.
 
+  A sweep directory (hvae/sweep_report.py: `sweep.json`, or run subdirectories and no run of its
+  own) gets the sweep's comparison table instead.
+
   Args:
-    workdirs: one or more run directories.
+    workdirs: one or more run or sweep directories.
 
   Returns:
-    The directories written (each run's report, then the comparison's if any).
+    The directories written (sweeps' reports, each run's report, then the comparison's if any).
   """
+  from hvae import sweep_report  # imported here: it imports this module
+
   missing = [w for w in workdirs if not os.path.isdir(w)]
   if missing:
     raise FileNotFoundError(f"no such workdir: {', '.join(missing)}")
-  out = [write_report(w) for w in workdirs]
-  if len(workdirs) > 1:
-    out.append(write_comparison(workdirs, os.path.join(out[0], COMPARE_DIR)))
-  return out
+  sweeps = [w for w in workdirs if sweep_report.is_sweep_dir(w)]
+  runs = [w for w in workdirs if w not in sweeps]
+  out = [write_report(w) for w in runs]
+  if len(runs) > 1:
+    out.append(write_comparison(runs, os.path.join(out[0], COMPARE_DIR)))
+  return [sweep_report.write(w) for w in sweeps] + out
