@@ -36,6 +36,8 @@ def _swap_step(params, batch, rng, *, model: HVAE):
                       compute_posterior=True, rngs={"sample": rng})
     return objective.elbo_terms(out, batch["mask"]).recon
 
+  # The same rng for every pass, deliberately: each level draws the same eps in every pass, so
+  # the swap is a paired comparison (only level l's source differs), not two noisy estimates.
   base = recon(POSTERIOR)
   swaps = [recon(tuple(PRIOR if k == l else POSTERIOR for k in range(L))) - base
            for l in range(L)]

@@ -28,7 +28,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import logsumexp
 
 from hvae.model.ladder import HVAE, POSTERIOR
 
@@ -92,6 +91,14 @@ def log_weights(model: HVAE, params, image, mask, rng, num_samples: int, *,
            for i in range(math.ceil(num_samples / chunk))]
   # One host transfer at the end: the loop only enqueues work.
   return np.concatenate([np.asarray(p, np.float64) for p in jax.device_get(parts)])[:num_samples]
+
+
+def logsumexp(x: np.ndarray, axis: int = 0) -> np.ndarray:
+  """float64 log-sum-exp on the host (jax's would drop to float32 without x64 enabled)."""
+  x = np.asarray(x, np.float64)
+  top = np.max(x, axis=axis, keepdims=True)
+  top = np.where(np.isfinite(top), top, 0.0)
+  return np.squeeze(top, axis) + np.log(np.sum(np.exp(x - top), axis=axis))
 
 
 def iw_bound(log_w: np.ndarray) -> np.ndarray:

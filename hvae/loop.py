@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from hvae import configs, data, diagnostics, evaluation, images, verdict
 from hvae.checkpoint import Checkpointer
@@ -163,8 +164,10 @@ def train_and_evaluate(config, workdir: str) -> None:
   e = config.eval
   eval_sets = {"eval": data.eval_batches(config, "validation", e.num_examples, e.batch_size),
                "eval_train": data.eval_batches(config, "train", e.num_examples, e.batch_size)}
+  # The same grid examples on every host (process_count=1): the grid's jitted calls see
+  # identical inputs everywhere, and process 0 writes the picture.
   grid_batch = data.eval_batches(config, "validation", e.num_grid_examples,
-                                 e.num_grid_examples)[0]
+                                 e.num_grid_examples, process_index=0, process_count=1)[0]
   fill_in = evaluation.make_fill_in_fn(model, e.num_samples)
   mode_fill_in = evaluation.make_mode_fn(model)
   diag = _Diagnostics(config, model, mesh, eval_sets, grid_batch, workdir, writer)
@@ -183,17 +186,20 @@ def train_and_evaluate(config, workdir: str) -> None:
       history.append(metrics)
       step += 1
       is_last = step == num_steps
-      if step % config.train.log_every_steps == 0 or is_last or preemption.requested:
+      stop = _stop_requested(preemption, step, config.train.log_every_steps)
+      row = {}  # everything logged at this step: one metrics.jsonl row (DESIGN §7)
+      if step % config.train.log_every_steps == 0 or is_last or stop:
         scalars = _mean_metrics(history)
         now = time.perf_counter()
         rate = len(history) / max(now - window_start, 1e-9)
         scalars.update({"train/steps_per_sec": rate, "train/wall_time": now - t_start})
-        writer.write_scalars(step, scalars)
+        row.update(scalars)
         eta = datetime.timedelta(seconds=int((num_steps - step) / max(rate, 1e-9)))
         logging.info("step %d/%d  loss %.4f  bpd %.4f  %.2f steps/s  %.0f img/s  ETA %s", step,
                      num_steps, scalars["train/loss"], scalars["train/bpd"], rate,
                      rate * config.train.batch_size, eta)
         if scalars["train/max_consecutive_skips"] >= config.optim.max_consecutive_skips:
+          writer.write_scalars(step, row)
           ckpt.wait()
           raise TrainingError(
               f"{int(scalars['train/max_consecutive_skips'])} updates in a row were skipped "
@@ -229,15 +235,17 @@ def train_and_evaluate(config, workdir: str) -> None:
         if jax.process_index() == 0:
           images.save_png(os.path.join(workdir, "images", f"step_{step}.png"), grid)
           writer.write_images(step, {"fill_ins": grid})
-        writer.write_scalars(step, eval_metrics)
+        row.update(eval_metrics)
         logging.info("eval step %d: eval/bpd %.4f  eval_train/bpd %.4f  gap %.4f  (%.1fs)", step,
                      eval_metrics["eval/bpd"], eval_metrics["eval_train/bpd"],
                      eval_metrics["gap/bpd"], eval_metrics["eval/wall_time"])
-      if (step % config.train.checkpoint_every_steps == 0 or is_last or preemption.requested
+      if row:
+        writer.write_scalars(step, row)
+      if (step % config.train.checkpoint_every_steps == 0 or is_last or stop
           or eval_metrics is not None):
         ckpt.save(step, state, data_state=train_iter.get_state(), metrics=eval_metrics,
-                  force=is_last or preemption.requested)
-      if preemption.requested:
+                  force=is_last or stop)
+      if stop:
         ckpt.wait()
         writer.flush()
         logging.warning("Stopped at step %d on request; run the same command to resume.", step)
@@ -275,32 +283,50 @@ class _Diagnostics:
       for l in range(1, L + 1):
         metrics[f"gap/swap/level_{l}"] = (metrics[f"eval/swap/level_{l}"]
                                           - metrics[f"eval_train/swap/level_{l}"])
-    if images_too and jax.process_index() == 0:
+    if images_too:  # jitted calls on every host; only process 0 writes files
       self._images(params, passes, rng, step)
     return metrics
 
   def _images(self, params, passes, rng, step):
+    write = jax.process_index() == 0
     out = lambda name: os.path.join(self.workdir, "images", f"{name}_step_{step}.png")  # noqa
-    worst = diagnostics.worst_examples(passes["eval"]["per_example"]["kl"], self.eval_batches,
-                                       self.num_worst)
-    rows = []
-    for ex in worst.values():
-      fills = self.fill_one(params, jnp.asarray(ex["image"]), jnp.asarray(ex["mask"]), rng)[0]
-      ctx = images.hole_overlay(ex["image"], ex["mask"])
-      rows.append(np.stack([x for i in range(len(ex["kl"]))
-                            for x in (ctx[i], ex["image"][i], np.asarray(fills[i]))]))
-    labels = [f"{name} #{i + 1}" for i in range(self.num_worst)
-              for name in ("context", "truth", "fill-in")]
-    images.save_png(out("worst"), images.make_grid(rows, labels=labels, scale=2))
+    # Worst examples need the images behind the gathered per-example KLs; the host batches hold
+    # only this process's rows, so with several processes this grid is skipped.
+    if jax.process_count() == 1:
+      worst = diagnostics.worst_examples(passes["eval"]["per_example"]["kl"],
+                                         self.eval_batches, self.num_worst)
+      rows = []
+      for ex in worst.values():
+        fills = self.fill_one(params, jnp.asarray(ex["image"]), jnp.asarray(ex["mask"]), rng)[0]
+        ctx = images.hole_overlay(ex["image"], ex["mask"])
+        rows.append(np.stack([x for i in range(len(ex["kl"]))
+                              for x in (ctx[i], ex["image"][i], np.asarray(fills[i]))]))
+      labels = [f"{name} #{i + 1}" for i in range(self.num_worst)
+                for name in ("context", "truth", "fill-in")]
+      images.save_png(out("worst"), images.make_grid(rows, labels=labels, scale=2))
     resampled = self.resample(params, jnp.asarray(self.grid["image"]),
                               jnp.asarray(self.grid["mask"]), rng)
+    resampled = jax.device_get(resampled)
+    if not write:
+      return
     images.save_png(out("resample"), diagnostics.resample_grid(
-        jax.device_get(resampled), self.grid["image"], self.grid["mask"]))
+        resampled, self.grid["image"], self.grid["mask"]))
     heat = diagnostics.kl_heatmap_grid(
         passes["eval"]["sums"], passes["eval_train"]["sums"], passes["eval"]["count"],
         passes["eval_train"]["count"], self.model.config.num_levels)
     if heat is not None:
       images.save_png(out("kl_heatmap"), heat)
+
+
+def _stop_requested(preemption: _Preemption, step: int, log_every: int) -> bool:
+  """Whether to checkpoint and stop now. With several processes, every host must agree (a
+  checkpoint save is collective), so the flag is combined across hosts at logging steps."""
+  if jax.process_count() == 1:
+    return preemption.requested
+  if step % log_every:
+    return False
+  flags = multihost_utils.process_allgather(np.asarray(preemption.requested))
+  return bool(np.any(flags))
 
 
 def _first_examples(batches: list[dict], n: int) -> list[dict]:

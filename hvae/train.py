@@ -177,14 +177,15 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
       consecutive_skips=consecutive, total_skips=state.total_skips + skip.astype(jnp.int32))
 
   metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": skip.astype(jnp.float32),
-             "lr": lr_schedule(state.step), "beta": beta,
+             # The optimiser's own count: skipped updates do not advance the schedule.
+             "lr": lr_schedule(state.step - state.total_skips), "beta": beta,
              "consecutive_skips": consecutive.astype(jnp.float32)}
   metrics.update(objective.bpd_metrics(terms))
-  for l in range(1, len(dims) + 1):
+  for l in range(1, dims.size + 1):
     heads = {k: v for k, v in grads.get(f"level_{l}", {}).items() if k in HEADS}
     metrics[f"grad_norm/level_{l}"] = optax.global_norm(heads)
-  for l, dims in enumerate(latent_dims(model.config), start=1):
-    metrics[f"kl_per_dim/level_{l}"] = metrics[f"kl/level_{l}"] / dims
+  for l, level_dims in enumerate(latent_dims(model.config), start=1):
+    metrics[f"kl_per_dim/level_{l}"] = metrics[f"kl/level_{l}"] / level_dims
   return new_state, metrics
 
 

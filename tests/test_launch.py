@@ -61,6 +61,8 @@ def test_config_json_loads_back_to_the_same_config(tiny_workdir):
 
 def test_every_level_is_logged_on_both_evaluation_splits(tiny_workdir):
   rows = read_metrics(str(tiny_workdir))
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps)), "one metrics.jsonl row per logged step"
   names = set().union(*rows)
   for split in ("train", "eval", "eval_train"):
     for name in ("bpd", "recon_bpd"):
@@ -146,3 +148,14 @@ def test_bad_command_lines_fail_with_a_clear_message(tmp_path, args, message):
   assert proc.returncode != 0
   assert message in proc.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()  # failed before any training state
+
+
+def test_training_stops_with_a_clear_error_when_every_update_is_skipped(tmp_path):
+  config = _tiny(6)
+  config.optim.skip_threshold = 1e-9  # every gradient norm exceeds it
+  config.optim.max_consecutive_skips = 2
+  with pytest.raises(loop.TrainingError, match="updates in a row were skipped"):
+    loop.train_and_evaluate(config, str(tmp_path / "skipping"))
+  rows = read_metrics(str(tmp_path / "skipping"))
+  assert rows and all(r["train/skipped"] == 1.0 for r in rows if "train/skipped" in r)
+  assert not (tmp_path / "skipping" / "DONE").exists()

@@ -56,18 +56,16 @@ class ModelOutput:
   levels: tuple[LevelOutput, ...]
 
 
-def preprocess(image: jnp.ndarray, mask: jnp.ndarray, posterior_sees_mask: bool = False):
+def preprocess(image: jnp.ndarray, mask: jnp.ndarray):
   """The network inputs of DESIGN §2 from raw pixels.
 
   Args:
     image: [B, 64, 64, 3] pixel values in [0, 255] (uint8 or float; differentiable if float).
     mask: [B, 64, 64, 1] float, 1 = given, 0 = missing.
-    posterior_sees_mask: unused here (the posterior's mask path is a learned projection).
 
   Returns:
     (a_q, a_p), each [B, 64, 64, 4]: concat(x, 1) and concat(x * m, m), x in [-1, 1].
   """
-  del posterior_sees_mask
   x = jnp.asarray(image, jnp.float32) / 127.5 - 1.0
   mask = jnp.asarray(mask, jnp.float32)
   a_q = jnp.concatenate([x, jnp.ones_like(mask)], axis=-1)
