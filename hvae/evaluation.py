@@ -100,11 +100,6 @@ def run_pass(eval_step, params, batches: list[dict], rng, mesh: Mesh) -> dict:
           "sums": sums, "count": count}
 
 
-def per_example_terms(eval_step, params, batches: list[dict], rng, mesh: Mesh) -> dict:
-  """Per-example numpy arrays (recon, kl, num_dims, ...) of the real examples of `batches`."""
-  return run_pass(eval_step, params, batches, rng, mesh)["per_example"]
-
-
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
 
@@ -139,16 +134,13 @@ def summarize(terms: dict, dims: tuple[int, ...], sums: dict | None = None,
   return metrics
 
 
-def evaluate_splits(eval_step, params, eval_sets: dict[str, list[dict]], rng, mesh: Mesh,
-                    model: HVAE) -> dict[str, float]:
-  """Runs every pass (e.g. {"eval": ..., "eval_train": ...}) and adds the `gap/` metrics."""
-  metrics, _ = evaluate_passes(eval_step, params, eval_sets, rng, mesh, model)
-  return metrics
-
-
 def evaluate_passes(eval_step, params, eval_sets: dict[str, list[dict]], rng, mesh: Mesh,
                     model: HVAE) -> tuple[dict[str, float], dict[str, dict]]:
-  """Like `evaluate_splits`, also returning each pass's raw results (for diagnostics)."""
+  """Runs every pass (e.g. {"eval": ..., "eval_train": ...}) and adds the `gap/` metrics.
+
+  Returns:
+    (metrics, passes): DESIGN §7 names, and each pass's `run_pass` results (for diagnostics).
+  """
   dims = latent_dims(model.config)
   metrics, passes = {}, {}
   for split, batches in eval_sets.items():

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from hvae import configs, data, diagnostics, evaluation, images, verdict
 from hvae.checkpoint import Checkpointer
 from hvae.config import LossConfig, ModelConfig
+from hvae.metrics_file import read_metrics
 from hvae.model.ladder import HVAE
 from hvae.train import (
   create_optimizer,
@@ -35,7 +36,7 @@ from hvae.train import (
   replicate,
   shard_batch,
 )
-from hvae.writers import MetricWriter, read_metrics
+from hvae.writers import MetricWriter
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
              "ml-collections", "clu", "numpy")

@@ -51,25 +51,21 @@ def elbo_terms(out: ModelOutput, mask: jnp.ndarray) -> ElboTerms:
   return ElboTerms(recon=recon, kl=kl, num_dims=num_dims)
 
 
-def to_bpd(nats: jnp.ndarray, num_dims: jnp.ndarray, weights: jnp.ndarray | None = None):
-  """Dataset bits/dim: sum(nats) / (sum(D) ln 2), optionally over examples with weight 1."""
-  if weights is not None:
-    nats, num_dims = nats * weights, num_dims * weights
+def to_bpd(nats: jnp.ndarray, num_dims: jnp.ndarray):
+  """Dataset bits/dim: sum(nats) / (sum(D) ln 2)."""
   return jnp.sum(nats) / (jnp.maximum(jnp.sum(num_dims), 1.0) * LN2)
 
 
-def bpd_metrics(terms: ElboTerms, weights: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
+def bpd_metrics(terms: ElboTerms) -> dict[str, jnp.ndarray]:
   """bpd, recon_bpd and every level's kl / kl_bpd (names of DESIGN §7, without the split).
 
   Per-latent-dim KL needs the latent sizes and is added by the caller (`kl_per_dim`).
   """
-  w = jnp.ones_like(terms.recon) if weights is None else weights
-  n = jnp.maximum(jnp.sum(w), 1.0)
-  metrics = {"bpd": to_bpd(terms.nelbo, terms.num_dims, w),
-             "recon_bpd": to_bpd(terms.recon, terms.num_dims, w)}
+  metrics = {"bpd": to_bpd(terms.nelbo, terms.num_dims),
+             "recon_bpd": to_bpd(terms.recon, terms.num_dims)}
   for l in range(terms.kl.shape[-1]):
-    metrics[f"kl/level_{l + 1}"] = jnp.sum(terms.kl[:, l] * w) / n
-    metrics[f"kl_bpd/level_{l + 1}"] = to_bpd(terms.kl[:, l], terms.num_dims, w)
+    metrics[f"kl/level_{l + 1}"] = jnp.mean(terms.kl[:, l])
+    metrics[f"kl_bpd/level_{l + 1}"] = to_bpd(terms.kl[:, l], terms.num_dims)
   return metrics
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from absl import logging
 from matplotlib.figure import Figure
 
-from hvae import verdict
+from hvae import metrics_file, verdict
 
 REPORT_DIR = "report"
 COMPARE_DIR = "compare"
@@ -38,32 +38,7 @@ SPLITS = ("train", "eval_train", "eval")
 _STYLE = dict(train=dict(color="0.6", lw=1), eval_train=dict(color="C0"), eval=dict(color="C3"))
 
 
-def read_rows(workdir: str) -> list[dict]:
-  """WORKDIR/metrics.jsonl as rows, like `hvae.writers.read_metrics` but without importing JAX.
-
-  Args:
-    workdir: the run's directory.
-
-  Returns:
-    One dict per readable line ({"step": int, name: float or None}); unreadable lines (a last line
-    cut short by a writer mid-append) are skipped. [] without the file.
-  """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
-  rows = []
-  for i, line in enumerate(lines):
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      row = None
-    if isinstance(row, dict) and "step" in row:
-      rows.append(row)
-    elif line.strip() and i < len(lines) - 1:  # a cut-short last line is expected
-      logging.warning("Skipping unreadable line %d of %s: %.80r", i + 1, path, line)
-  return rows
+read_rows = metrics_file.read_metrics  # the JAX-free reader (hvae/metrics_file.py)
 
 
 @dataclasses.dataclass

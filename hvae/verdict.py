@@ -125,7 +125,7 @@ def explain(rows: Sequence[Mapping[str, Any]], num_levels: int,
   """The verdict on every level, with a one-line reason each.
 
   Args:
-    rows: metrics rows in step order (`hvae.writers.read_metrics` or `hvae.report.read_rows`);
+    rows: metrics rows in step order (`hvae.metrics_file.read_metrics`);
       rows without evaluation metrics are ignored.
     num_levels: L; levels 1..L are judged.
     s: the settings (default: the module defaults).

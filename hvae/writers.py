@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-METRICS_FILE = "metrics.jsonl"
+from hvae.metrics_file import METRICS_FILE, parse_lines, read_metrics  # noqa: F401  (re-exported)
 
 
 def _scalar(value: Any) -> float:
@@ -34,55 +34,6 @@ def _scalar(value: Any) -> float:
 
 def _json_value(value: float) -> float | None:
   return value if math.isfinite(value) else None
-
-
-def _parse_lines(text: str, path: str) -> tuple[list[dict], str]:
-  """Parses metrics.jsonl text.
-
-  Args:
-    text: the file's contents.
-    path: the file's path, for log messages.
-
-  Returns:
-    (rows, good_text): the parsed rows and the text of exactly the lines that parsed, each
-    ending in a newline (what a repaired file should contain).
-  """
-  rows, good = [], []
-  lines = text.split("\n")
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      row = None
-    if not isinstance(row, dict) or "step" not in row:
-      # The last line is expected to be cut short by a crash mid-write; anything else is news.
-      last = i == len(lines) - 1
-      (logging.info if last else logging.warning)(
-          "Skipping unreadable line %d of %s: %.80r", i + 1, path, line)
-      continue
-    rows.append(row)
-    good.append(line + "\n")
-  return rows, "".join(good)
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """Reads WORKDIR/metrics.jsonl.
-
-  Args:
-    workdir: the run's working directory.
-
-  Returns:
-    One dict per logged step, in file order: {"step": int, name: float or None (non-finite)}.
-    Unreadable lines (a last line truncated by a crash) are skipped. [] if there is no file.
-  """
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    rows, _ = _parse_lines(f.read(), path)
-  return rows
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -151,7 +102,7 @@ class MetricWriter:
       return
     with open(path, encoding="utf-8") as f:
       text = f.read()
-    rows, good = _parse_lines(text, path)
+    rows, good = parse_lines(text, path)
     if resume_step is not None:
       keep = [row for row in rows if row["step"] <= resume_step]
       if len(keep) < len(rows):

@@ -230,23 +230,18 @@ class DiscretizedMixLogistic(Likelihood):
     # The component choice is not tempered: temperature only scales the logistic noise.
     component = jax.random.categorical(component_rng, logits, axis=-1)
     noise = temperature * jax.random.logistic(noise_rng, logits.shape[:-1] + (3,), jnp.float32)
-    return self._chain(
-      self._select(means, component),
-      self._select(log_scales, component),
-      self._select(coeffs, component),
-      noise,
-    )
+    return self._chain_component(means, log_scales, coeffs, component, noise)
 
   def mode(self, params):
     logits, means, log_scales, coeffs = self._split(params)
     component = jnp.argmax(logits, axis=-1)
     zeros = jnp.zeros(logits.shape[:-1] + (3,), jnp.float32)
-    return self._chain(
-      self._select(means, component),
-      self._select(log_scales, component),
-      self._select(coeffs, component),
-      zeros,
-    )
+    return self._chain_component(means, log_scales, coeffs, component, zeros)
+
+  def _chain_component(self, means, log_scales, coeffs, component, noise):
+    """`_chain` on the parameters of the chosen mixture component of every pixel."""
+    pick = lambda x: self._select(x, component)  # noqa: E731
+    return self._chain(pick(means), pick(log_scales), pick(coeffs), noise)
 
   def mean(self, params):
     logits, means, _, coeffs = self._split(params)

@@ -32,6 +32,7 @@ from absl import logging
 
 from hvae import api, data, evaluation, images, objective, quality
 from hvae.data import masks as masks_lib
+from hvae.train import latent_dims
 from hvae.writers import MetricWriter
 
 RANK_SAMPLES = 8  # K of the IW bound that scores each fill-in for reranking (at most eval K)
@@ -53,14 +54,13 @@ def parse_temperature(text: str | float | Sequence[float]) -> float | tuple[floa
   return values[0] if len(values) == 1 else values
 
 
-def _summarize(rows: dict[str, np.ndarray], prefix: str, num_levels: int) -> dict[str, float]:
-  """Dataset figures: bits/dim as sum(nats) / (sum(D) ln 2), everything else a mean."""
+def _summarize(rows: dict[str, np.ndarray], prefix: str, dims: tuple[int, ...]) -> dict[str, float]:
+  """Dataset figures: the ELBO part exactly as during training (`evaluation.summarize`), plus
+  the IW bound (bits/dim as sum(nats) / (sum(D) ln 2)) and the sample-quality means."""
+  m = evaluation.summarize({k: rows[k] for k in ("recon", "kl", "num_dims")}, dims)
   to_bpd = 1.0 / (rows["num_dims"].sum() * objective.LN2)
-  m = {"bpd": rows["nelbo"].sum() * to_bpd, "recon_bpd": rows["recon"].sum() * to_bpd,
-       "iw_bpd": -rows["iw_log_px"].sum() * to_bpd, "iw_ess": rows["iw_ess"].mean()}
-  for l in range(num_levels):
-    m[f"kl/level_{l + 1}"] = rows["kl"][:, l].mean()
-    m[f"kl_bpd/level_{l + 1}"] = rows["kl"][:, l].sum() * to_bpd
+  m["iw_bpd"] = -rows["iw_log_px"].sum() * to_bpd
+  m["iw_ess"] = rows["iw_ess"].mean()
   for name in ("psnr_best", "psnr_mean", "psnr_rank", "psnr_of_mean", "ssim", "ssim_best", "l1",
                "l1_best", "diversity", "seam"):
     m[name] = rows[name].mean()
@@ -136,7 +136,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       grid = _grid(fills, scores, image, mask_b, min(int(e.num_grid_examples), int(keep.sum())))
     logging.info("eval: batch %d/%d done (%.1fs)", i + 1, len(batches), time.perf_counter() - t0)
   rows = {name: np.concatenate(v) for name, v in rows.items()}
-  metrics = _summarize(rows, prefix, rows["kl"].shape[1])
+  metrics = _summarize(rows, prefix, latent_dims(model.model.config))
 
   results = {
       "workdir": os.path.abspath(workdir), "checkpoint": str(checkpoint),
