@@ -11,6 +11,7 @@ same workdir resumes. Modes other than train may omit --config and read WORKDIR/
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -86,6 +87,19 @@ class _QuietLibraries:
 
 
 def main(argv):
+  """Runs the mode; a user's mistake (bad config, sweep index, missing data) is one line, exit 2."""
+  from hvae.config import ConfigError
+  from hvae.data.source import DataUnavailableError
+  from hvae.sweep import SweepError
+
+  try:
+    _main(argv)
+  except (ConfigError, SweepError, DataUnavailableError) as e:
+    print(f"launch.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())

@@ -142,11 +142,14 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tmp_path):
      "loss.kl_weight"),
     (["--config=experiments/no_such_file.py"], "no_such_file"),
     (["--config=experiments/tiny.py", "--config.model.num_levels=9"], "model.num_levels"),
+    (["--config=experiments/tiny.py", "--sweep_index=2"],
+     "--sweep_index=2 is out of range: this sweep has 2 points"),
 ])
 def test_bad_command_lines_fail_with_a_clear_message(tmp_path, args, message):
   proc = _launch(*args, f"--workdir={tmp_path / 'w'}", "--jax_cache=", timeout=120)
   assert proc.returncode != 0
   assert message in proc.stderr
+  assert "Traceback" not in proc.stderr  # a user's mistake is a message, not a stack trace
   assert not (tmp_path / "w" / "checkpoints").exists()  # failed before any training state
 
 
