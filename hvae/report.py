@@ -228,6 +228,51 @@ def _level_rows(run: Run, verdicts: dict[int, verdict.LevelVerdict]) -> tuple[li
   return header, rows
 
 
+def gap_decomposition(run: Run) -> list[tuple[str, float, float, float]] | None:
+  """Where the held-out gap is: [(part, eval, eval_train, gap)] in bits per missing dim.
+
+  Since bpd = recon_bpd + Σ_l kl_bpd/level_l on each split (DESIGN §7), gap/bpd splits exactly
+  into the likelihood's gap (`recon`) and each level's KL gap. None when a needed metric of the
+  last evaluation is missing or non-finite.
+  """
+  step, _ = run.last("eval/bpd")
+  row = next((r for r in reversed(run.rows) if r["step"] == step and "eval_train/bpd" in r), None)
+  if row is None:
+    return None
+  parts = [("recon", "recon_bpd")] + [(f"level {l}", f"kl_bpd/level_{l}")
+                                      for l in range(1, run.num_levels + 1)]
+  out = []
+  for label, name in parts:
+    held, train = row.get(f"eval/{name}"), row.get(f"eval_train/{name}")
+    if not (_finite(held) and _finite(train)):
+      return None
+    out.append((label, held, train, held - train))
+  return out
+
+
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _gap_lines(run: Run) -> list[str]:
+  parts = gap_decomposition(run)
+  if not parts or len(parts) < 2:
+    return []
+  total = sum(p[3] for p in parts)
+  rows = [[label, f"{held:.4f}", f"{train:.4f}", f"{gap:+.4f}",
+           f"{100 * gap / total:.1f} %" if total else "—"] for label, held, train, gap in parts]
+  rows.append(["total (`gap/bpd`)", f"{sum(p[1] for p in parts):.4f}",
+               f"{sum(p[2] for p in parts):.4f}", f"{total:+.4f}", "100 %" if total else "—"])
+  levels = sum(p[3] for p in parts[1:])
+  share = f"{100 * levels / total:.1f} %" if total else "—"
+  return (["## Where the held-out gap is (bits per missing dim)", ""]
+          + _table(["part", "eval", "eval_train", "gap", "share of gap"], rows)
+          + ["", f"The latent levels' KL account for {levels:+.4f} bits/dim ({share}) of the gap; "
+             "the rest is the likelihood's (`recon_bpd`: what the decoder fails to predict on "
+             "new images given the latents). A remedy on a level acts on that level's part "
+             "directly, and on the likelihood's only through what the level passes down.", ""])
+
+
 def _markdown(run: Run, plots: list[str], images: dict[str, str], s: verdict.Settings,
               verdicts: dict[int, verdict.LevelVerdict]) -> str:
   model = run.config.get("model", {})
@@ -243,6 +288,7 @@ def _markdown(run: Run, plots: list[str], images: dict[str, str], s: verdict.Set
   if run.has("eval/iw_bpd"):
     split_rows.append(["eval (importance-weighted)", _fmt(run, "eval/iw_bpd", 4), "—"])
   lines += _table(["split", "bpd", "recon_bpd"], split_rows) + [""]
+  lines += _gap_lines(run)
   if run.num_levels:
     lines += ["## Per level (held-out `eval/` unless named; KL in nats per image)", ""]
     lines += _table(*_level_rows(run, verdicts)) + [""]

@@ -144,6 +144,30 @@ def test_report_writes_plots_latest_images_and_markdown(tmp_path):
   assert "![step_600.png](images/step_600.png)" in md
 
 
+def test_report_splits_the_held_out_gap_into_likelihood_and_levels(tmp_path):
+  # bpd = recon_bpd + sum of kl_bpd on each split, as the training loop logs them.
+  kl = {"eval": (0.1, 0.3, 0.1), "eval_train": (0.05, 0.3, 0.05)}
+  recon = {"eval": 5.0, "eval_train": 4.6}
+  row = {"step": 100, "gap/bpd": 0.5}
+  for split in ("eval", "eval_train"):
+    row.update({f"{split}/bpd": recon[split] + sum(kl[split]),
+                f"{split}/recon_bpd": recon[split]})
+    row.update({f"{split}/kl_bpd/level_{l}": kl[split][l - 1] for l in range(1, L + 1)})
+  run = report.load_run(str(_write_workdir(tmp_path / "run", [row], pngs=())))
+  parts = report.gap_decomposition(run)
+  assert [p[0] for p in parts] == ["recon", "level 1", "level 2", "level 3"]
+  np.testing.assert_allclose([p[3] for p in parts], [0.4, 0.05, 0.0, 0.05], atol=1e-12)
+  np.testing.assert_allclose(sum(p[3] for p in parts), row["eval/bpd"] - row["eval_train/bpd"])
+  md = (pathlib.Path(report.write_report(run.workdir)) / "report.md").read_text()
+  assert "| recon | 5.0000 | 4.6000 | +0.4000 | 80.0 % |" in md
+  assert "account for +0.1000 bits/dim (20.0 %) of the gap" in md
+  del row["eval_train/kl_bpd/level_2"]  # a part missing: no decomposition, no section
+  run = report.load_run(str(_write_workdir(tmp_path / "partial", [row], pngs=())))
+  assert report.gap_decomposition(run) is None
+  assert "Where the held-out gap is" not in (
+      pathlib.Path(report.write_report(run.workdir)) / "report.md").read_text()
+
+
 def test_report_reads_a_run_in_progress_with_a_cut_short_last_line(tmp_path):
   workdir = _write_workdir(tmp_path / "run", _hvae_rows(), done=False, pngs=())
   with open(workdir / "metrics.jsonl", "a") as f:
