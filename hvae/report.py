@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,7 +142,7 @@ def _plot(path: str, title: str, ylabel: str, panels: Sequence[tuple[str, list]]
   rows = math.ceil(len(panels) / cols)
   fig = Figure(figsize=(4.5 * cols, 3.2 * rows + 0.4), layout="constrained")
   axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
-  fig.suptitle(title)
+  fig.suptitle(textwrap.fill(title, width=int(11 * 4.5 * cols)))  # ~11 characters per inch
   drawn = False
   for ax, (panel_title, curves) in zip(axes, panels):
     for run, name, label, style in curves:
