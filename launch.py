@@ -88,15 +88,17 @@ class _QuietLibraries:
 
 def main(argv):
   """Runs the mode; a user's mistake (bad config, sweep index, missing data) is one line, exit 2."""
-  from hvae.config import ConfigError
-  from hvae.data.source import DataUnavailableError
-  from hvae.sweep import SweepError
+  from hvae import errors  # imports nothing: --mode=report stays free of JAX
 
   try:
     _main(argv)
-  except (ConfigError, SweepError, DataUnavailableError) as e:
+  except errors.USER_ERRORS as e:
+    logging.debug("user error", exc_info=True)  # the traceback, for --verbosity=1
     print(f"launch.py: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except errors.SweepPointsFailed as e:
+    print(f"launch.py: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _main(argv):
@@ -153,5 +155,39 @@ def _main(argv):
     raise app.UsageError(f"--mode={_MODE.value} is not implemented yet (see the open issues)")
 
 
+def _innermost_message(e: BaseException) -> str:
+  """The first line-joined message down an exception's cause chain (KeyError's repr unwrapped)."""
+  while e.__cause__ is not None or (e.args and isinstance(e.args[0], BaseException)):
+    e = e.__cause__ if e.__cause__ is not None else e.args[0]
+  text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+  return " ".join(text.replace("\\n", "\n").split())
+
+
+def _flag_message(e: Exception) -> str:
+  """absl's message; a traceback that ml_collections pastes into it is cut to its last line."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    return f"{lines[0]} {lines[-1]}"
+  return " ".join(lines)
+
+
+def _parse_flags(argv):
+  """absl's parser, with a bad --config file, argument or override as one line (exit 1).
+
+  The config file is loaded here, not at first use, so its errors come before anything runs.
+  """
+  try:
+    args = flags.FLAGS(argv)
+    if flags.FLAGS["config"].present:
+      _CONFIG.value.keys()  # a file that failed to load raises here (ml_collections defers it)
+    return args
+  except flags.Error as e:
+    print(f"launch.py: error: {_flag_message(e)}\n"
+          "Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+  except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    print(f"launch.py: error: --config: {_innermost_message(e)}", file=sys.stderr)
+  sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

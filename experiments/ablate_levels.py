@@ -33,9 +33,13 @@ CPU_LEVELS = (1, 3)
 BASELINE_LEVELS = 3  # the deterministic model uses the quickstart's L
 
 
-def get_config(arg: str | None = None):
+def _check(arg: str | None) -> None:
   if arg not in (None, "", "cpu"):
     raise ValueError(f"experiments/ablate_levels.py: unknown argument {arg!r} (use 'cpu')")
+
+
+def get_config(arg: str | None = None):
+  _check(arg)
   c = quickstart.get_config()
   c.model.num_levels = BASELINE_LEVELS
   if arg == "cpu":
@@ -54,6 +58,7 @@ def get_config(arg: str | None = None):
 
 def sweep(arg: str | None = None) -> list[dict]:
   """The points (docs/sweeps.md): dotted config key -> value, one dict per run."""
+  _check(arg)
   cpu = arg == "cpu"
   seeds = (0, 1) if cpu else (0, 1, 2)
   points = []

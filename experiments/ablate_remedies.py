@@ -53,10 +53,14 @@ REMEDIES = {
 CPU_REMEDY = {"cpu": "sigma_floor", "cpu_dropout": "dropout"}  # the pair each :cpu* variant runs
 
 
-def get_config(arg: str | None = None):
+def _check(arg: str | None) -> None:
   if arg not in (None, "", *CPU_REMEDY):
     raise ValueError(f"experiments/ablate_remedies.py: unknown argument {arg!r} "
                      f"(use one of {', '.join(CPU_REMEDY)})")
+
+
+def get_config(arg: str | None = None):
+  _check(arg)
   c = quickstart.get_config()
   c.model.num_levels = NUM_LEVELS
   if arg in CPU_REMEDY:
@@ -78,6 +82,7 @@ def _on_levels(value: float, elsewhere: float) -> tuple[float, ...]:
 
 def sweep(arg: str | None = None) -> list[dict]:
   """The points (docs/sweeps.md): dotted config key -> value, one dict per run."""
+  _check(arg)
   names = [CPU_REMEDY[arg]] if arg in CPU_REMEDY else list(REMEDIES)
   remedies = [{}]
   for name in names:

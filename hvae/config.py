@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from hvae.errors import ConfigError  # noqa: F401 (re-exported: hvae.config.ConfigError)
+
 MAX_LEVELS = 6  # level l is at 64 / 2^l; at L = 6 the top features are 1x1
 IMAGE_SIZE = 64
 
@@ -19,10 +21,6 @@ KINDS = ("hvae", "deterministic")
 POSTERIORS = ("bottom_up", "top_down")
 TOP_PRIORS = ("conditional", "standard_normal")
 LIKELIHOODS = ("dmol", "discretized_gaussian", "gaussian")
-
-
-class ConfigError(ValueError):
-  """A config field has a bad value; the message starts with the field's dotted name."""
 
 
 def per_level(field: str, value: Any, num_levels: int, cast=float) -> tuple:

@@ -92,12 +92,20 @@ def validate(config) -> tuple[ModelConfig, LossConfig]:
   return model_cfg, loss_cfg
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
   try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          timeout=5, cwd=os.path.dirname(__file__)).stdout.strip() or None
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                          cwd=os.path.dirname(__file__))
   except (OSError, subprocess.SubprocessError):
     return None
+  return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _git_commit() -> tuple[str | None, bool | None]:
+  """(HEAD, whether tracked files differ from it): a run from an uncommitted tree says so."""
+  commit = _git("rev-parse", "HEAD") or None
+  status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+  return commit, (bool(status) if status is not None else None)
 
 
 def _write_run_info(workdir: str) -> None:
@@ -107,7 +115,9 @@ def _write_run_info(workdir: str) -> None:
       versions[p] = metadata.version(p)
     except metadata.PackageNotFoundError:
       versions[p] = None
-  info = {"command": sys.argv, "git_commit": _git_commit(), "python": platform.python_version(),
+  commit, dirty = _git_commit()
+  info = {"command": sys.argv, "git_commit": commit, "git_dirty": dirty,
+          "python": platform.python_version(),
           "packages": versions, "devices": [str(d) for d in jax.devices()],
           "process_count": jax.process_count(),
           "start_time": datetime.datetime.now(datetime.UTC).isoformat()}
@@ -130,6 +140,7 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
 def train_and_evaluate(config, workdir: str) -> None:
   """Trains (or resumes) the run in `workdir` to `config.train.num_steps`."""
   model_cfg, _ = validate(config)
+  train_iter = data.create_train_iterator(config)  # missing data fails here, before any state
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     configs.save_config(config, os.path.join(workdir, "config.json"))
@@ -142,7 +153,6 @@ def train_and_evaluate(config, workdir: str) -> None:
   init_rng, train_rng, eval_rng, grid_rng = jax.random.split(rng, 4)
   state = replicate(create_train_state(model, tx, init_rng), mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-  train_iter = data.create_train_iterator(config)
   start = 0
   if ckpt.latest_step() is not None:
     state, data_state, start = ckpt.restore(state)

@@ -233,11 +233,10 @@ def gap_decomposition(run: Run) -> list[tuple[str, float, float, float]] | None:
   """Where the held-out gap is: [(part, eval, eval_train, gap)] in bits per missing dim.
 
   Since bpd = recon_bpd + Σ_l kl_bpd/level_l on each split (DESIGN §7), gap/bpd splits exactly
-  into the likelihood's gap (`recon`) and each level's KL gap. None when a needed metric of the
-  last evaluation is missing or non-finite.
+  into the likelihood's gap (`recon`) and each level's KL gap. Uses the newest evaluation row
+  that logged both splits; None when there is none, or a part of it is missing or non-finite.
   """
-  step, _ = run.last("eval/bpd")
-  row = next((r for r in reversed(run.rows) if r["step"] == step and "eval_train/bpd" in r), None)
+  row = next((r for r in reversed(run.rows) if "eval/bpd" in r and "eval_train/bpd" in r), None)
   if row is None:
     return None
   parts = [("recon", "recon_bpd")] + [(f"level {l}", f"kl_bpd/level_{l}")
@@ -256,22 +255,31 @@ def _finite(v) -> bool:
 
 
 def _gap_lines(run: Run) -> list[str]:
+  """The gap decomposition as markdown; shares only when the gap is positive."""
   parts = gap_decomposition(run)
   if not parts or len(parts) < 2:
     return []
   total = sum(p[3] for p in parts)
-  rows = [[label, f"{held:.4f}", f"{train:.4f}", f"{gap:+.4f}",
-           f"{100 * gap / total:.1f} %" if total else "—"] for label, held, train, gap in parts]
-  rows.append(["total (`gap/bpd`)", f"{sum(p[1] for p in parts):.4f}",
-               f"{sum(p[2] for p in parts):.4f}", f"{total:+.4f}", "100 %" if total else "—"])
+  share = lambda x: f"{100 * x / total:.1f} %" if total > 0 else "—"  # noqa: E731
+  rows = [[label, f"{held:.4f}", f"{train:.4f}", f"{gap:+.4f}", share(gap)]
+          for label, held, train, gap in parts]
+  held, train = sum(p[1] for p in parts), sum(p[2] for p in parts)
+  rows.append(["sum of the parts", f"{held:.4f}", f"{train:.4f}", f"{total:+.4f}", share(total)])
+  row = next(r for r in reversed(run.rows) if "eval/bpd" in r and "eval_train/bpd" in r)
+  logged = (row["eval/bpd"], row["eval_train/bpd"])
+  rows.append(["logged `bpd`", *(f"{v:.4f}" if _finite(v) else "n/a" for v in logged),
+               f"{logged[0] - logged[1]:+.4f}" if all(map(_finite, logged)) else "n/a", ""])
+  lines = (["## Where the held-out gap is (bits per missing dim)", ""]
+           + _table(["part", "eval", "eval_train", "gap", "share of gap"], rows) + [""])
+  if not all(map(_finite, logged)) or max(abs(held - logged[0]), abs(train - logged[1])) > 1e-4:
+    lines += ["**The parts do not add up to the logged bpd** (bpd = recon_bpd + Σ kl_bpd is "
+              "broken in this run's metrics): read the shares with care.", ""]
   levels = sum(p[3] for p in parts[1:])
-  share = f"{100 * levels / total:.1f} %" if total else "—"
-  return (["## Where the held-out gap is (bits per missing dim)", ""]
-          + _table(["part", "eval", "eval_train", "gap", "share of gap"], rows)
-          + ["", f"The latent levels' KL account for {levels:+.4f} bits/dim ({share}) of the gap; "
-             "the rest is the likelihood's (`recon_bpd`: what the decoder fails to predict on "
-             "new images given the latents). A remedy on a level acts on that level's part "
-             "directly, and on the likelihood's only through what the level passes down.", ""])
+  lines += [f"The latent levels' KL account for {levels:+.4f} bits/dim ({share(levels)}) of the "
+            "gap; the rest is the likelihood's (`recon_bpd`: what the decoder fails to predict on "
+            "new images given the latents). A remedy on a level acts on that level's part "
+            "directly, and on the likelihood's only through what the level passes down.", ""]
+  return lines
 
 
 def _markdown(run: Run, plots: list[str], images: dict[str, str], s: verdict.Settings,

@@ -38,6 +38,7 @@ import ml_collections
 from absl import logging
 
 from hvae.config import ConfigError, LossConfig, ModelConfig
+from hvae.errors import SweepError, SweepPointsFailed
 
 MANIFEST = "sweep.json"
 FLOPS_FILE = "flops.json"
@@ -60,10 +61,6 @@ ALIASES = {
     "data.train_mask": "mask", "seed": "seed",
 }
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,+-]")
-
-
-class SweepError(ValueError):
-  """A sweep cannot be expanded or run as asked (bad index, clashing names, failed points)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,7 +400,8 @@ def main(experiment: str, config: ml_collections.ConfigDict, workdir: str, *,
     The dry run's text (None when points were run).
 
   Raises:
-    SweepError: a bad index; points that failed (the others still ran).
+    SweepError: a bad index.
+    SweepPointsFailed: points that failed while training (the others still ran).
     ConfigError: a point's overrides do not fit the config (checked for every chosen point
       before anything runs).
   """
@@ -446,7 +444,8 @@ def main(experiment: str, config: ml_collections.ConfigDict, workdir: str, *,
                       p.index, p.name)
       return None
   if failed:
-    raise SweepError("sweep points failed: " + ", ".join(f"{p.index} ({p.name})" for p in failed)
-                     + f"; see their {FAILED_FILE} files")
+    raise SweepPointsFailed("sweep points failed: "
+                            + ", ".join(f"{p.index} ({p.name})" for p in failed)
+                            + f"; see their {FAILED_FILE} files")
   logging.info("Sweep done: %s (python launch.py --mode=report --workdir=%s)", workdir, workdir)
   return None

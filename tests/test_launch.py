@@ -50,7 +50,7 @@ def test_end_to_end_writes_every_file_of_the_contract(tiny_workdir):
       assert f"{prefix}step_{step}.png" in pngs
   assert {p.name for p in (w / "checkpoints").iterdir()} >= {"3", "6"}
   info = json.loads((w / "run_info.json").read_text())
-  assert {"command", "git_commit", "packages", "devices", "start_time"} <= set(info)
+  assert {"command", "git_commit", "git_dirty", "packages", "devices", "start_time"} <= set(info)
 
 
 def test_config_json_loads_back_to_the_same_config(tiny_workdir):
@@ -136,18 +136,22 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tmp_path):
   assert (workdir / "DONE").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config=experiments/tiny.py", "--config.model.widht=3"], "widht"),
+@pytest.mark.parametrize("args,message,code", [
+    # flag parsing (absl) exits 1; hvae's own user errors (hvae/errors.py) exit 2
+    (["--config=experiments/tiny.py", "--config.model.widht=3"], "widht", 1),
     (["--config=experiments/tiny.py", "--config.loss.kl_weight=(1.0,2.0,3.0)"],
-     "loss.kl_weight"),
-    (["--config=experiments/no_such_file.py"], "no_such_file"),
-    (["--config=experiments/tiny.py", "--config.model.num_levels=9"], "model.num_levels"),
+     "launch.py: error: loss.kl_weight", 2),
+    (["--config=experiments/no_such_file.py"], "no_such_file", 1),
+    (["--config=experiments/tiny.py", "--config.model.num_levels=9"],
+     "launch.py: error: model.num_levels", 2),
     (["--config=experiments/tiny.py", "--sweep_index=2"],
-     "--sweep_index=2 is out of range: this sweep has 2 points"),
+     "launch.py: error: --sweep_index=2 is out of range: this sweep has 2 points", 2),
+    (["--config=experiments/tiny.py", "--config.data.source=folder",
+      "--config.data.path=/no/such/folder"], "launch.py: error:", 2),
 ])
-def test_bad_command_lines_fail_with_a_clear_message(tmp_path, args, message):
+def test_bad_command_lines_fail_with_a_clear_message(tmp_path, args, message, code):
   proc = _launch(*args, f"--workdir={tmp_path / 'w'}", "--jax_cache=", timeout=120)
-  assert proc.returncode != 0
+  assert proc.returncode == code, proc.stderr[-2000:]
   assert message in proc.stderr
   assert "Traceback" not in proc.stderr  # a user's mistake is a message, not a stack trace
   assert not (tmp_path / "w" / "checkpoints").exists()  # failed before any training state

@@ -161,6 +161,15 @@ def test_report_splits_the_held_out_gap_into_likelihood_and_levels(tmp_path):
   md = (pathlib.Path(report.write_report(run.workdir)) / "report.md").read_text()
   assert "| recon | 5.0000 | 4.6000 | +0.4000 | 80.0 % |" in md
   assert "account for +0.1000 bits/dim (20.0 %) of the gap" in md
+  assert "| logged `bpd` | 5.5000 | 5.0000 | +0.5000 |  |" in md and "do not add up" not in md
+  broken = dict(row, **{"eval/bpd": 5.7})  # a run whose parts miss 0.2 of the logged bpd
+  run = report.load_run(str(_write_workdir(tmp_path / "broken", [broken], pngs=())))
+  assert "The parts do not add up" in (
+      pathlib.Path(report.write_report(run.workdir)) / "report.md").read_text()
+  better = dict(row, **{"eval_train/recon_bpd": 5.4, "eval_train/bpd": 5.8})  # negative gap
+  run = report.load_run(str(_write_workdir(tmp_path / "negative", [better], pngs=())))
+  md = (pathlib.Path(report.write_report(run.workdir)) / "report.md").read_text()
+  assert "| recon | 5.0000 | 5.4000 | -0.4000 | — |" in md  # no shares of a negative gap
   del row["eval_train/kl_bpd/level_2"]  # a part missing: no decomposition, no section
   run = report.load_run(str(_write_workdir(tmp_path / "partial", [row], pngs=())))
   assert report.gap_decomposition(run) is None
@@ -221,6 +230,20 @@ def test_report_imports_neither_jax_nor_tensorflow():
                  "print(sorted({'jax', 'tensorflow', 'clu'} & set(sys.modules)))")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == "[]"
+
+
+def test_launch_report_mode_imports_neither_jax_nor_grain(tmp_path):
+  workdir = _write_workdir(tmp_path / "run", _hvae_rows(), pngs=())
+  code = ("import runpy, sys\n"
+          f"sys.argv = ['launch.py', '--mode=report', '--workdir={workdir}']\n"
+          "try:\n  runpy.run_path('launch.py', run_name='__main__')\n"
+          "except SystemExit as e:\n  assert not e.code, e.code\n"
+          "print(sorted(m for m in ('jax', 'grain', 'tensorflow') if m in sys.modules))\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
+  assert (workdir / "report" / "report.md").exists()
 
 
 def test_launch_report_mode_on_two_workdirs(tmp_path):

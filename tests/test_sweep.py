@@ -80,6 +80,17 @@ def test_ablate_levels_cpu_points_are_pinned():
   assert names[3:] == [n.replace("seed0", "seed1") for n in names[:3]]
 
 
+def test_ablate_remedies_cpu_points_are_pinned():
+  """docs/overfitting.md and docs/results.md name these directories."""
+  for arg, remedy in (("cpu", "sigfloor"), ("cpu_dropout", "drop")):
+    names = [p.name for p in sweep.load_points(str(ROOT / f"experiments/ablate_remedies.py:{arg}"))]
+    value = "0.1" if remedy == "sigfloor" else "0.3"
+    assert names[:3] == ["baseline_seed0", f"{remedy}0,0,{value}_seed0", f"{remedy}{value}_seed0"]
+    assert names[3:] == [n.replace("seed0", "seed1") for n in names[:3]]
+  with pytest.raises(ValueError, match="unknown argument 'cpu_dropuot'"):
+    sweep.load_points(str(ROOT / "experiments/ablate_remedies.py:cpu_dropuot"))
+
+
 def test_overrides_are_applied_to_a_copy_and_bad_keys_are_errors():
   base = load_experiment("tiny")
   base.lock()

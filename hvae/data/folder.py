@@ -41,6 +41,7 @@ from absl import logging
 
 from hvae.data import images
 from hvae.data import source as source_lib
+from hvae.errors import ConfigError
 
 EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 SMALL_IMAGE_POLICIES = ("upscale", "skip")
@@ -108,7 +109,7 @@ def scan(path: str) -> tuple[list[tuple[str, int, int]], list[str]]:
 def _settings(config) -> dict:
   small = config.data.small_images
   if small not in SMALL_IMAGE_POLICIES:
-    raise ValueError(
+    raise ConfigError(
       f"data.small_images: {small!r} is not one of {', '.join(SMALL_IMAGE_POLICIES)}"
     )
   return {
@@ -210,17 +211,17 @@ def prepare(config) -> Prepared:
     The prepared dataset's directory and the report of skipped and ignored files.
 
   Raises:
-    ValueError: no folder given, or a bad `small_images` value.
-    FileNotFoundError: the folder does not exist.
+    ConfigError: no folder given, or a bad `small_images` value.
+    source_lib.DataUnavailableError: the folder does not exist.
     source_lib.DataUnavailableError: not a single image in the folder could be used.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
   if not config.data.path:
-    raise ValueError("data.source='folder' needs data.path, the folder of images")
+    raise ConfigError("data.path: data.source='folder' needs data.path, the folder of images")
   path = os.path.abspath(os.path.expanduser(config.data.path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"data.path: {path} is not a directory")
+    raise source_lib.DataUnavailableError(f"data.path: {path} is not a directory")
   settings = _settings(config)
   entries, ignored = scan(path)
   fp = fingerprint(path, entries, settings)

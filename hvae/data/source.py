@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from hvae.errors import DataUnavailableError  # noqa: F401 (re-exported)
+
 SPLITS = ("train", "validation", "test")
-
-
-class DataUnavailableError(RuntimeError):
-  """The data a source needs is not on this machine; the message says how to get it."""
 
 
 @dataclasses.dataclass(frozen=True)
