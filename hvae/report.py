@@ -236,7 +236,7 @@ def gap_decomposition(run: Run) -> list[tuple[str, float, float, float]] | None:
   into the likelihood's gap (`recon`) and each level's KL gap. Uses the newest evaluation row
   that logged both splits; None when there is none, or a part of it is missing or non-finite.
   """
-  row = next((r for r in reversed(run.rows) if "eval/bpd" in r and "eval_train/bpd" in r), None)
+  row = _last_two_split_row(run)
   if row is None:
     return None
   parts = [("recon", "recon_bpd")] + [(f"level {l}", f"kl_bpd/level_{l}")
@@ -244,14 +244,20 @@ def gap_decomposition(run: Run) -> list[tuple[str, float, float, float]] | None:
   out = []
   for label, name in parts:
     held, train = row.get(f"eval/{name}"), row.get(f"eval_train/{name}")
-    if not (_finite(held) and _finite(train)):
+    if not (finite(held) and finite(train)):
       return None
     out.append((label, held, train, held - train))
   return out
 
 
-def _finite(v) -> bool:
-  return isinstance(v, (int, float)) and math.isfinite(v)
+def _last_two_split_row(run: Run) -> dict | None:
+  """The newest metrics row holding both `eval/bpd` and `eval_train/bpd`."""
+  return next((r for r in reversed(run.rows) if "eval/bpd" in r and "eval_train/bpd" in r), None)
+
+
+def finite(v) -> bool:
+  """A logged number that is not NaN or inf (`null` in metrics.jsonl reads as None)."""
+  return isinstance(v, int | float) and math.isfinite(v)
 
 
 def _gap_lines(run: Run) -> list[str]:
@@ -265,13 +271,13 @@ def _gap_lines(run: Run) -> list[str]:
           for label, held, train, gap in parts]
   held, train = sum(p[1] for p in parts), sum(p[2] for p in parts)
   rows.append(["sum of the parts", f"{held:.4f}", f"{train:.4f}", f"{total:+.4f}", share(total)])
-  row = next(r for r in reversed(run.rows) if "eval/bpd" in r and "eval_train/bpd" in r)
+  row = _last_two_split_row(run)
   logged = (row["eval/bpd"], row["eval_train/bpd"])
-  rows.append(["logged `bpd`", *(f"{v:.4f}" if _finite(v) else "n/a" for v in logged),
-               f"{logged[0] - logged[1]:+.4f}" if all(map(_finite, logged)) else "n/a", ""])
+  rows.append(["logged `bpd`", *(f"{v:.4f}" if finite(v) else "n/a" for v in logged),
+               f"{logged[0] - logged[1]:+.4f}" if all(map(finite, logged)) else "n/a", ""])
   lines = (["## Where the held-out gap is (bits per missing dim)", ""]
            + _table(["part", "eval", "eval_train", "gap", "share of gap"], rows) + [""])
-  if not all(map(_finite, logged)) or max(abs(held - logged[0]), abs(train - logged[1])) > 1e-4:
+  if not all(map(finite, logged)) or max(abs(held - logged[0]), abs(train - logged[1])) > 1e-4:
     lines += ["**The parts do not add up to the logged bpd** (bpd = recon_bpd + Σ kl_bpd is "
               "broken in this run's metrics): read the shares with care.", ""]
   levels = sum(p[3] for p in parts[1:])

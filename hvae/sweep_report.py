@@ -85,10 +85,6 @@ def _wall_time(run: report.Run) -> float | None:
   return total + values[-1]
 
 
-def _finite(v) -> bool:
-  return isinstance(v, int | float) and math.isfinite(v)
-
-
 def point_figures(workdir: str, point: dict) -> dict[str, Any]:
   """Everything the tables show about one point, as numbers (None where unknown)."""
   d = os.path.join(workdir, point["name"])
@@ -127,14 +123,14 @@ def point_figures(workdir: str, point: dict) -> dict[str, Any]:
 
 def _stats(values: Sequence) -> tuple[float | None, float | None, int]:
   """Mean, sample standard deviation (None for n < 2) and n of the finite values."""
-  v = [x for x in values if _finite(x)]
+  v = [x for x in values if report.finite(x)]
   if not v:
     return None, None, 0
   return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None), len(v)
 
 
 def _num(v, digits: int = 4) -> str:
-  if not _finite(v):
+  if not report.finite(v):
     return "—"
   return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"
 
@@ -200,7 +196,7 @@ def _markdown(workdir: str, experiment: str, figures: list[dict], levels: range,
     for f in fs:
       for l in f["overfit_levels"]:
         flagged[l] = flagged.get(l, 0) + 1
-    n = sum(_finite(f["eval/bpd"]) for f in fs)  # points with an evaluation so far
+    n = sum(report.finite(f["eval/bpd"]) for f in fs)  # points with an evaluation so far
     rows.append(
         [g, _overrides_text(fs[0]["overrides"], drop_seed=True),
          str(n) if n == len(fs) else f"{n} of {len(fs)}", seeds]
@@ -256,7 +252,7 @@ def _dot_plot(path: str, figures: list[dict]) -> str | None:
   groups = _groups(figures)
   metrics = [("eval/bpd", "final eval/bpd"), ("eval/bpd_best", "best eval/bpd"),
              ("eval/iw_bpd", "eval/iw_bpd")]
-  metrics = [m for m in metrics if any(_finite(f[m[0]]) for f in figures)]
+  metrics = [m for m in metrics if any(report.finite(f[m[0]]) for f in figures)]
   if not metrics:
     return None
   fig = Figure(figsize=(max(5.0, 0.9 * len(groups) + 2), 4.2), layout="constrained")
@@ -265,7 +261,7 @@ def _dot_plot(path: str, figures: list[dict]) -> str | None:
   for j, (m, label) in enumerate(metrics):
     for i, fs in enumerate(groups.values()):
       x = i - 0.4 + width * (j + 0.5)
-      values = [f[m] for f in fs if _finite(f[m])]
+      values = [f[m] for f in fs if report.finite(f[m])]
       mean, std, n = _stats(values)
       if not n:
         continue
