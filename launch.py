@@ -26,15 +26,25 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "eval/inpaint: best | la
 _SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test", "train"],
                            "eval: the split to evaluate (test only when asked for).")
 _MASK = flags.DEFINE_string(
-    "mask", None, "eval: centre | boxes | freeform (default data.eval_mask); inpaint: also "
-    "box:X,Y,W,H or a mask image (black = missing).")
-_INPUT = flags.DEFINE_string("input", None, "inpaint: an image file or a folder of images.")
-_OUTPUT = flags.DEFINE_string("output", None, "inpaint: output folder (default WORKDIR/inpaint).")
+    "mask", None, "eval: centre | boxes | freeform (default data.eval_mask); inpaint and eval "
+    "--input: also box:X,Y,W,H or a mask image (black = missing).")
+_INPUT = flags.DEFINE_string(
+    "input", None, "inpaint: an image file or a folder of images; eval: score these complete "
+    "images instead of the split.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "inpaint: output folder (default WORKDIR/inpaint); eval: default "
+    "WORKDIR/eval, or WORKDIR/eval/INPUT_NAME with --input.")
 _NUM_SAMPLES = flags.DEFINE_integer(
     "num_samples", None, "eval/inpaint: fill-ins per context (default eval.num_samples).")
 _TEMPERATURE = flags.DEFINE_string(
-    "temperature", "1.0", "eval/inpaint: latent temperature, one value or one per level.")
+    "temperature", None, "eval/inpaint: latent temperature, one value or one per level "
+    "(default eval.temperature, else hvae.sampling.DEFAULT_TEMPERATURE).")
 _RANK = flags.DEFINE_bool("rank", False, "inpaint: order fill-ins by the model's likelihood.")
+_FILL = flags.DEFINE_string(
+    "fill", "all", "inpaint: all, or a comma-separated subset of samples, mode, mean.")
+_BASELINES = flags.DEFINE_string(
+    "baselines", "biharmonic,ring_mean", "eval/inpaint: classical fill-ins to compare with "
+    "(biharmonic, ring_mean; the first is the paired reference), or none.")
 # Sweeps (docs/sweeps.md): the experiment file's sweep(arg), one point per subdirectory.
 _SWEEP = flags.DEFINE_bool("sweep", False, "train every point of the experiment's sweep(arg).")
 _SWEEP_INDEX = flags.DEFINE_integer(
@@ -134,6 +144,8 @@ def _main(argv):
       raise app.UsageError(f"--config is not given and {path} does not exist")
     config = configs.load_config(path)
 
+  if _MODE.value in ("eval", "inpaint"):
+    _check_fill_flags()
   if _MODE.value == "train":
     from hvae import loop
 
@@ -141,8 +153,11 @@ def _main(argv):
   elif _MODE.value == "eval":
     from hvae.modes import evaluate
 
+    if _INPUT.value and flags.FLAGS["split"].present:
+      raise app.UsageError("--split does not apply with --input (the images given are scored)")
     evaluate.run(workdir, config, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
-                 mask=_MASK.value, temperature=_TEMPERATURE.value, num_samples=_NUM_SAMPLES.value)
+                 mask=_MASK.value, temperature=_TEMPERATURE.value, num_samples=_NUM_SAMPLES.value,
+                 input_path=_INPUT.value, output=_OUTPUT.value, baseline_names=_BASELINES.value)
   elif _MODE.value == "inpaint":
     from hvae.modes import inpaint
 
@@ -150,9 +165,25 @@ def _main(argv):
       raise app.UsageError("--mode=inpaint needs --input=IMAGE_OR_FOLDER")
     inpaint.run(workdir, _INPUT.value, _OUTPUT.value or os.path.join(workdir, "inpaint"), config,
                 mask=_MASK.value, num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
-                temperature=_TEMPERATURE.value, rank=_RANK.value, checkpoint=_CHECKPOINT.value)
+                temperature=_TEMPERATURE.value, rank=_RANK.value, checkpoint=_CHECKPOINT.value,
+                fill=_FILL.value, baseline_names=_BASELINES.value)
   else:
     raise app.UsageError(f"--mode={_MODE.value} is not implemented yet (see the open issues)")
+
+
+def _check_fill_flags() -> None:
+  """A bad --baselines, --fill or --temperature is a usage error before anything is loaded."""
+  from hvae import baselines, sampling
+  from hvae.modes import inpaint
+
+  try:
+    baselines.parse(_BASELINES.value)
+    if _MODE.value == "inpaint":
+      inpaint.parse_fill(_FILL.value)
+    if _TEMPERATURE.value is not None:
+      sampling.parse_temperature(_TEMPERATURE.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def _innermost_message(e: BaseException) -> str:

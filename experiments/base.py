@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.source = "embedded"  # celeb_a | folder | embedded | synthetic (tests only)
   d.path = ""  # image folder for source=folder
-  d.data_dir = ""  # TFDS data_dir ("" = TFDS default, ~/tensorflow_datasets)
+  d.eval_path = ""  # folder source: held-out image folder (then every data.path image trains)
+  d.data_dir = ""  # TFDS data_dir ("" = ~/tensorflow_datasets; folders: ~/.cache/hvae/datasets)
   d.manual_dir = ""  # TFDS manual_dir holding the CelebA files when offline
   d.train_mask = "centre"  # centre | boxes | freeform (non-centre needs posterior_sees_mask)
   d.eval_mask = "centre"  # masks of evaluation passes; deterministic given seed and example index
@@ -39,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.celeb_a_crop = 140  # centre crop (px) of the aligned 178x218 CelebA images before resizing
   d.celeb_a_download = False  # let TFDS try the (Google Drive) CelebA download when not prepared
   d.small_images = "upscale"  # folder images under 64 px: upscale | skip
-  d.validation_fraction = 0.1  # folder source: fraction of files held out (by file-name hash)
+  d.validation_fraction = 0.1  # folder source: share held out by path (or split_by group) hash
+  d.split_by = ""  # folder source: regex, 1st group = a file's group, e.g. '(.+)_\d+$' (LFW)
   d.num_workers = 0  # grain worker processes (0 = in the main process)
 
   c.model = m = ml_collections.ConfigDict()
@@ -51,10 +53,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.posterior_sees_mask = False  # 1x1 projection of the mask added to h^q_0 (non-centre masks)
   m.latent_channels = (8,)  # channels of each 2-D latent (per level; the top uses top_latent_dim)
   m.top_latent_dim = 64  # size of the top (vector) latent z_L
-  m.width = 64  # channels of the trunk and of the decoder state at every resolution
+  m.width = 64  # channels of the trunk and the decoder state at 64x64 (and at every level by default)
+  m.level_widths = (0,)  # per level: channels at 64/2^l (0 = model.width); cheap capacity
   m.blocks_per_level = 2  # residual blocks per resolution, in the trunk and in the decoder
   m.likelihood = "dmol"  # dmol | discretized_gaussian | gaussian (continuous, dequantised)
   m.num_mixtures = 5  # logistic components per pixel for likelihood=dmol
+  m.likelihood_grad = "scaled"  # exact | scaled: likelihood means' gradients x their scale
+  # (values unchanged; keeps near-exact channels, e.g. G given R of grey images, from
+  # swamping the features: docs/results.md "Learning structure")
 
   c.loss = lo = ml_collections.ConfigDict()
   lo.kl_weight = (1.0,)  # beta_l: per-level KL weight in the loss (reports stay unweighted)
@@ -91,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.num_examples = 256  # examples of each evaluation pass (held-out and training split alike)
   e.num_samples = 4  # fill-in samples per context in image grids and sample metrics
   e.iw_samples = 64  # K of the importance-weighted bound in --mode=eval
+  e.temperature = ""  # fill-in tau (eval, inpaint, hvae.load): "0.8", "0.5,1"; "" = the default
   e.batch_size = 64  # evaluation batch size (global)
   e.num_grid_examples = 8  # fixed validation contexts shown in images/step_N.png
   e.num_swap_examples = 64  # examples of the posterior->prior swap (L + 1 forward passes each)

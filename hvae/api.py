@@ -3,12 +3,15 @@
   import hvae
   model = hvae.load("runs/quickstart")            # best checkpoint, EMA parameters
   fills = model.fill_in(images, masks, n=8, temperature=0.8)   # uint8 [8, B, 64, 64, 3]
+  mode = model.mode(images, masks)                # uint8 [B, 64, 64, 3], deterministic
+  mean = model.mean(images, masks, n=8)           # uint8 [B, 64, 64, 3], average of E[x | z]
   figures = model.evaluate(images, masks, k=64)   # IW bound, ELBO, ESS per example
 
 Images are uint8 (or floats in 0..255) [B, 64, 64, 3] or one [64, 64, 3]; masks are
 [B, 64, 64, 1], [B, 64, 64] or one [64, 64(, 1)] shared by the batch, 1 = given, 0 = missing.
 Every method is jitted once per shape (temperatures and keys are arguments, not constants), and
-large requests are split into chunks of at most `max_rows` forward-pass rows.
+large requests are split into chunks of at most `max_rows` forward-pass rows. `temperature=None`
+(the default) is the run's `eval.temperature`, or `hvae.sampling.DEFAULT_TEMPERATURE` when unset.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from hvae import configs, iw, objective, sampling
+from hvae import baselines, configs, iw, objective, sampling
 from hvae.checkpoint import Checkpointer
 from hvae.config import ModelConfig
 from hvae.model.ladder import HVAE
@@ -64,6 +67,24 @@ def _fill_fn(model: HVAE, num_samples: int):
   return jax.jit(fn)
 
 
+@functools.lru_cache(maxsize=16)
+def _expected_fn(model: HVAE, num_samples: int):
+  def fn(params, image, mask, rng, temperature):
+    return sampling.expected_fill_ins(model, params, image, mask, rng, num_samples=num_samples,
+                                      temperature=temperature)
+  return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=4)
+def _mode_fn(model: HVAE):
+  return jax.jit(functools.partial(sampling.mode_fill_in, model))
+
+
+def _to_uint8(fills: np.ndarray, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Exactly the input where given (the composite already is; rounding guards float inputs)."""
+  return np.clip(np.rint(np.where(mask > 0.5, image, fills)), 0, 255).astype(np.uint8)
+
+
 @functools.lru_cache(maxsize=4)
 def _elbo_fn(model: HVAE):
   def fn(params, image, mask, rng):
@@ -95,9 +116,12 @@ class Inpainter:
   ema: bool = True
   max_rows: int = iw.DEFAULT_MAX_ROWS
 
-  def temperatures(self, temperature: float | Sequence[float]) -> tuple[float, ...]:
-    """tau per level (a float broadcasts; a sequence must have one entry per level)."""
+  def temperatures(self, temperature: float | Sequence[float] | None) -> tuple[float, ...]:
+    """tau per level (a float broadcasts; a sequence must have one entry per level; None is the
+    run's eval.temperature, else `sampling.DEFAULT_TEMPERATURE`)."""
     L = self.model.config.num_levels
+    if temperature is None:
+      temperature = sampling.default_temperature(self.config)
     if isinstance(temperature, int | float):
       return (float(temperature),) * L
     temperature = tuple(float(t) for t in temperature)
@@ -107,7 +131,7 @@ class Inpainter:
       raise ValueError(f"temperature: {len(temperature)} values for {L} levels (level 1 first)")
     return temperature
 
-  def fill_in(self, images, masks, n: int = 4, temperature: float | Sequence[float] = 1.0,
+  def fill_in(self, images, masks, n: int = 4, temperature: float | Sequence[float] | None = None,
               seed: int | jax.Array = 0) -> np.ndarray:
     """Draws n fill-ins per context (latents from the conditional prior at temperature tau).
 
@@ -115,7 +139,8 @@ class Inpainter:
       images: [B, 64, 64, 3] (or one image); the missing pixels are never read.
       masks: [B, 64, 64, 1] or one mask for all, 1 = given.
       n: fill-ins per context.
-      temperature: tau, one for every level or one per level (level 1 = finest first).
+      temperature: tau, one for every level or one per level (level 1 = finest first); None =
+        the run's eval.temperature or `sampling.DEFAULT_TEMPERATURE`.
       seed: an int or a PRNG key.
 
     Returns:
@@ -130,9 +155,55 @@ class Inpainter:
     parts = [fn(self.params, image, mask, jax.random.fold_in(rng, i), tau)
              for i in range(math.ceil(n / chunk))]
     fills = np.concatenate([np.asarray(p) for p in jax.device_get(parts)])[:n]
-    # Exactly the input where given (the composite already is; rounding guards float inputs).
-    fills = np.where(mask[None] > 0.5, image[None], fills)
-    return np.clip(np.rint(fills), 0, 255).astype(np.uint8)
+    return _to_uint8(fills, image[None], mask[None])
+
+  def mode(self, images, masks) -> np.ndarray:
+    """The mode fill-in: every latent at its prior mean, the pixels at the likelihood's mode.
+
+    Deterministic (no seed, no temperature). Same arguments as `fill_in`.
+
+    Returns:
+      uint8 [B, 64, 64, 3], composited; the given pixels equal the input's exactly.
+    """
+    image, mask = _images_and_masks(images, masks)
+    fills = np.concatenate([
+        np.asarray(jax.device_get(_mode_fn(self.model)(self.params, image[i:i + self.max_rows],
+                                                       mask[i:i + self.max_rows])))
+        for i in range(0, image.shape[0], self.max_rows)])
+    return _to_uint8(fills, image, mask)
+
+  def mean(self, images, masks, n: int = 8, temperature: float | Sequence[float] | None = None,
+           seed: int | jax.Array = 0) -> np.ndarray:
+    """The mean fill-in: the likelihood's mean E[x | z] averaged over n latent draws.
+
+    An estimate of E[x_inner | x_outer] (at temperature 1) without pixel noise: smooth where
+    the samples disagree.
+
+    Args:
+      images: [B, 64, 64, 3] (or one image); the missing pixels are never read.
+      masks: [B, 64, 64, 1] or one mask for all, 1 = given.
+      n: latent draws averaged.
+      temperature: tau of the latents, as in `fill_in`.
+      seed: an int or a PRNG key.
+
+    Returns:
+      uint8 [B, 64, 64, 3] (the average rounded), composited into the context.
+    """
+    image, mask = _images_and_masks(images, masks)
+    rng = _key(seed)
+    chunk = iw.chunk_size(n, image.shape[0], self.max_rows)
+    fn = _expected_fn(self.model, chunk)
+    tau = tuple(jnp.float32(t) for t in self.temperatures(temperature))
+    parts = [fn(self.params, image, mask, jax.random.fold_in(rng, i), tau)
+             for i in range(math.ceil(n / chunk))]
+    draws = np.concatenate([np.asarray(p, np.float64) for p in jax.device_get(parts)])[:n]
+    return _to_uint8(draws.mean(axis=0), image, mask)
+
+  @staticmethod
+  def baseline(name: str, images, masks) -> np.ndarray:
+    """A classical fill-in (`hvae.baselines.BASELINES`: biharmonic, ring_mean), uint8 [B, ...]."""
+    image, mask = _images_and_masks(images, masks)
+    return baselines.fill_batch(name, image, mask)
 
   def elbo(self, images, masks, seed: int | jax.Array = 0) -> dict[str, np.ndarray]:
     """Per-example unweighted ELBO terms (one posterior sample, analytic KL), nats.
@@ -212,7 +283,7 @@ def load(workdir: str, checkpoint: str | int = "best", ema: bool = True, *,
       match the checkpoint's).
 
   Returns:
-    An `Inpainter` with `fill_in`, `evaluate`, `score` and `elbo`.
+    An `Inpainter` with `fill_in`, `mode`, `mean`, `baseline`, `evaluate`, `score` and `elbo`.
   """
   workdir = os.fspath(workdir)
   if config is None:

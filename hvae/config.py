@@ -21,6 +21,7 @@ KINDS = ("hvae", "deterministic")
 POSTERIORS = ("bottom_up", "top_down")
 TOP_PRIORS = ("conditional", "standard_normal")
 LIKELIHOODS = ("dmol", "discretized_gaussian", "gaussian")
+LIKELIHOOD_GRADS = ("exact", "scaled")
 
 
 def per_level(field: str, value: Any, num_levels: int, cast=float) -> tuple:
@@ -76,9 +77,11 @@ class ModelConfig:
   latent_channels: tuple[int, ...] = (8, 8, 8, 8)  # entry L unused: the top is top_latent_dim
   top_latent_dim: int = 64
   width: int = 64
+  level_widths: tuple[int, ...] = ()  # level l's channels at 64/2^l; () or 0 = `width`
   blocks_per_level: int = 2
   likelihood: str = "dmol"
   num_mixtures: int = 5
+  likelihood_grad: str = "scaled"
   dropout: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # from config.regularize
   sigma_floor: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # from config.regularize
 
@@ -91,10 +94,13 @@ class ModelConfig:
     _choice("model.posterior", self.posterior, POSTERIORS)
     _choice("model.top_prior", self.top_prior, TOP_PRIORS)
     _choice("model.likelihood", self.likelihood, LIKELIHOODS)
+    _choice("model.likelihood_grad", self.likelihood_grad, LIKELIHOOD_GRADS)
     _positive("model.top_latent_dim", self.top_latent_dim)
     _positive("model.width", self.width)
     _positive("model.blocks_per_level", self.blocks_per_level, allow_zero=True)
     _positive("model.num_mixtures", self.num_mixtures)
+    if self.level_widths and len(self.level_widths) != L:
+      raise ConfigError(f"model.level_widths: has {len(self.level_widths)} entries for {L} levels")
     for name in ("latent_channels", "dropout", "sigma_floor"):
       value = getattr(self, name)
       field = f"model.{name}" if name == "latent_channels" else f"regularize.{name}"
@@ -102,6 +108,8 @@ class ModelConfig:
         raise ConfigError(f"{field}: has {len(value)} entries for {L} levels")
     for l, c in enumerate(self.latent_channels[:-1], start=1):
       _positive(f"model.latent_channels (level {l})", c)
+    for l, w in enumerate(self.level_widths, start=1):
+      _positive(f"model.level_widths (level {l})", w, allow_zero=True)
     for l, p in enumerate(self.dropout, start=1):
       if not 0.0 <= p < 1.0:
         raise ConfigError(f"regularize.dropout (level {l}): must be in [0, 1), got {p}")
@@ -121,14 +129,23 @@ class ModelConfig:
         top_prior=m.top_prior, posterior_sees_mask=bool(m.posterior_sees_mask),
         latent_channels=per_level("model.latent_channels", m.latent_channels, L, int),
         top_latent_dim=int(m.top_latent_dim), width=int(m.width),
+        level_widths=per_level("model.level_widths", m.get("level_widths", (0,)), L, int),
         blocks_per_level=int(m.blocks_per_level), likelihood=m.likelihood,
         num_mixtures=int(m.num_mixtures),
+        # Runs saved before the key existed were trained with exact gradients.
+        likelihood_grad=m.get("likelihood_grad", "exact"),
         dropout=per_level("regularize.dropout", reg.get("dropout", (0.0,)), L),
         sigma_floor=per_level("regularize.sigma_floor", reg.get("sigma_floor", (0.0,)), L))
 
   @property
   def has_latents(self) -> bool:
     return self.kind == "hvae"
+
+  def level_width(self, level: int) -> int:
+    """Channels of the features h_l / d_l at level `level` (0 = 64x64: `width`)."""
+    if level == 0 or not self.level_widths:
+      return self.width
+    return self.level_widths[level - 1] or self.width
 
   def resolution(self, level: int) -> int:
     """Spatial size of the features h_l / d_l at level `level` (0 = the 64x64 input)."""

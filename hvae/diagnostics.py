@@ -95,13 +95,14 @@ def resample_grid(resampled: np.ndarray, image: np.ndarray, mask: np.ndarray) ->
   resampled = np.asarray(resampled)  # [L, S, C, 64, 64, 3]
   L, _, C = resampled.shape[:3]
   context = images.hole_overlay(np.asarray(image), np.asarray(mask))
-  rows = []
+  rows, row_labels = [], []
   for c in range(C):
     for l in range(L):
       rows.append(np.concatenate([context[c:c + 1], resampled[l, :, c]]))
+      row_labels.append(f"level {l + 1}")  # the level whose noise varies along the row
   # Rows: context 1 with level 1, 2, ..., L varied, then context 2, ...
   labels = ["context"] + [f"sample {s + 1}" for s in range(resampled.shape[1])]
-  return images.make_grid(rows, labels=labels, scale=2)
+  return images.make_grid(rows, labels=labels, scale=2, row_labels=row_labels)
 
 
 def worst_examples(kl: np.ndarray, batches: list[dict], per_level: int) -> dict[int, dict]:
@@ -130,7 +131,7 @@ def worst_examples(kl: np.ndarray, batches: list[dict], per_level: int) -> dict[
 def kl_heatmap_grid(eval_sums: dict, train_sums: dict, eval_count: int, train_count: int,
                     num_levels: int) -> np.ndarray | None:
   """One row per 2-D level: held-out mean KL map | training-split mean KL map (shared scale)."""
-  rows = []
+  rows, row_labels = [], []
   for l in range(1, num_levels + 1):
     key = f"kl_map/{l}"
     if key not in eval_sums or key not in train_sums:
@@ -138,6 +139,8 @@ def kl_heatmap_grid(eval_sums: dict, train_sums: dict, eval_count: int, train_co
     held, train = eval_sums[key] / max(eval_count, 1), train_sums[key] / max(train_count, 1)
     vmax = float(max(held.max(), train.max(), 1e-8))
     rows.append(np.stack([images.heatmap(held, 64, vmax), images.heatmap(train, 64, vmax)]))
+    row_labels.append(f"level {l}")
   if not rows:
     return None
-  return images.make_grid(rows, labels=["held-out KL", "train-split KL"], scale=2)
+  return images.make_grid(rows, labels=["held-out KL", "train-split KL"], scale=2,
+                          row_labels=row_labels)

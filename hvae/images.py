@@ -49,9 +49,23 @@ def _header(labels: list[str], width: int, cell_w: int, pad: int, scale: int) ->
   return np.asarray(strip, np.uint8)
 
 
+def _row_header(labels: list[str], height: int, cell_h: int, pad: int, scale: int) -> np.ndarray:
+  """A white strip [height, w, 3] with each label centred vertically on its row."""
+  font = ImageFont.load_default(size=10 * scale)
+  boxes = [font.getbbox(label) for label in labels]
+  text_w = max((b[2] for b in boxes), default=0)
+  strip = Image.new("RGB", (text_w + 2 * pad, height), (WHITE,) * 3)
+  draw = ImageDraw.Draw(strip)
+  for row, (label, box) in enumerate(zip(labels, boxes)):
+    y0 = pad + row * (cell_h + pad)
+    draw.text((pad, y0 + max(0, (cell_h - (box[3] - box[1])) // 2) - box[1]), label,
+              fill=(0, 0, 0), font=font)
+  return np.asarray(strip, np.uint8)
+
+
 def make_grid(rows: list[np.ndarray], *, labels: list[str] | None = None, pad: int = 2,
-              scale: int = 1) -> np.ndarray:
-  """Tiles rows of images into one image, with optional column headers.
+              scale: int = 1, row_labels: list[str] | None = None) -> np.ndarray:
+  """Tiles rows of images into one image, with optional column headers and row labels.
 
   Args:
     rows: one [N, H, W, 3] (or [N, H, W, 1]) array per grid row, uint8 or floats in 0..255; all
@@ -60,6 +74,7 @@ def make_grid(rows: list[np.ndarray], *, labels: list[str] | None = None, pad: i
       drawn with PIL's default font above the grid.
     pad: white pixels between cells and around the grid.
     scale: integer nearest-neighbour upscaling of every cell (the padding is not scaled).
+    row_labels: optional text per row (e.g. ["level 1", "level 2"]), drawn left of the grid.
 
   Returns:
     uint8 [H', W', 3]: the grid, rows stacked vertically, images of a row side by side.
@@ -77,6 +92,8 @@ def make_grid(rows: list[np.ndarray], *, labels: list[str] | None = None, pad: i
   num_cols = max(row.shape[0] for row in rows)
   if labels is not None and len(labels) != num_cols:
     raise ValueError(f"{len(labels)} labels for {num_cols} columns")
+  if row_labels is not None and len(row_labels) != len(rows):
+    raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows")
   height = len(rows) * (cell_h + pad) + pad
   width = num_cols * (cell_w + pad) + pad
   grid = np.full((height, width, 3), WHITE, np.uint8)
@@ -86,8 +103,12 @@ def make_grid(rows: list[np.ndarray], *, labels: list[str] | None = None, pad: i
     for c, image in enumerate(row):
       x = pad + c * (cell_w + pad)
       grid[y:y + cell_h, x:x + cell_w] = image
+  if row_labels:
+    grid = np.concatenate([_row_header(row_labels, height, cell_h, pad, scale), grid], axis=1)
   if labels:
-    grid = np.concatenate([_header(labels, width, cell_w, pad, scale), grid], axis=0)
+    header = _header(labels, width, cell_w, pad, scale)
+    left = np.full((header.shape[0], grid.shape[1] - width, 3), WHITE, np.uint8)
+    grid = np.concatenate([np.concatenate([left, header], axis=1), grid], axis=0)
   return grid
 
 

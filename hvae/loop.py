@@ -36,7 +36,7 @@ from hvae.train import (
   replicate,
   shard_batch,
 )
-from hvae.writers import MetricWriter
+from hvae.writers import MetricWriter, eval_summary
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
              "ml-collections", "clu", "numpy")
@@ -187,6 +187,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   # The verdict looks at the trend over evaluations, including those before a restart.
   verdict_settings = verdict.settings(config)
   eval_rows = [r for r in read_metrics(workdir) if "eval/bpd" in r]
+  warned = set()  # levels whose overfitting verdict was explained on the console
 
   history, window_start, t_start = [], time.perf_counter(), time.perf_counter()
   with _Preemption() as preemption:
@@ -236,20 +237,23 @@ def train_and_evaluate(config, workdir: str) -> None:
                   + ["mean", "mode"])
         grid = images.make_grid(rows, labels=labels, scale=2)
         eval_rows.append({"step": step, **eval_metrics})
+        flagged = []
         if model_cfg.has_latents:
           verdicts = verdict.explain(eval_rows, model_cfg.num_levels, verdict_settings)
           eval_metrics.update(verdict.verdict_metrics({l: v.flagged for l, v in verdicts.items()}))
+          flagged = [v.level for v in verdicts.values() if v.flagged]
           for v in verdicts.values():
-            if v.flagged:
+            if v.flagged and v.level not in warned:  # the why once; the summary says it after
               logging.warning("Level %d looks like it overfits: %s", v.level, v.why)
+          warned = set(flagged)
         eval_metrics["eval/wall_time"] = time.perf_counter() - t0
         if jax.process_index() == 0:
           images.save_png(os.path.join(workdir, "images", f"step_{step}.png"), grid)
           writer.write_images(step, {"fill_ins": grid})
         row.update(eval_metrics)
-        logging.info("eval step %d: eval/bpd %.4f  eval_train/bpd %.4f  gap %.4f  (%.1fs)", step,
-                     eval_metrics["eval/bpd"], eval_metrics["eval_train/bpd"],
-                     eval_metrics["gap/bpd"], eval_metrics["eval/wall_time"])
+        # A short line; every metric goes to metrics.jsonl and TensorBoard (writer, below).
+        logging.info("%s", eval_summary(step, eval_metrics, flagged,
+                                        eval_metrics["eval/wall_time"]))
       if row:
         writer.write_scalars(step, row)
       if (step % config.train.checkpoint_every_steps == 0 or is_last or stop
@@ -312,9 +316,11 @@ class _Diagnostics:
         ctx = images.hole_overlay(ex["image"], ex["mask"])
         rows.append(np.stack([x for i in range(len(ex["kl"]))
                               for x in (ctx[i], ex["image"][i], np.asarray(fills[i]))]))
-      labels = [f"{name} #{i + 1}" for i in range(self.num_worst)
+      shown = max(len(ex["kl"]) for ex in worst.values())  # fewer when the split is small
+      labels = [f"{name} #{i + 1}" for i in range(shown)
                 for name in ("context", "truth", "fill-in")]
-      images.save_png(out("worst"), images.make_grid(rows, labels=labels, scale=2))
+      images.save_png(out("worst"), images.make_grid(
+          rows, labels=labels, scale=2, row_labels=[f"level {l}" for l in worst]))
     resampled = self.resample(params, jnp.asarray(self.grid["image"]),
                               jnp.asarray(self.grid["mask"]), rng)
     resampled = jax.device_get(resampled)

@@ -19,8 +19,16 @@ example at a time (image [H, W, 3], mask [H, W, 1] with 1 = given, 0 = missing):
   absolute difference between the composite's and the truth's differences. 0 when the
   composite continues the context exactly as the truth does.
 
+* `hf_ratio`: the high-frequency energy of the fill-in relative to the truth's: the mean
+  absolute Laplacian (3x3, per channel, reflected borders) of the composite over the hole's
+  sub-pixels divided by the truth's, (a + `HF_EPS`) / (b + `HF_EPS`). 1 for the truth itself,
+  > 1 for a fill-in noisier than the truth, < 1 for a blurred (over-smooth) one.
+
 `sample_metrics` applies them to N fill-ins per context and gives best-of-N, mean-of-N,
-best-by-likelihood (the fill-in the model scores highest) and the PSNR of the mean fill-in.
+best-by-likelihood (the fill-in the model scores highest) and the PSNR of the mean fill-in;
+`sample_methods` turns the same N fill-ins into one fill-in per context per *method* (`sample`,
+`best_of_N`, `ranked`, `mean_of_samples`) with every figure of `FIGURES`; `paired` compares
+per-example figures of a method with a reference's (mean difference, standard error, wins).
 FID and LPIPS are out of scope (they need pretrained networks).
 """
 
@@ -37,6 +45,9 @@ SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # radius int(3.5 * 1.5 + 0.5) = 5: an 11x11 window, as in Wang et al.
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 SSIM_MARGIN = 4  # px the hole's bounding box is grown by
+HF_EPS = 0.1  # grey levels added to both mean |Laplacian|s of hf_ratio (a flat truth: no 0/0)
+FIGURES = ("psnr", "ssim", "l1", "hf_ratio", "seam")  # the figures of every fill-in method
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False, "seam": False}  # hf_ratio: 1 best
 
 
 def _missing(mask: np.ndarray) -> np.ndarray:
@@ -130,8 +141,109 @@ def seam(image: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
   return float(np.mean(np.abs(d))) if d.size else 0.0
 
 
+def _mean_abs_laplacian(image: np.ndarray, missing: np.ndarray) -> float:
+  """Mean |3x3 Laplacian| (per channel, reflected borders) over the missing sub-pixels."""
+  x = np.asarray(image, np.float64)
+  lap = np.stack([ndimage.laplace(x[..., c], mode="reflect") for c in range(x.shape[-1])], -1)
+  return float(np.mean(np.abs(lap[missing])))
+
+
+def hf_ratio(fill: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+  """High-frequency energy of the composited fill-in on the hole relative to the truth's.
+
+  Args:
+    fill: [H, W, 3] fill-in (composited into the truth's context here; its given pixels are not
+      read).
+    truth: [H, W, 3] true image.
+    mask: [H, W, 1] or [H, W], 1 = given.
+
+  Returns:
+    (mean |Laplacian| of the composite over the hole + HF_EPS) / (the truth's + HF_EPS): 1 for
+    the truth, > 1 for a noisier fill-in, < 1 for a smoother one (1 when nothing is missing).
+  """
+  missing = _missing(mask)
+  if not missing.any():
+    return 1.0
+  truth = np.asarray(truth, np.float64)
+  composite = np.where(missing[..., None], np.asarray(fill, np.float64), truth)
+  return ((_mean_abs_laplacian(composite, missing) + HF_EPS)
+          / (_mean_abs_laplacian(truth, missing) + HF_EPS))
+
+
+def figures(fill: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+  """Every figure of `FIGURES` of one composited fill-in [H, W, 3] against the truth."""
+  return {"psnr": psnr(fill, truth, mask), "ssim": ssim(fill, truth, mask),
+          "l1": l1(fill, truth, mask), "hf_ratio": hf_ratio(fill, truth, mask),
+          "seam": seam(fill, truth, mask)}
+
+
+def batch_figures(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+  """`figures` of one fill-in per context: fills, truth [B, H, W, 3], mask [B, H, W, 1] -> [B]."""
+  rows = [figures(fills[b], truth[b], mask[b]) for b in range(len(truth))]
+  return {k: np.array([r[k] for r in rows], np.float64) for k in FIGURES}
+
+
+def per_sample_figures(fills: np.ndarray, truth: np.ndarray,
+                       mask: np.ndarray) -> dict[str, np.ndarray]:
+  """`figures` of each of N fill-ins per context: fills [N, B, H, W, 3] -> {figure: [N, B]}."""
+  per = [batch_figures(f, truth, mask) for f in np.asarray(fills)]
+  return {k: np.stack([p[k] for p in per]) for k in FIGURES}
+
+
+def sample_methods(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray,
+                   scores: np.ndarray | None = None,
+                   per_sample: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
+  """The N fill-ins per context as methods that each give one figure per context.
+
+  Args:
+    fills: [N, B, H, W, 3] composited fill-ins, 0..255.
+    truth: [B, H, W, 3] true images.
+    mask: [B, H, W, 1], 1 = given.
+    scores: optional [N, B] model log-likelihood bounds (higher = more likely): adds `ranked`.
+    per_sample: `per_sample_figures(fills, truth, mask)` if already computed.
+
+  Returns:
+    {method: {figure: [B]}} with methods `sample` (each figure averaged over the N fill-ins),
+    `best_of_N` (the fill-in of highest PSNR, an oracle: it reads the truth), `ranked` (the
+    fill-in the model scores highest) and `mean_of_samples` (the pixel average of the N).
+  """
+  fills = np.asarray(fills, np.float64)
+  per = per_sample if per_sample is not None else per_sample_figures(fills, truth, mask)
+  cols = np.arange(fills.shape[1])
+  pick = lambda idx: {k: v[idx, cols] for k, v in per.items()}  # noqa: E731
+  out = {"sample": {k: v.mean(axis=0) for k, v in per.items()},
+         "best_of_N": pick(np.argmax(per["psnr"], axis=0))}
+  if scores is not None:
+    out["ranked"] = pick(np.argmax(np.asarray(scores), axis=0))
+  out["mean_of_samples"] = batch_figures(fills.mean(axis=0), truth, mask)
+  return out
+
+
+def paired(a, b, higher_is_better: bool = True) -> dict[str, float]:
+  """Paired comparison of per-example figures of a method (`a`) and a reference (`b`).
+
+  Args:
+    a: [n] the method's figure per example.
+    b: [n] the reference's figure on the same examples.
+    higher_is_better: True for PSNR or SSIM, False for L1 (decides what a win is).
+
+  Returns:
+    {"diff": mean(a - b), "stderr": its standard error std(a - b, ddof=1) / sqrt(n) (NaN for
+    n < 2), "wins": examples where a is strictly better, "ties": equal ones, "n": n}.
+  """
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  if d.ndim != 1 or d.size == 0:
+    raise ValueError(f"paired: need two equal-length non-empty 1-D arrays; got {d.shape}")
+  n = d.size
+  better = d > 0 if higher_is_better else d < 0
+  return {"diff": float(d.mean()),
+          "stderr": float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+          "wins": int(better.sum()), "ties": int((d == 0).sum()), "n": int(n)}
+
+
 def sample_metrics(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray,
-                   scores: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   scores: np.ndarray | None = None,
+                   per_sample: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Per-example quality figures of N composited fill-ins per context.
 
   Args:
@@ -140,6 +252,7 @@ def sample_metrics(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray,
     mask: [B, H, W, 1], 1 = given.
     scores: optional [N, B] model log-likelihood bounds of each fill-in (higher = more likely);
       gives `psnr_rank`, the PSNR of the most likely fill-in.
+    per_sample: `per_sample_figures(fills, truth, mask)` if already computed.
 
   Returns:
     {name: [B] float64}: psnr_best (best of N), psnr_mean (mean of N), psnr_of_mean (PSNR of
@@ -147,22 +260,14 @@ def sample_metrics(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray,
     (best of N), diversity, and psnr_rank when `scores` is given.
   """
   fills = np.asarray(fills, np.float64)
-  n, batch = fills.shape[:2]
-  out = {k: np.zeros(batch) for k in ("psnr_best", "psnr_mean", "psnr_of_mean", "ssim", "l1",
-                                      "seam", "ssim_best", "l1_best", "diversity")}
+  per = per_sample if per_sample is not None else per_sample_figures(fills, truth, mask)
+  p, s, e = per["psnr"], per["ssim"], per["l1"]
+  out = {"psnr_best": p.max(axis=0), "psnr_mean": p.mean(axis=0),
+         "psnr_of_mean": np.array([psnr(fills[:, b].mean(axis=0), truth[b], mask[b])
+                                   for b in range(fills.shape[1])]),
+         "ssim": s.mean(axis=0), "l1": e.mean(axis=0), "seam": per["seam"].mean(axis=0),
+         "ssim_best": s.max(axis=0), "l1_best": e.min(axis=0),
+         "diversity": np.array([diversity(fills[:, b], mask[b]) for b in range(fills.shape[1])])}
   if scores is not None:
-    out["psnr_rank"] = np.zeros(batch)
-  for b in range(batch):
-    t, m = truth[b], mask[b]
-    p = np.array([psnr(fills[i, b], t, m) for i in range(n)])
-    s = np.array([ssim(fills[i, b], t, m) for i in range(n)])
-    e = np.array([l1(fills[i, b], t, m) for i in range(n)])
-    out["psnr_best"][b], out["psnr_mean"][b] = p.max(), p.mean()
-    out["psnr_of_mean"][b] = psnr(fills[:, b].mean(axis=0), t, m)
-    out["ssim"][b], out["ssim_best"][b] = s.mean(), s.max()
-    out["l1"][b], out["l1_best"][b] = e.mean(), e.min()
-    out["seam"][b] = np.mean([seam(fills[i, b], t, m) for i in range(n)])
-    out["diversity"][b] = diversity(fills[:, b], m)
-    if scores is not None:
-      out["psnr_rank"][b] = p[int(np.argmax(np.asarray(scores)[:, b]))]
+    out["psnr_rank"] = p[np.argmax(np.asarray(scores), axis=0), np.arange(fills.shape[1])]
   return out

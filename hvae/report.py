@@ -288,13 +288,55 @@ def _gap_lines(run: Run) -> list[str]:
   return lines
 
 
+def command_of(workdir: str) -> tuple[str | None, list[str]]:
+  """The experiment file and config overrides the run was started with, from run_info.json.
+
+  Args:
+    workdir: the run's directory.
+
+  Returns:
+    (`--config` value such as "experiments/quickstart.py:deterministic", or None when unknown;
+    the `--config.a.b=VALUE` overrides of that command line).
+  """
+  try:
+    with open(os.path.join(workdir, "run_info.json"), encoding="utf-8") as f:
+      argv = json.load(f).get("command") or []
+  except (OSError, ValueError, AttributeError):
+    return None, []
+  argv = [str(a) for a in argv]
+  experiment, overrides = None, []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      experiment = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      experiment = argv[i + 1]
+    elif arg.startswith("--config."):
+      overrides.append(arg)
+  return experiment, overrides
+
+
+def title(run: Run) -> str:
+  """The report's title: the experiment file (when run_info.json names it) and the workdir.
+
+  e.g. "experiments/quickstart.py:deterministic — runs/quickstart_det".
+  """
+  workdir = os.path.normpath(run.workdir)
+  if workdir in (".", ".."):
+    workdir = os.path.abspath(workdir)
+  experiment, _ = command_of(run.workdir)
+  return f"{experiment} — {workdir}" if experiment else workdir
+
+
 def _markdown(run: Run, plots: list[str], images: dict[str, str], s: verdict.Settings,
               verdicts: dict[int, verdict.LevelVerdict]) -> str:
   model = run.config.get("model", {})
   now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-  lines = [f"# Report: {run.name}", "",
+  _, overrides = command_of(run.workdir)
+  lines = [f"# Report: {title(run)}", "",
            f"`{os.path.abspath(run.workdir)}` — model.kind {model.get('kind', '?')}, "
            f"{run.num_levels} latent level(s); {_status(run)}. Written {now}.", ""]
+  if overrides:
+    lines += ["Overrides: " + " ".join(f"`{o}`" for o in overrides), ""]
   eval_step, _ = run.last("eval/bpd")
   at = f"evaluation at step {eval_step}" if eval_step is not None else "no evaluation yet"
   lines += [f"## Final figures (bits per missing dim; {at})", ""]

@@ -8,7 +8,9 @@ write, so a crash loses nothing already written and readers see runs in progress
 JSON has no NaN or infinity: non-finite values are written as `null` in `metrics.jsonl` (and as
 themselves in TensorBoard). A reader cannot tell NaN from inf there; both mean "diverged".
 
-Only process 0 writes files; other processes only log through absl.
+Nothing goes to the console from here: the files hold every metric, and the training loop prints
+a short line per evaluation (`eval_summary`). Only process 0 writes files; other processes'
+writers do nothing.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 
+from hvae import console
 from hvae.metrics_file import METRICS_FILE, parse_lines, read_metrics  # noqa: F401  (re-exported)
 
 
@@ -88,8 +91,14 @@ class MetricWriter:
       self._repair(resume_step)
       # Line-buffering is not enough on its own (see write_scalars): we flush explicitly.
       self._file = open(self.metrics_path, "a", encoding="utf-8")
-    self._writer = metric_writers.create_default_writer(
-        workdir if self._primary else None, just_logging=not self._primary, asynchronous=False)
+    self._writer = None
+    if self._primary:
+      console.quiet_libraries()
+      console.import_tensorflow()  # clu imports it; without its C++ start-up banner
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+
+      # TensorBoard only: clu's LoggingWriter would print every metric on the console.
+      self._writer = metric_writers.SummaryWriter(workdir)
 
   @property
   def metrics_path(self) -> str:
@@ -124,9 +133,9 @@ class MetricWriter:
       raise ValueError("'step' is reserved for the row's step in metrics.jsonl.")
     values = {name: _scalar(value) for name, value in scalars.items()}
     step = int(step)
-    self._writer.write_scalars(step, values)
     if not self._primary:
       return
+    self._writer.write_scalars(step, values)
     self._writer.flush()
     row = {"step": step, **{name: _json_value(v) for name, v in values.items()}}
     # allow_nan=False: a stray NaN would make the file unreadable by strict JSON parsers.
@@ -148,8 +157,8 @@ class MetricWriter:
       if image.ndim not in (3, 4):
         raise ValueError(f"image {name!r} must be [H, W, C] or [N, H, W, C]; got {image.shape}")
       batch[name] = image
-    self._writer.write_images(int(step), batch)
     if self._primary:
+      self._writer.write_images(int(step), batch)
       self._writer.flush()
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
@@ -159,19 +168,22 @@ class MetricWriter:
       hparams: a nested dict of hyper-parameters (e.g. config.to_dict()).
     """
     flat = {name: _hparam_value(value) for name, value in _flatten(hparams).items()}
-    self._writer.write_hparams(flat)
     if self._primary:
+      self._writer.write_hparams(flat)
       self._writer.flush()
 
   def flush(self) -> None:
     """Flushes both outputs (each write already does; this is for callers that want to be sure)."""
-    self._writer.flush()
+    if self._writer is not None:
+      self._writer.flush()
     if self._file is not None:
       self._file.flush()
 
   def close(self) -> None:
     """Flushes and closes both outputs; the writer is unusable afterwards."""
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
     if self._file is not None:
       self._file.close()
       self._file = None
@@ -181,3 +193,49 @@ class MetricWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def eval_summary(step: int, metrics: Mapping[str, Any], overfitting: Sequence[int] = (),
+                 seconds: float | None = None) -> str:
+  """The console line of one evaluation; the full set of metrics goes to the files.
+
+  Args:
+    step: the training step.
+    metrics: the evaluation's metrics (DESIGN §7 names: `eval/bpd`, `eval_train/bpd`,
+      `gap/bpd`, `eval/kl/level_l`); missing ones are left out of the line.
+    overfitting: the levels the verdict flags (hvae/verdict.py); None-like when it did not run.
+    seconds: how long the evaluation took.
+
+  Returns:
+    e.g. "eval step 500: bpd 6.139 (train-split 5.301, gap 0.838)  held-out KL L1 12.3
+    L2 4.56 L3 0.78  verdict: level 3 overfits  (5.2 s)".
+  """
+  def num(name: str, digits: int = 3) -> str:
+    value = _scalar(metrics[name])
+    return f"{value:.{digits}f}" if math.isfinite(value) else "nan"
+
+  parts = [f"eval step {int(step)}:"]
+  if "eval/bpd" in metrics:
+    extra = [f"{label} {num(name)}" for label, name in
+             (("train-split", "eval_train/bpd"), ("gap", "gap/bpd")) if name in metrics]
+    parts.append(f"bpd {num('eval/bpd')}" + (f" ({', '.join(extra)})" if extra else ""))
+  levels = sorted(int(m.group(1)) for name in metrics
+                  if (m := re.fullmatch(r"eval/kl/level_(\d+)", name)))
+  if levels:
+    parts.append(" held-out KL " + " ".join(
+        f"L{l} {_short(_scalar(metrics[f'eval/kl/level_{l}']))}" for l in levels))
+    flagged = sorted(overfitting)
+    verdict = ("no level overfits" if not flagged else
+               f"level{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))} "
+               f"overfit{'' if len(flagged) > 1 else 's'}")
+    parts.append(f" verdict: {verdict}")
+  if seconds is not None:
+    parts.append(f" ({seconds:.1f} s)")
+  return " ".join(parts)
+
+
+def _short(value: float) -> str:
+  """3 significant digits, no exponent for everyday KL values (nats per image)."""
+  if not math.isfinite(value):
+    return "nan"
+  return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"

@@ -12,10 +12,11 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import centre_mask
+from helpers import centre_mask, load_experiment, random_images
 from PIL import Image
 
 import hvae
+from hvae import baselines, quality, sampling
 from hvae.data import images as image_io
 from hvae.data import masks as masks_lib
 
@@ -42,14 +43,19 @@ def _read(path) -> np.ndarray:
   return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_eval_mode_writes_results_grid_and_tensorboard(workdir):
-  _launch("--mode=eval", f"--workdir={workdir}", "--mask=boxes", "--num_samples=3",
-          "--temperature=0.9")
+METHODS = ("mode", "mean", "sample", "best_of_N", "ranked", "mean_of_samples", "biharmonic",
+           "ring_mean")
+
+
+def test_eval_mode_writes_results_table_grid_and_tensorboard(workdir):
+  proc = _launch("--mode=eval", f"--workdir={workdir}", "--mask=boxes", "--num_samples=3",
+                 "--temperature=0.9")
   out = workdir / "eval"
   results = json.loads((out / "results.json").read_text())
   assert results["split"] == "validation" and results["mask"] == "boxes"
   assert results["iw_samples"] == 4 and results["num_samples"] == 3  # tiny: eval.iw_samples=4
   assert results["checkpoint_step"] in (3, 6) and results["num_examples"] == 8
+  assert results["temperature"] == 0.9 and results["reference"] == "biharmonic"
   m = results["metrics"]
   for name in ("iw_bpd", "iw_ess", "bpd", "recon_bpd", "psnr_best", "psnr_mean", "psnr_rank",
                "psnr_of_mean", "ssim", "l1", "diversity", "seam", "kl/level_1", "kl/level_2"):
@@ -57,9 +63,143 @@ def test_eval_mode_writes_results_grid_and_tensorboard(workdir):
   assert 1.0 <= m["eval/iw_ess"] <= 4.0
   assert m["eval/psnr_mean"] <= m["eval/psnr_best"] <= 100.0
   assert m["eval/psnr_rank"] <= m["eval/psnr_best"]
+  assert list(results["methods"]) == list(METHODS)
+  for method in METHODS:
+    for fig in ("psnr", "ssim", "l1", "hf_ratio", "seam"):
+      assert np.isfinite(m[f"eval/{method}/{fig}"]), (method, fig)
+      assert results["methods"][method][fig] == m[f"eval/{method}/{fig}"]
+    assert len(results["per_example"][f"{method}/psnr"]) == 8
+    if method != "biharmonic":
+      for name in ("psnr_vs_biharmonic", "ssim_vs_biharmonic"):
+        assert np.isfinite(m[f"eval/{method}/{name}"]) and m[f"eval/{method}/{name}_stderr"] >= 0
+        assert 0 <= m[f"eval/{method}/{name}_wins"] <= 8
+  assert "eval/biharmonic/psnr_vs_biharmonic" not in m
+  # The old names are the sample methods' figures.
+  assert m["eval/psnr_best"] == m["eval/best_of_N/psnr"]
+  assert m["eval/psnr_rank"] == m["eval/ranked/psnr"]
+  assert m["eval/psnr_mean"] == pytest.approx(m["eval/sample/psnr"])
   assert len(results["per_example"]["iw_bpd"]) == 8
-  assert _read(out / "grid.png").shape[1] > 64 * 6  # context, truth, 3 fill-ins, mean
+  table = (out / "table.md").read_text()
+  assert "| mode |" in table and "ΔPSNR vs biharmonic" in table and table in proc.stdout
+  # context, truth, biharmonic, mode, mean, 3 samples
+  assert _read(out / "grid.png").shape[1] > 2 * 64 * 8
   assert list(out.glob("events.out.tfevents*"))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  """Three complete images (one in a subfolder) of a user's folder."""
+  src = tmp_path_factory.mktemp("photos") / "holiday"
+  (src / "sub").mkdir(parents=True)
+  for i, (name, image) in enumerate(zip(("a.png", "b.png", "sub/c.png"), random_images(3, 5))):
+    Image.fromarray(np.roll(image, 3 * i, axis=1)).save(src / name)
+  return src
+
+
+@pytest.fixture(scope="module")
+def model(workdir):
+  return hvae.load(str(workdir))
+
+
+def test_eval_scores_exactly_the_input_images(workdir, photos, model):
+  from hvae.modes import evaluate
+
+  r = evaluate.run(str(workdir), input_path=str(photos), baseline_names="ring_mean",
+                   model=model)
+  out = workdir / "eval" / "holiday"  # next to, not over, the split's results
+  assert json.loads((out / "results.json").read_text())["input"] == str(photos)
+  assert (out / "table.md").is_file() and (out / "grid.png").is_file()
+  assert r["num_examples"] == 3 and r["split"] is None and r["mask"] == "centre"
+  assert r["per_example"]["name"] == ["a", "b", "sub__c"]
+  assert r["temperature"] == sampling.DEFAULT_TEMPERATURE  # eval.temperature is ''
+  assert r["reference"] == "ring_mean" and "biharmonic" not in r["methods"]
+  assert "psnr_vs_ring_mean_wins" in r["methods"]["mode"]
+  assert np.isfinite(r["metrics"]["eval/iw_bpd"])
+  # The same figures as scoring those 64x64 images by hand.
+  truth = np.stack([image_io.centre_crop_resize(image_io.decode_file(photos / f), 64)
+                    for f in ("a.png", "b.png", "sub/c.png")])
+  mask = centre_mask(3)
+  mode = model.mode(truth, mask)
+  expected = [quality.psnr(mode[b], truth[b], mask[b]) for b in range(3)]
+  np.testing.assert_allclose(r["per_example"]["mode/psnr"], expected)
+  ring = [quality.ssim(baselines.ring_mean(truth[b], mask[b]), truth[b], mask[b])
+          for b in range(3)]
+  np.testing.assert_allclose(r["per_example"]["ring_mean/ssim"], ring)
+
+
+def test_inpaint_writes_mode_and_mean_equal_to_the_api_and_scores_complete_images(
+    workdir, photos, model, tmp_path, capsys):
+  from hvae.modes import inpaint
+
+  out = tmp_path / "out"
+  r = inpaint.run(str(workdir), str(photos), str(out), num_samples=2, fill="all")
+  names = [rec["name"] for rec in r["images"]]
+  assert names == ["a", "b", "sub__c"] and r["scored"]
+  truth = np.stack([_read(out / f"{name}_input.png") for name in names])
+  mask = centre_mask(3)
+  np.testing.assert_array_equal(np.stack([_read(out / f"{n}_mode.png") for n in names]),
+                                model.mode(truth, mask))
+  given = np.broadcast_to(mask > 0.5, truth.shape)
+  for file in ("mean", "biharmonic", "ring_mean", "fill_2"):
+    pixels = np.stack([_read(out / f"{n}_{file}.png") for n in names])
+    np.testing.assert_array_equal(pixels[given], truth[given])
+  rec = r["images"][0]
+  assert set(rec["figures"]) == set(METHODS) - {"ranked"}  # not ranked: no ranked method
+  assert rec["figures"]["biharmonic"]["psnr"] == pytest.approx(quality.psnr(
+      baselines.biharmonic(truth[0], mask[0]), truth[0], mask[0]))
+  printed = capsys.readouterr().out
+  assert "| biharmonic |" in printed and "| sub__c |" in printed
+  assert "per image" in (out / "table.md").read_text()
+  # A mask image marks what to remove: the pixels under it are not a truth, nothing is scored.
+  Image.fromarray(np.where(mask[0, ..., 0] > 0.5, 255, 0).astype(np.uint8)).save(
+      tmp_path / "m.png")
+  r = inpaint.run(str(workdir), str(photos / "a.png"), str(tmp_path / "o2"), num_samples=2,
+                  mask=str(tmp_path / "m.png"), fill="mode", baseline_names="none")
+  assert not r["scored"] and "figures" not in r["images"][0] and "methods" not in r
+  assert sorted(p.name for p in (tmp_path / "o2").glob("a_*")) == [
+      "a_context.png", "a_input.png", "a_mode.png"]
+
+
+def test_api_mode_and_mean(model):
+  images, mask = random_images(3, seed=7), centre_mask(1)[0]
+  mode = model.mode(images, mask)
+  assert mode.shape == (3, 64, 64, 3) and mode.dtype == np.uint8
+  np.testing.assert_array_equal(model.mode(images, mask), mode)  # deterministic
+  mean = model.mean(images, mask, n=2, seed=0)
+  assert mean.shape == (3, 64, 64, 3) and mean.dtype == np.uint8
+  given = np.broadcast_to(mask > 0.5, images.shape)
+  np.testing.assert_array_equal(mean[given], images[given])
+  # At tau = 0 every latent draw is the prior mean: the mean no longer depends on the seed.
+  np.testing.assert_array_equal(model.mean(images, mask, n=2, temperature=0.0, seed=0),
+                                model.mean(images, mask, n=2, temperature=0.0, seed=1))
+  assert model.temperatures(None) == (sampling.DEFAULT_TEMPERATURE,) * 2
+
+
+def test_temperature_sweep_tabulates_every_method_and_tau(workdir, photos, model, monkeypatch):
+  from hvae.modes import evaluate
+
+  monkeypatch.setattr(hvae.api, "load", lambda *a, **k: model)  # loaded once already
+  tables, text = evaluate.temperature_sweep(str(workdir), (0.0, 1.0), input_path=str(photos),
+                                            baseline_names="biharmonic")
+  assert list(tables) == [0.0, 1.0] and "mode" in tables[0.0] and "biharmonic" in tables[1.0]
+  assert tables[0.0]["mode"] == tables[1.0]["mode"]  # tau does not touch the mode fill-in
+  assert "| mean | 0 |" in text and "| mean | 1 |" in text
+  assert not any("*" in line for line in text.splitlines() if line.startswith("| mode |"))
+  out = workdir / "eval" / "temperature_sweep" / "holiday"
+  assert (out / "table.md").read_text() == text
+  assert (out / "tau_0" / "results.json").is_file()
+
+
+def test_default_temperature_comes_from_eval_temperature():
+  from hvae.modes import evaluate
+
+  config = load_experiment("tiny")
+  assert sampling.default_temperature(config) == sampling.DEFAULT_TEMPERATURE
+  assert evaluate.resolve_temperature(None, config) == sampling.DEFAULT_TEMPERATURE
+  config.eval.temperature = "0.5,0.8"
+  assert sampling.default_temperature(config) == (0.5, 0.8)
+  assert evaluate.resolve_temperature("0.7", config) == 0.7
+  assert sampling.default_temperature(None) == sampling.DEFAULT_TEMPERATURE
 
 
 def test_inpaint_mode_keeps_the_given_pixels_exactly(workdir, tmp_path):

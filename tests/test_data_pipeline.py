@@ -39,6 +39,14 @@ def _equal(a, b):
       np.testing.assert_array_equal(x[key], y[key])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _cache_in_tmp(tmp_path_factory):
+  """Prepared folders go to a temporary cache, never the real ~/.cache/hvae/datasets."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    yield
+
+
 @pytest.fixture(scope="module")
 def image_tree(tmp_path_factory):
   root = tmp_path_factory.mktemp("tree")

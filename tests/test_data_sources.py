@@ -9,10 +9,20 @@ import pytest
 from PIL import Image
 
 from experiments import base
+from hvae import data
 from hvae.data import celeb_a, embedded, folder, images, synthetic
 from hvae.data import source as source_lib
+from hvae.errors import ConfigError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache_in_tmp(tmp_path_factory):
+  """Prepared folders go to a temporary cache, never the real ~/.cache/hvae/datasets."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    yield
 
 
 def _config(**data):
@@ -63,7 +73,7 @@ def test_embedded_crops():
   assert len({c.tobytes() for c in crops}) == 4
 
 
-# ---- folder -------------------------------------------------------------------------------------
+# ---- folder --------------------------------------------------------------------------------------
 
 
 def _save(image, path, **kwargs):
@@ -225,7 +235,207 @@ def test_folder_without_images_fails_clearly(tmp_path):
     folder.prepare(_config(source="folder", path=str(tmp_path)))
 
 
-# ---- celeb_a ------------------------------------------------------------------------------------
+def _tree(root, names, size=(64, 64)):
+  """Writes a small distinct PNG for each relative name under `root`; returns str(root)."""
+  for i, name in enumerate(names):
+    _save(Image.new("RGB", size, (i % 256, (7 * i) % 256, 100)), os.path.join(str(root), name))
+  return str(root)
+
+
+def _snapshot(root):
+  """Every path under `root` with its size and mtime: equal snapshots = nothing written."""
+  out = {}
+  for dirpath, dirs, files in os.walk(root):
+    for name in dirs + files:
+      stat = os.stat(os.path.join(dirpath, name))
+      out[os.path.relpath(os.path.join(dirpath, name), root)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+def _paths_of(config, split):
+  source = folder.open_split(config, split)
+  paths = [source.records[i]["path"] for i in range(source.num_examples)]
+  return sorted(p.decode() if isinstance(p, bytes) else p for p in paths)
+
+
+# ---- folder: data.split_by -----------------------------------------------------------------------
+
+LFW_PATTERN = r"(.+)_\d+$"
+
+
+def test_split_by_groups_never_straddle_the_split():
+  people = [f"Person_{i}" for i in range(300)]
+  names = [f"{p}_{k:04d}.png" for j, p in enumerate(people) for k in range(1, 2 + j % 4)]
+  assert folder.group_of("Ann_Lee_0002.png", LFW_PATTERN) == "Ann_Lee"
+  assert folder.group_of("lfw/Ann_Lee/Ann_Lee_0002.jpg", LFW_PATTERN) == "lfw/Ann_Lee/Ann_Lee"
+  side = {}
+  for name in names:
+    side.setdefault(folder.group_of(name, LFW_PATTERN), set()).add(
+      folder.split_of(name, 0.2, LFW_PATTERN))
+  assert len(side) == len(people) and all(len(s) == 1 for s in side.values())
+  held = sum("validation" in s for s in side.values())
+  assert 30 < held < 90  # ~20 % of the groups
+  # Without split_by the same files straddle: that is what split_by is for.
+  by_file = {}
+  for name in names:
+    by_file.setdefault(folder.group_of(name, LFW_PATTERN), set()).add(folder.split_of(name, 0.2))
+  assert any(len(s) == 2 for s in by_file.values())
+
+
+def test_split_by_tiny_folder_moves_a_whole_group():
+  names = [f"{p}_{k:04d}.png" for p in ("Ann", "Bob") for k in range(1, 4)]
+  for fraction in (1e-12, 1 - 1e-12):  # every group hashes to one side; one group is moved
+    splits = folder._assign_splits(names, fraction, LFW_PATTERN)  # pylint: disable=protected-access
+    assert sorted(len(v) for v in splits.values()) == [3, 3]
+    for rels in splits.values():
+      assert len({folder.group_of(r, LFW_PATTERN) for r in rels}) == 1
+  one_group = [f"Ann_{k:04d}.png" for k in range(1, 4)]
+  splits = folder._assign_splits(one_group, 0.5, LFW_PATTERN)  # pylint: disable=protected-access
+  assert sorted(len(v) for v in splits.values()) == [0, 3]  # never split a group
+
+
+def test_split_by_prepared_folder_keeps_groups_together(tmp_path, caplog):
+  names = [f"Name{p}_{k:04d}.png" for p in range(10) for k in range(1, 4)] + ["odd.png"]
+  root = _tree(tmp_path / "faces", names)
+  caplog.set_level(logging.INFO)
+  config = _config(source="folder", path=root, split_by=LFW_PATTERN, validation_fraction=0.3)
+  prepared = folder.prepare(config)
+  assert sum(prepared.report.split_sizes.values()) == len(names)
+  sides = {split: _paths_of(config, split) for split in ("train", "validation")}
+  assert sides["train"] and sides["validation"]
+  groups = {s: {folder.group_of(p, LFW_PATTERN) for p in ps} for s, ps in sides.items()}
+  assert not groups["train"] & groups["validation"]
+  assert "11 groups" in caplog.text and "1 file(s) matched no group" in caplog.text
+  # The pattern is part of the fingerprint: without it, a different build.
+  assert folder.prepare(_config(source="folder", path=root)).directory != prepared.directory
+
+
+@pytest.mark.parametrize("pattern, message", [
+  ("(.+_\\d+$", "not a regular expression"),
+  (".+_\\d+$", "has no (group)"),
+])
+def test_split_by_bad_pattern_is_a_config_error(tmp_path, pattern, message):
+  with pytest.raises(ConfigError, match="data.split_by") as error:
+    folder.split_pattern(pattern)
+  assert message in str(error.value)
+  root = _tree(tmp_path / "imgs", ["a_0001.png", "b_0001.png"])
+  with pytest.raises(ConfigError, match="^data.split_by: "):
+    folder.prepare(_config(source="folder", path=root, split_by=pattern))
+
+
+def test_split_by_that_matches_nothing_warns(tmp_path, caplog):
+  root = _tree(tmp_path / "imgs", ["a.png", "b.png", "c.png"])
+  caplog.set_level(logging.INFO)
+  folder.prepare(_config(source="folder", path=root, split_by=LFW_PATTERN))
+  assert "matched no file name" in caplog.text
+
+
+# ---- folder: data.eval_path ----------------------------------------------------------------------
+
+
+def test_eval_path_is_the_held_out_split(tmp_path):
+  train = _tree(tmp_path / "train", [f"t{i}.png" for i in range(5)])
+  held = _tree(tmp_path / "held", [f"h{i}.png" for i in range(3)] + ["sub/h3.png"])
+  # validation_fraction would hash some training files out; with eval_path it is not used.
+  config = _config(source="folder", path=train, eval_path=held, validation_fraction=0.9)
+  assert _paths_of(config, "train") == [f"t{i}.png" for i in range(5)]
+  assert _paths_of(config, "validation") == ["h0.png", "h1.png", "h2.png", "sub/h3.png"]
+  assert folder.prepare(config).report.split_sizes == {"train": 5}
+  assert folder.prepare(config, "eval_path").report.split_sizes == {"validation": 4}
+  assert data.num_examples(config, "validation") == 4
+  batches = data.eval_batches(config, "validation", 8, 4, process_index=0, process_count=1)
+  assert sum(b["weight"].sum() for b in batches) == 4
+  # The held-out images are eval_path's, pixel for pixel.
+  source = folder.open_split(config, "validation")
+  np.testing.assert_array_equal(source.eval_image(0), np.full((64, 64, 3), (0, 0, 100)))
+
+
+def test_eval_path_inside_data_path_is_left_out_of_training(tmp_path):
+  root = _tree(tmp_path / "photos", ["a.png", "b.png", "held_out/c.png", "held_out/d.png"])
+  config = _config(source="folder", path=root, eval_path=os.path.join(root, "held_out"))
+  assert _paths_of(config, "train") == ["a.png", "b.png"]
+  assert _paths_of(config, "validation") == ["c.png", "d.png"]
+
+
+def test_eval_path_mistakes_are_config_errors(tmp_path):
+  root = _tree(tmp_path / "photos", ["a.png", "sub/b.png"])
+  for held in (root, str(tmp_path)):  # the same folder, or one that contains data.path
+    with pytest.raises(ConfigError, match="^data.eval_path: .*training images"):
+      folder.open_split(_config(source="folder", path=os.path.join(root, "sub"),
+                                eval_path=held), "validation")
+  with pytest.raises(ConfigError, match="^data.eval_path: only data.source='folder'"):
+    data.num_examples(_config(source="synthetic", eval_path=root), "validation")
+  with pytest.raises(source_lib.DataUnavailableError, match="data.eval_path: .* not a directory"):
+    folder.prepare(_config(source="folder", path=root, eval_path=str(tmp_path / "no")), "eval_path")
+
+
+# ---- folder: where the prepared data goes, and what the console shows ----------------------------
+
+
+def test_default_cache_is_the_user_cache_not_the_photo_folder(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert folder.default_cache_dir() == str(tmp_path / "xdg" / "hvae" / "datasets")
+  monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored (XDG rule)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert folder.default_cache_dir() == str(tmp_path / "home" / ".cache" / "hvae" / "datasets")
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  assert folder.default_cache_dir() == str(tmp_path / "home" / ".cache" / "hvae" / "datasets")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  root = _tree(tmp_path / "photos", [f"p{i}.png" for i in range(4)])
+  before = _snapshot(root)
+  prepared = folder.prepare(_config(source="folder", path=root))
+  assert prepared.directory.startswith(str(tmp_path / "xdg" / "hvae" / "datasets") + os.sep)
+  assert _snapshot(root) == before  # nothing written inside the photo folder
+  explicit = folder.prepare(_config(source="folder", path=root, data_dir=str(tmp_path / "dd")))
+  assert explicit.directory.startswith(str(tmp_path / "dd") + os.sep)
+
+
+def test_read_only_photo_folder_prepares_without_a_flag(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  root = _tree(tmp_path / "photos", ["a.png", "b.png", "sub/c.png"])
+  paths = [os.path.join(d, n) for d, ds, fs in os.walk(root) for n in ds + fs] + [root]
+  for p in paths:
+    os.chmod(p, 0o555 if os.path.isdir(p) else 0o444)
+  try:
+    if os.access(root, os.W_OK):
+      pytest.skip("chmod does not stop this user (root) from writing: not a read-only folder")
+    before = _snapshot(root)
+    prepared = folder.prepare(_config(source="folder", path=root))
+    assert sum(prepared.report.split_sizes.values()) == 3
+    assert _snapshot(root) == before
+  finally:
+    for p in paths:
+      os.chmod(p, 0o755 if os.path.isdir(p) else 0o644)
+
+
+def test_preparing_prints_hvae_lines_not_tfds_download_messages(tmp_path, capfd, caplog):
+  root = _tree(tmp_path / "photos", [f"p{i}.png" for i in range(6)])
+  caplog.set_level(logging.INFO)
+  config = _config(source="folder", path=root)
+  folder.prepare(config)
+  printed = capfd.readouterr()
+  # What a user sees: printed text, warnings, and no INFO line claiming a download (launch.py
+  # shows TFDS's other INFO lines, e.g. "Generating dataset", only with --verbosity=1).
+  warnings = "".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+  console = printed.out + printed.err + warnings
+  for noise in ("Downloading and preparing", "downloaded and prepared", "Unknown size",
+                "dataset_info.json", "Generating", "Shuffling", "examples/s",
+                "custom data configuration"):
+    assert noise not in console, noise
+  assert "Download" not in caplog.text
+  assert "folder source: preparing 6 images from " + root in caplog.text
+  assert "folder source: done in " in caplog.text and "train " in caplog.text
+  for fresh_process in (False, True):
+    caplog.clear()
+    if fresh_process:  # a later run: the build is named once, not at every split opened
+      folder._announced.clear()  # pylint: disable=protected-access
+    for split in ("train", "validation", "train"):
+      folder.open_split(config, split).eval_image(0)
+    assert caplog.text.count("prepared earlier") == int(fresh_process)
+  assert "OpenCV" not in caplog.text + capfd.readouterr().err
+
+
+# ---- celeb_a -------------------------------------------------------------------------------------
 
 
 def test_celeb_a_offline_fails_fast_naming_the_files(tmp_path):

@@ -77,3 +77,19 @@ def test_worst_examples_are_those_with_the_largest_kl():
   worst = diagnostics.worst_examples(kl, [batch], per_level=2)
   assert [int(x[0, 0, 0]) for x in worst[1]["image"]] == [1, 4]
   assert [int(x[0, 0, 0]) for x in worst[2]["image"]] == [2, 0]
+
+
+def test_resample_and_heatmap_grids_label_their_rows_by_level(monkeypatch):
+  calls = []
+  make_grid = diagnostics.images.make_grid
+  monkeypatch.setattr(diagnostics.images, "make_grid",
+                      lambda rows, **kw: calls.append(kw) or make_grid(rows, **kw))
+  L, S, C = 3, 2, 2
+  resampled = np.zeros((L, S, C, 64, 64, 3), np.uint8)
+  image, mask = np.zeros((C, 64, 64, 3), np.uint8), np.ones((C, 64, 64, 1), np.float32)
+  diagnostics.resample_grid(resampled, image, mask)
+  # Rows: context 1 with level 1, 2, 3 varied, then context 2.
+  assert calls[-1]["row_labels"] == ["level 1", "level 2", "level 3"] * C
+  sums = {f"kl_map/{l}": np.ones((64 // 2**l,) * 2) for l in (1, 2)}
+  diagnostics.kl_heatmap_grid(sums, sums, 4, 4, num_levels=3)
+  assert calls[-1]["row_labels"] == ["level 1", "level 2"]  # the 2-D levels only

@@ -51,6 +51,22 @@ def test_grid_labels_add_a_header():
     make_grid(rows, labels=["one"])
 
 
+def test_grid_row_labels_add_a_left_column():
+  rows = [_solid(2, (255, 0, 0), size=32), _solid(2, (0, 0, 255), size=32)]
+  plain = make_grid(rows, labels=["a", "b"])
+  labelled = make_grid(rows, labels=["a", "b"], row_labels=["level 1", "level 2"])
+  assert labelled.shape[0] == plain.shape[0] and labelled.shape[1] > plain.shape[1]
+  side = labelled[:, :labelled.shape[1] - plain.shape[1]]
+  assert (labelled[:, side.shape[1]:] == plain).all()
+  header = plain.shape[0] - make_grid(rows).shape[0]
+  for r in range(2):  # dark text beside each row, none beside the column header
+    y = header + 2 + r * 34
+    assert (side[y:y + 32] < 128).any()
+  assert (side[:header] == 255).all()
+  with pytest.raises(ValueError, match="row labels"):
+    make_grid(rows, row_labels=["level 1"])
+
+
 def test_hole_overlay_sets_exactly_missing_pixels():
   rng = np.random.RandomState(0)
   image = rng.randint(0, 256, (2, 8, 8, 3)).astype(np.uint8)

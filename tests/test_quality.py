@@ -101,3 +101,55 @@ def test_sample_metrics_best_mean_rank_and_mean_fill_in(example):
   assert m["ssim_best"][0] == pytest.approx(1.0)
   assert m["diversity"][0] == pytest.approx((10 + 10 + 20) / 3)
   assert m["seam"][0] == pytest.approx(20 / 3)
+
+
+def test_hf_ratio_is_one_for_the_truth_above_for_noise_below_for_blur(example):
+  image, mask = example
+  assert quality.hf_ratio(image, image, mask) == pytest.approx(1.0)
+  noisy = _shift_hole(image, mask, np.random.RandomState(1).normal(0, 10, image.shape))
+  assert quality.hf_ratio(noisy, image, mask) > 1.2
+  from scipy import ndimage
+
+  blurred = ndimage.gaussian_filter(image, (2, 2, 0))
+  assert quality.hf_ratio(blurred, image, mask) < 0.8
+  # The given pixels of the fill are not read: it is composited into the truth's context.
+  assert quality.hf_ratio(np.where(mask > 0.5, 0.0, image), image, mask) == pytest.approx(1.0)
+
+
+def test_hf_ratio_of_a_flat_truth_stays_finite():
+  mask = centre_mask(1)[0]
+  flat = np.full((64, 64, 3), 90.0)
+  assert quality.hf_ratio(flat, flat, mask) == 1.0
+  checker = flat + 2.0 * ((np.indices((64, 64)).sum(0) % 2)[..., None])  # |lap| = 8 inside
+  ratio = quality.hf_ratio(checker, flat, mask)
+  assert np.isfinite(ratio) and ratio == pytest.approx((8.0 + quality.HF_EPS) / quality.HF_EPS,
+                                                       rel=0.05)
+
+
+def test_paired_by_hand():
+  p = quality.paired([3.0, 1.0, 2.0, 2.0], [1.0, 2.0, 2.0, 0.0])
+  d = np.array([2.0, -1.0, 0.0, 2.0])
+  assert p["diff"] == pytest.approx(0.75) and p["n"] == 4
+  assert p["stderr"] == pytest.approx(d.std(ddof=1) / 2.0)
+  assert p["wins"] == 2 and p["ties"] == 1
+  lower = quality.paired([3.0, 1.0, 2.0, 2.0], [1.0, 2.0, 2.0, 0.0], higher_is_better=False)
+  assert lower["wins"] == 1 and lower["diff"] == pytest.approx(0.75)
+  assert np.isnan(quality.paired([1.0], [0.0])["stderr"])
+
+
+def test_sample_methods_pick_one_fill_in_per_context(example):
+  image, mask = example
+  fills = np.stack([_shift_hole(image, mask, d) for d in (20.0, 5.0, -10.0)])[:, None]
+  scores = np.array([[-1.0], [-5.0], [-3.0]])  # the model prefers the +20 fill-in
+  m = quality.sample_methods(fills, image[None], mask[None], scores)
+  assert list(m) == ["sample", "best_of_N", "ranked", "mean_of_samples"]
+  assert all(set(v) == set(quality.FIGURES) for v in m.values())
+  assert m["best_of_N"]["psnr"][0] == pytest.approx(20 * math.log10(51.0))  # the +5 one
+  assert m["best_of_N"]["l1"][0] == pytest.approx(5.0)
+  assert m["ranked"]["l1"][0] == pytest.approx(20.0)
+  assert m["sample"]["l1"][0] == pytest.approx(35 / 3)
+  assert m["mean_of_samples"]["l1"][0] == pytest.approx(5.0)  # (20 + 5 - 10) / 3
+  legacy = quality.sample_metrics(fills, image[None], mask[None], scores)
+  assert legacy["psnr_best"][0] == m["best_of_N"]["psnr"][0]
+  assert legacy["psnr_rank"][0] == m["ranked"]["psnr"][0]
+  assert legacy["psnr_of_mean"][0] == pytest.approx(m["mean_of_samples"]["psnr"][0])

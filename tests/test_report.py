@@ -255,3 +255,20 @@ def test_launch_report_mode_on_two_workdirs(tmp_path):
   assert (a / "report" / "compare" / "compare.md").is_file()
   proc = _python("launch.py", "--mode=train", f"--workdir={a}", f"--workdir={b}")
   assert proc.returncode != 0 and "one --workdir" in proc.stderr
+
+
+def test_report_title_names_the_experiment_and_the_workdir(tmp_path, monkeypatch):
+  workdir = _write_workdir(tmp_path / "runs" / "quickstart_det", _hvae_rows())
+  monkeypatch.chdir(tmp_path)
+  run = report.load_run("runs/quickstart_det")
+  assert report.title(run) == "runs/quickstart_det"  # no run_info.json: the path alone
+  (workdir / "run_info.json").write_text(json.dumps({"command": [
+      "launch.py", "--config=experiments/quickstart.py:deterministic",
+      "--workdir=runs/quickstart_det", "--config.train.num_steps=20"]}))
+  assert report.title(run) == "experiments/quickstart.py:deterministic — runs/quickstart_det"
+  md = (pathlib.Path(report.write_report("runs/quickstart_det")) / "report.md").read_text()
+  assert md.startswith(
+      "# Report: experiments/quickstart.py:deterministic — runs/quickstart_det\n")
+  assert "Overrides: `--config.train.num_steps=20`" in md
+  (workdir / "run_info.json").write_text("{not json")
+  assert report.command_of(str(workdir)) == (None, [])

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import math
 import os
 
@@ -11,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from hvae.writers import MetricWriter, read_metrics
+from hvae.writers import MetricWriter, eval_summary, read_metrics
 
 
 def _tensorboard_scalars(workdir: str) -> dict[str, dict[int, float]]:
@@ -105,3 +106,30 @@ def test_non_zero_process_writes_nothing(tmp_path):
     writer.write_hparams({"seed": 0})
   assert not os.path.exists(workdir)
   assert read_metrics(str(workdir)) == []
+
+
+def test_metrics_go_to_files_not_the_console(tmp_path, caplog):
+  caplog.set_level(logging.DEBUG)
+  with MetricWriter(str(tmp_path), process_index=0) as writer:
+    writer.write_scalars(7, {"train/loss": 2.5, "eval/kl_p99/level_1": 3.0})
+    writer.write_images(7, {"fill_ins": np.zeros((4, 4, 3), np.uint8)})
+  assert "train/loss" not in caplog.text and "kl_p99" not in caplog.text
+  assert "Got images" not in caplog.text
+  assert read_metrics(str(tmp_path)) == [
+      {"step": 7, "train/loss": 2.5, "eval/kl_p99/level_1": 3.0}]
+  assert set(_tensorboard_scalars(str(tmp_path))) == {"train/loss", "eval/kl_p99/level_1"}
+
+
+def test_eval_summary_is_one_short_line():
+  metrics = {"eval/bpd": 6.13912, "eval_train/bpd": 5.30111, "gap/bpd": 0.83801,
+             "eval/kl/level_1": 12.3456, "eval/kl/level_2": 4.5678, "eval/kl/level_3": 0.78,
+             "eval_train/kl/level_1": 11.0, "eval/kl_p99/level_1": 40.0,
+             "eval/active_units/level_1": 1, "gap/kl/level_1": 1.3, "eval/wall_time": 5.2}
+  line = eval_summary(500, metrics, [3], 5.21)
+  assert line == ("eval step 500: bpd 6.139 (train-split 5.301, gap 0.838)  held-out KL L1 12.3 "
+                  "L2 4.57 L3 0.78  verdict: level 3 overfits  (5.2 s)")
+  assert "\n" not in line and len(line) < 150
+  assert "verdict: levels 1, 3 overfit" in eval_summary(1, metrics, [3, 1])
+  assert "verdict: no level overfits" in eval_summary(1, metrics, [])
+  deterministic = eval_summary(9, {"eval/bpd": float("nan"), "eval_train/bpd": 5.0})
+  assert deterministic == "eval step 9: bpd nan (train-split 5.000)"

@@ -23,6 +23,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from hvae import console
 from hvae.data import images
 from hvae.data import source as source_lib
 
@@ -38,6 +39,7 @@ MANUAL_FILES = (
 
 
 def _builder(config):
+  console.import_tensorflow()  # TFDS uses it; without its C++ start-up banner
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
   return tfds.builder(NAME, data_dir=config.data.data_dir or None)

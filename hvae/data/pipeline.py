@@ -29,6 +29,7 @@ from absl import flags
 
 from hvae.data import celeb_a, embedded, folder, masks, synthetic
 from hvae.data import source as source_lib
+from hvae.errors import ConfigError
 
 # Each module provides open_split(config, split) and split_names(config).
 SOURCES: dict[str, types.ModuleType] = {
@@ -44,11 +45,15 @@ _PREFETCH_BATCHES = 4
 def _source(config) -> types.ModuleType:
   name = config.data.source
   try:
-    return SOURCES[name]
+    module = SOURCES[name]
   except KeyError:
     raise ValueError(
       f"data.source: unknown source {name!r}; valid sources: {', '.join(SOURCES)}"
     ) from None
+  if config.data.get("eval_path", "") and name != "folder":
+    raise ConfigError(f"data.eval_path: only data.source='folder' reads it (data.source is "
+                      f"{name!r}); leave it empty")
+  return module
 
 
 def open_split(config, split: str) -> source_lib.SplitSource:

@@ -81,7 +81,7 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, u: jnp.ndarray, skip: jnp.ndarray | None) -> jnp.ndarray:
-    h = u
+    h = u if u.shape[-1] == self.width else layers.conv(self.width, 1, name="in_proj")(u)
     if skip is not None:
       h = h + layers.conv(self.width, 1, name="skip")(skip)
     for b in range(self.num_blocks):
@@ -108,11 +108,11 @@ class Level(nn.Module):
         self.p_head = head()
       if self.is_top:
         r = cfg.resolution(l)
-        self.z_proj = nn.Dense(r * r * cfg.width)
+        self.z_proj = nn.Dense(r * r * cfg.level_width(l))
       else:
-        self.z_proj = layers.conv(cfg.width, 1)
+        self.z_proj = layers.conv(cfg.level_width(l), 1)
     if not self.is_top:
-      self.decoder = DecoderBlock(cfg.width, cfg.blocks_per_level)
+      self.decoder = DecoderBlock(cfg.level_width(l), cfg.blocks_per_level)
 
   def decode(self, u, skip):
     """d_l = f_l(u, [h^p_l]) for the upsampled state u."""
@@ -143,6 +143,8 @@ class OutputHead(nn.Module):
 
   @nn.compact
   def __call__(self, u, h_p0, a_p):
+    if u.shape[-1] != self.width:
+      u = layers.conv(self.width, 1, name="in_proj")(u)
     h = u + layers.conv(self.width, 3, name="context")(a_p)
     if self.context_skips:
       h = h + layers.conv(self.width, 1, name="skip")(h_p0)
@@ -169,7 +171,8 @@ class HVAE(nn.Module):
 
   @property
   def likelihood(self) -> likelihoods.Likelihood:
-    return likelihoods.get(self.config.likelihood, self.config.num_mixtures)
+    return likelihoods.get(self.config.likelihood, self.config.num_mixtures,
+                           self.config.likelihood_grad == "scaled")
 
   @nn.compact
   def __call__(
@@ -219,7 +222,8 @@ class HVAE(nn.Module):
       raise ValueError("a level draws from the posterior but compute_posterior=False")
 
     a_q, a_p = preprocess(image, mask)
-    trunk = Trunk(cfg.width, L, cfg.blocks_per_level, name="trunk")
+    trunk = Trunk(tuple(cfg.level_width(l) for l in range(L + 1)), L, cfg.blocks_per_level,
+                  name="trunk")
     h_p = trunk(a_p)
     h_q = None
     if compute_posterior:

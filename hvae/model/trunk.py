@@ -17,30 +17,33 @@ class Trunk(nn.Module):
   """Conv-pool feature extractor.
 
   Attributes:
-    width: channels at every resolution.
+    widths: channels at each resolution, (w_0 at 64x64, w_1, ..., w_L); where w_l differs from
+      w_{l-1}, a 1x1 convolution `g{l}_proj` after the pool changes the width.
     num_levels: L; the last output is at 64 / 2^L.
     blocks_per_level: residual blocks before each 2x pool.
   """
 
-  width: int
+  widths: tuple[int, ...]
   num_levels: int
   blocks_per_level: int
 
   @nn.compact
   def __call__(self, a: jnp.ndarray, extra: jnp.ndarray | None = None) -> list[jnp.ndarray]:
-    """Returns [h_0 ([B,64,64,W]), h_1 ([B,32,32,W]), ..., h_L ([B,64/2^L,64/2^L,W])].
+    """Returns [h_0 ([B,64,64,w_0]), h_1 ([B,32,32,w_1]), ..., h_L ([B,64/2^L,64/2^L,w_L])].
 
     Args:
       a: [B, 64, 64, 4] input (image in [-1, 1] and a mask/ones channel).
-      extra: optional [B, 64, 64, W] added to h_0 (the posterior's own view of the mask).
+      extra: optional [B, 64, 64, w_0] added to h_0 (the posterior's own view of the mask).
     """
-    h = layers.conv(self.width, 3, name="stem")(a)
+    h = layers.conv(self.widths[0], 3, name="stem")(a)
     if extra is not None:
       h = h + extra
     hs = [h]
     for level in range(1, self.num_levels + 1):
       for b in range(self.blocks_per_level):
-        h = layers.ResBlock(self.width, name=f"g{level}_block{b}")(h)
+        h = layers.ResBlock(self.widths[level - 1], name=f"g{level}_block{b}")(h)
       h = layers.downsample(h)
+      if self.widths[level] != self.widths[level - 1]:
+        h = layers.conv(self.widths[level], 1, name=f"g{level}_proj")(h)
       hs.append(h)
     return hs

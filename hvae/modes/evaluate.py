@@ -1,26 +1,35 @@
-"""`--mode=eval`: the likelihood and sample quality of a trained run (see docs/evaluation.md).
+"""`--mode=eval`: the likelihood and fill-in quality of a trained run (see docs/evaluation.md).
 
   python launch.py --mode=eval --workdir=runs/quickstart [--checkpoint=best|latest|STEP]
-      [--split=validation|test] [--mask=centre|boxes|freeform] [--num_samples=N]
-      [--temperature=TAU or TAU_1,...,TAU_L]
+      [--split=validation|test|train | --input=IMAGE_OR_FOLDER] [--mask=...] [--num_samples=N]
+      [--temperature=TAU or TAU_1,...,TAU_L] [--baselines=biharmonic,ring_mean|none]
 
-Over the first `eval.num_examples` examples of the split (evaluation masks, deterministic):
-* `{split}/iw_bpd`, `{split}/iw_ess`: the importance-weighted bound with K = `eval.iw_samples`
+Over the first `eval.num_examples` examples of the split (evaluation masks, deterministic), or
+over exactly the images of --input (complete images, cropped/resized as `--mode=inpaint` does,
+masks from --mask, default `data.eval_mask`):
+* `{prefix}/iw_bpd`, `{prefix}/iw_ess`: the importance-weighted bound with K = `eval.iw_samples`
   and its effective sample size, next to the ELBO (`bpd`, `recon_bpd`, per-level `kl`);
-* N = `eval.num_samples` fill-ins per context at the chosen temperature: `psnr_best`,
-  `psnr_mean`, `psnr_rank` (the fill-in with the highest IW bound, K = `RANK_SAMPLES`, with the
-  fill-in as the image), `psnr_of_mean`, `ssim`, `ssim_best`, `l1`, `l1_best`, `diversity`,
-  `seam` (hvae/quality.py).
-The prefix is `eval/` for the validation split, `test/` for the test split, `eval_train/` for
-the training split. Written to WORKDIR/eval/results.json (with K, N, mask, split, checkpoint
-step), to TensorBoard and metrics.jsonl in WORKDIR/eval (at the checkpoint's step), and as the
-image grid WORKDIR/eval/grid.png.
+* a table of fill-in *methods* x figures (hvae/quality.py: psnr, ssim, l1, hf_ratio, seam):
+  the model's `mode`, `mean` (the likelihood's mean averaged over N latent draws), `sample`
+  (single samples, averaged over N), `best_of_N` (oracle), `ranked` (the sample with the
+  highest IW bound, K = `RANK_SAMPLES`, with the fill-in as the image), `mean_of_samples`, and
+  the classical baselines (hvae/baselines.py); each method is paired with the reference
+  baseline (the first of --baselines, `biharmonic` by default): mean PSNR/SSIM difference, its
+  standard error and the examples it wins. Names `{prefix}/{method}/{figure}`,
+  `{prefix}/{method}/{psnr|ssim}_vs_{reference}[_stderr|_wins]`;
+* the figures of earlier versions, over the N samples: `psnr_best`, `psnr_mean`, `psnr_rank`,
+  `psnr_of_mean`, `ssim`, `ssim_best`, `l1`, `l1_best`, `diversity`, `seam`.
+The prefix is `eval/` for the validation split and for --input, `test/` for the test split,
+`eval_train/` for the training split. Written to OUT/results.json, OUT/table.md (the methods
+table, also printed), TensorBoard and metrics.jsonl in OUT (at the checkpoint's step) and the
+grid OUT/grid.png; OUT is WORKDIR/eval, WORKDIR/eval/INPUT_NAME with --input, or --output.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -30,70 +39,265 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from hvae import api, data, evaluation, images, objective, quality
+from hvae import api, baselines, data, evaluation, images, objective, quality, sampling
 from hvae.data import masks as masks_lib
 from hvae.train import latent_dims
 from hvae.writers import MetricWriter
 
 RANK_SAMPLES = 8  # K of the IW bound that scores each fill-in for reranking (at most eval K)
 PREFIXES = {"validation": "eval", "test": "test", "train": "eval_train"}
+MODEL_FILLS = ("samples", "mode", "mean")  # what the model is asked for (`--fill` of inpaint)
+PAIRED = ("psnr", "ssim")  # figures compared with the reference baseline, example by example
+LEGACY = ("psnr_best", "psnr_mean", "psnr_rank", "psnr_of_mean", "ssim", "ssim_best", "l1",
+          "l1_best", "diversity", "seam")  # sample figures of earlier versions, kept by name
+SWEEP_TEMPERATURES = (0.0, 0.5, 0.7, 0.85, 1.0)
+
+parse_temperature = sampling.parse_temperature  # re-exported: modes and tests import it here
 
 
-def parse_temperature(text: str | float | Sequence[float]) -> float | tuple[float, ...]:
-  """"0.8" -> 0.8 (every level); "0.5,0.8,1" -> a per-level tuple (level 1 = finest first)."""
-  if isinstance(text, int | float):
-    return float(text)
-  if not isinstance(text, str):
-    return tuple(float(t) for t in text)
-  try:
-    values = tuple(float(t) for t in text.split(",") if t.strip())
-  except ValueError:
-    raise ValueError(f"--temperature: {text!r} is not a number or a comma-separated list") from None
-  if not values or any(v < 0 for v in values):
-    raise ValueError(f"--temperature: {text!r} must be one or more non-negative numbers")
-  return values[0] if len(values) == 1 else values
+def resolve_temperature(value, config) -> float | tuple[float, ...]:
+  """--temperature when given (a number, "TAU_1,...,TAU_L" or a tuple), else the run's default."""
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return sampling.default_temperature(config)
+  return parse_temperature(value)
 
 
-def _summarize(rows: dict[str, np.ndarray], prefix: str, dims: tuple[int, ...]) -> dict[str, float]:
-  """Dataset figures: the ELBO part exactly as during training (`evaluation.summarize`), plus
-  the IW bound (bits/dim as sum(nats) / (sum(D) ln 2)) and the sample-quality means."""
-  m = evaluation.summarize({k: rows[k] for k in ("recon", "kl", "num_dims")}, dims)
-  to_bpd = 1.0 / (rows["num_dims"].sum() * objective.LN2)
-  m["iw_bpd"] = -rows["iw_log_px"].sum() * to_bpd
-  m["iw_ess"] = rows["iw_ess"].mean()
-  for name in ("psnr_best", "psnr_mean", "psnr_rank", "psnr_of_mean", "ssim", "ssim_best", "l1",
-               "l1_best", "diversity", "seam"):
-    m[name] = rows[name].mean()
+def model_fills(model: api.Inpainter, image: np.ndarray, mask: np.ndarray, *, num_samples: int,
+                temperature, rng: jax.Array, rank_samples: int | None = None,
+                fills: Sequence[str] = MODEL_FILLS,
+                baseline_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """Every fill-in of one batch: the model's and the baselines'.
+
+  Args:
+    model: the loaded run.
+    image: [B, 64, 64, 3] uint8 images.
+    mask: [B, 64, 64, 1], 1 = given.
+    num_samples: N, samples and latent draws of `mean`.
+    temperature: tau of the samples and of `mean`.
+    rng: PRNG key.
+    rank_samples: K of the IW bound that scores each sample (None: not scored).
+    fills: which of "samples", "mode", "mean" to draw.
+    baseline_names: classical fill-ins (hvae.baselines) to add.
+
+  Returns:
+    uint8 composites: "samples" [N, B, ...] (with "scores" [N, B], nats, when ranked), "mode" and
+    "mean" [B, ...], and one [B, ...] per baseline.
+  """
+  keys = jax.random.split(rng, 3)
+  out = {}
+  if "samples" in fills:
+    out["samples"] = model.fill_in(image, mask, n=num_samples, temperature=temperature,
+                                   seed=keys[0])
+    if rank_samples:
+      flat = out["samples"].reshape((-1,) + out["samples"].shape[2:])
+      out["scores"] = model.score(flat, np.tile(mask, (num_samples, 1, 1, 1)), k=rank_samples,
+                                  seed=keys[1]).reshape(num_samples, -1)
+  if "mode" in fills:
+    out["mode"] = model.mode(image, mask)
+  if "mean" in fills:
+    out["mean"] = model.mean(image, mask, n=num_samples, temperature=temperature, seed=keys[2])
+  for name in baseline_names:
+    out[name] = baselines.fill_batch(name, image, mask)
+  return out
+
+
+def method_figures(outputs: dict[str, np.ndarray], truth: np.ndarray,
+                   mask: np.ndarray) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+  """Per-example figures of every method of `model_fills`' outputs, against the truth.
+
+  Returns:
+    ({method: {figure: [B]}} in table order: mode, mean, sample, best_of_N, ranked,
+    mean_of_samples, baselines; and the legacy sample figures {name: [B]} (empty without
+    samples)).
+  """
+  methods, legacy = {}, {}
+  for name in ("mode", "mean"):
+    if name in outputs:
+      methods[name] = quality.batch_figures(outputs[name], truth, mask)
+  if "samples" in outputs:
+    scores = outputs.get("scores")
+    per = quality.per_sample_figures(outputs["samples"], truth, mask)
+    methods.update(quality.sample_methods(outputs["samples"], truth, mask, scores, per))
+    legacy = quality.sample_metrics(outputs["samples"], truth, mask, scores, per)
+  for name in baselines.BASELINES:
+    if name in outputs:
+      methods[name] = quality.batch_figures(outputs[name], truth, mask)
+  return methods, legacy
+
+
+def methods_summary(per_example: dict[str, dict[str, np.ndarray]],
+                    reference: str | None) -> dict[str, dict[str, float]]:
+  """{method: {figure: mean over examples, psnr_vs_REF, psnr_vs_REF_stderr, ..._wins, ...}}.
+
+  Args:
+    per_example: {method: {figure: [n]}} over the same n examples.
+    reference: the method every other one is paired with (None: no paired figures).
+  """
+  table = {}
+  for method, figs in per_example.items():
+    row = {k: float(np.mean(v)) for k, v in figs.items()}
+    if reference in per_example and method != reference:
+      for fig in PAIRED:
+        p = quality.paired(figs[fig], per_example[reference][fig],
+                           quality.HIGHER_IS_BETTER[fig])
+        name = f"{fig}_vs_{reference}"
+        row[name], row[f"{name}_stderr"], row[f"{name}_wins"] = p["diff"], p["stderr"], p["wins"]
+    table[method] = row
+  return table
+
+
+def _paired_cell(row: dict, name: str, n: int, digits: int) -> str:
+  if name not in row:
+    return "—"
+  se = row[f"{name}_stderr"]
+  se = "" if not math.isfinite(se) else f" ± {se:.{digits}f}"
+  return f"{row[name]:+.{digits}f}{se} ({row[f'{name}_wins']}/{n})"
+
+
+def format_table(table: dict[str, dict[str, float]], reference: str | None, num_examples: int,
+                 title: str = "") -> str:
+  """The methods table as markdown (a title line, the table, a legend)."""
+  head = ["method", "PSNR (dB)", "SSIM", "L1", "hf_ratio", "seam"]
+  paired = reference is not None and any(f"psnr_vs_{reference}" in r for r in table.values())
+  if paired:
+    head += [f"ΔPSNR vs {reference}", f"ΔSSIM vs {reference}"]
+  lines = ([title, ""] if title else []) + ["| " + " | ".join(head) + " |",
+                                             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1))
+                                             + "|"]
+  for method, row in table.items():
+    cells = [method, f"{row['psnr']:.2f}", f"{row['ssim']:.4f}", f"{row['l1']:.2f}",
+             f"{row['hf_ratio']:.3f}", f"{row['seam']:.2f}"]
+    if paired:
+      cells += [_paired_cell(row, f"psnr_vs_{reference}", num_examples, 2),
+                _paired_cell(row, f"ssim_vs_{reference}", num_examples, 4)]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"Means over {num_examples} example(s), on the hole (SSIM: its box grown by 4 px). "
+            "L1 and seam in grey levels (lower is better); hf_ratio: the fill-in's mean "
+            "|Laplacian| on the hole over the truth's (1 = as detailed as the truth, < 1 "
+            "smoother). best_of_N is an oracle (it picks the sample closest to the truth)."]
+  if paired:
+    lines.append(f"Δ vs {reference}: mean paired difference ± its standard error (examples "
+                 f"where the method is strictly better / all).")
+  return "\n".join(lines) + "\n"
+
+
+def _summarize(rows: dict[str, np.ndarray], prefix: str, dims: tuple[int, ...],
+               table: dict[str, dict[str, float]]) -> dict[str, float]:
+  """Dataset figures: the ELBO part exactly as during training (`evaluation.summarize`), the IW
+  bound (bits/dim as sum(nats) / (sum(D) ln 2)), the legacy sample means and the table."""
+  m = {}
+  if "iw_log_px" in rows:
+    m = evaluation.summarize({k: rows[k] for k in ("recon", "kl", "num_dims")}, dims)
+    to_bpd = 1.0 / (rows["num_dims"].sum() * objective.LN2)
+    m["iw_bpd"] = -rows["iw_log_px"].sum() * to_bpd
+    m["iw_ess"] = rows["iw_ess"].mean()
+  for name in LEGACY:
+    if name in rows:
+      m[name] = rows[name].mean()
+  for method, row in table.items():
+    m.update({f"{method}/{k}": v for k, v in row.items()})
   return {f"{prefix}/{k}": float(v) for k, v in m.items()}
 
 
-def _grid(fills: np.ndarray, scores: np.ndarray, image: np.ndarray, mask: np.ndarray,
-          num_rows: int) -> np.ndarray:
-  """context | truth | fill-ins, most likely first | mean, for the first `num_rows` examples."""
-  order = np.argsort(-scores, axis=0)  # [N, B], best first per example
-  ranked = np.take_along_axis(fills, order[..., None, None, None], axis=0)
-  rows = evaluation.fill_in_grid_rows(ranked[:, :num_rows], image[:num_rows], mask[:num_rows])
-  labels = (["context", "truth"] + [f"rank {i + 1}" for i in range(fills.shape[0])] + ["mean"])
+def fill_grid(outputs: dict[str, np.ndarray], image: np.ndarray, mask: np.ndarray,
+              num_rows: int, reference: str | None, truth_label: str = "truth") -> np.ndarray:
+  """context | truth | reference baseline | mode | mean | samples (most likely first), labelled;
+  columns of fill-ins not in `outputs` are left out."""
+  cols, labels = [images.hole_overlay(image, mask), image], ["context", truth_label]
+  for name in (reference, "mode", "mean"):
+    if name is not None and name in outputs:
+      cols.append(outputs[name])
+      labels.append(name)
+  if "samples" in outputs:
+    samples = outputs["samples"]
+    if "scores" in outputs:
+      order = np.argsort(-outputs["scores"], axis=0, kind="stable")  # [N, B], best first
+      samples = np.take_along_axis(samples, order[..., None, None, None], axis=0)
+    cols += list(samples)
+    word = "rank" if "scores" in outputs else "sample"
+    labels += [f"{word} {i + 1}" for i in range(samples.shape[0])]
+  rows = [np.stack([np.asarray(c[b]) for c in cols]) for b in range(num_rows)]
   return images.make_grid(rows, labels=labels, scale=2)
+
+
+def input_name(path: str) -> str:
+  """The folder's or file's name without extension: WORKDIR/eval/NAME for --input=PATH."""
+  base = os.path.basename(os.path.normpath(os.path.abspath(path)))
+  return (os.path.splitext(base)[0] if os.path.isfile(path) else base) or "input"
+
+
+def input_batches(input_path: str, mask: str | None, config: ml_collections.ConfigDict,
+                  batch_size: int) -> list[dict]:
+  """Batches like `data.eval_batches` (image, mask, weight, index, plus name) of the images at
+  `input_path`, loaded as `--mode=inpaint` loads them; the last batch padded with weight 0."""
+  from hvae.modes import inpaint  # inpaint imports this module
+
+  names, pixels = [], []
+  for name, path in inpaint.list_inputs(input_path):
+    image = inpaint.load_image(path, config.data.get("small_images", "upscale"))
+    if image is not None:
+      names.append(name)
+      pixels.append(image)
+  if not pixels:
+    raise ValueError(f"--input: no readable image in {input_path}")
+  pixels = np.stack(pixels)
+  masks = inpaint.make_masks(mask or config.data.eval_mask, len(pixels), int(config.seed))
+  names = np.array(names)
+  batches = []
+  for idx, real in inpaint.padded_batches(len(pixels), min(batch_size, len(pixels))):
+    weight = (np.arange(len(idx)) < real).astype(np.float32)
+    batches.append({"image": pixels[idx], "mask": masks[idx], "weight": weight,
+                    "index": idx.astype(np.int32), "name": names[idx]})
+  return batches
+
+
+def _json_safe(value):
+  """NaN and infinities -> None, recursively (strict JSON)."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def write_json(path: str, value) -> None:
+  """Writes strict JSON atomically (a reader never sees half a file)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(_json_safe(value), f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
         checkpoint: str | int = "best", split: str = "validation", mask: str | None = None,
-        ema: bool = True, temperature: float | Sequence[float] | str = 1.0,
-        num_samples: int | None = None, iw_samples: int | None = None) -> dict:
-  """Evaluates a trained run and writes WORKDIR/eval/{results.json, grid.png} and TensorBoard.
+        ema: bool = True, temperature: float | Sequence[float] | str | None = None,
+        num_samples: int | None = None, iw_samples: int | None = None,
+        input_path: str | None = None, output: str | None = None,
+        baseline_names: str | Sequence[str] = baselines.DEFAULT, likelihood: bool = True,
+        model: api.Inpainter | None = None) -> dict:
+  """Evaluates a trained run and writes OUT/{results.json, table.md, grid.png} and TensorBoard.
 
   Args:
     workdir: the run directory.
     config: the experiment config (default WORKDIR/config.json); its `eval` section sets
-      num_examples, batch_size, num_samples (N), iw_samples (K) and num_grid_examples.
+      num_examples, batch_size, num_samples (N), iw_samples (K), num_grid_examples and the
+      default temperature.
     checkpoint: "best", "latest" or a step.
-    split: validation (default), test (only read when asked for) or train.
-    mask: centre | boxes | freeform, overriding config.data.eval_mask.
+    split: validation (default), test (only read when asked for) or train; not with input_path.
+    mask: centre | boxes | freeform (with input_path also box:X,Y,W,H or a mask image),
+      overriding config.data.eval_mask.
     ema: evaluate the EMA parameters (default) or the raw ones.
-    temperature: tau of the fill-ins, global or per level (or a string for parse_temperature).
+    temperature: tau of the fill-ins, global or per level (or a string for parse_temperature);
+      None = eval.temperature, else `sampling.DEFAULT_TEMPERATURE`.
     num_samples: N, overriding eval.num_samples.
     iw_samples: K, overriding eval.iw_samples.
+    input_path: score exactly these complete images (a file or a folder) instead of the split.
+    output: the output folder (default WORKDIR/eval, WORKDIR/eval/INPUT_NAME with input_path).
+    baseline_names: "biharmonic,ring_mean" (default), "none", or a sequence of names; the first
+      is the reference of the paired figures.
+    likelihood: compute the IW bound and the ELBO (False: fill-in figures only).
+    model: an already loaded run (then workdir, config, checkpoint and ema are not read).
 
   Returns:
     The results dict written to results.json.
@@ -101,63 +305,148 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   t0 = time.perf_counter()
   if split not in PREFIXES:
     raise ValueError(f"--split: {split!r} is not one of {', '.join(PREFIXES)}")
-  temperature = parse_temperature(temperature)
-  model = api.load(workdir, checkpoint, ema, config=config)
-  cfg = copy.deepcopy(model.config)
-  if mask:
+  if input_path and split != "validation":
+    raise ValueError("--split does not apply with --input (the images given are scored)")
+  names = (baselines.parse(baseline_names) if isinstance(baseline_names, str | None)
+           else baselines.parse(",".join(baseline_names)))
+  reference = names[0] if names else None
+  model = model or api.load(workdir, checkpoint, ema, config=config)
+  cfg = copy.deepcopy(config if config is not None else model.config)
+  temperature = resolve_temperature(temperature, cfg)
+  model.temperatures(temperature)  # a per-level tuple of the wrong length fails here
+  if mask and not input_path:
     masks_lib.get_maker(mask)  # fails with the valid names
     cfg.data.eval_mask = mask
   e = cfg.eval
   k = int(iw_samples or e.iw_samples)
   n = int(num_samples or e.num_samples)
   rank_k = min(RANK_SAMPLES, k)
-  prefix = PREFIXES[split]
-  batches = data.eval_batches(cfg, split, int(e.num_examples), int(e.batch_size))
+  prefix = "eval" if input_path else PREFIXES[split]
+  if input_path:
+    batches = input_batches(input_path, mask, cfg, int(e.batch_size))
+    mask_name = mask or cfg.data.eval_mask
+  else:
+    batches = data.eval_batches(cfg, split, int(e.num_examples), int(e.batch_size))
+    mask_name = cfg.data.eval_mask
+  out_dir = output or os.path.join(workdir, "eval", *([input_name(input_path)] if input_path
+                                                      else []))
   rng = jax.random.PRNGKey(cfg.seed)
-  logging.info("eval: %s step %d, %s split, %d examples, mask %s, K=%d, N=%d", workdir,
-               model.step, split, int(sum(b["weight"].sum() for b in batches)),
-               cfg.data.eval_mask, k, n)
+  logging.info("eval: %s step %d, %s, %d examples, mask %s, K=%d, N=%d, tau %s, baselines %s",
+               workdir, model.step, input_path or f"{split} split",
+               int(sum(b["weight"].sum() for b in batches)), mask_name, k, n, temperature,
+               ",".join(names) or "none")
 
-  rows, grid = {}, None
+  rows, methods, grid = {}, {}, None
   for i, batch in enumerate(batches):
-    keys = jax.random.split(jax.random.fold_in(rng, i), 3)
+    keys = jax.random.split(jax.random.fold_in(rng, i), 2)
     image, mask_b = batch["image"], batch["mask"]
-    figures = model.evaluate(image, mask_b, k=k, seed=keys[0])
-    fills = model.fill_in(image, mask_b, n=n, temperature=temperature, seed=keys[1])
-    flat = fills.reshape((-1,) + fills.shape[2:])
-    scores = model.score(flat, np.tile(mask_b, (n, 1, 1, 1)), k=rank_k,
-                         seed=keys[2]).reshape(n, -1)
-    figures.update(quality.sample_metrics(fills, image, mask_b, scores))
-    figures["index"] = batch["index"]
     keep = batch["weight"] > 0
+    figures = model.evaluate(image, mask_b, k=k, seed=keys[0]) if likelihood else {}
+    outputs = model_fills(model, image, mask_b, num_samples=n, temperature=temperature,
+                          rng=keys[1], rank_samples=rank_k, baseline_names=names)
+    per_method, legacy = method_figures(outputs, image, mask_b)
+    figures.update(legacy)
+    figures["index"] = batch["index"]
+    if "name" in batch:
+      figures["name"] = batch["name"]
     for name, value in figures.items():
       rows.setdefault(name, []).append(np.asarray(value)[keep])
+    for method, figs in per_method.items():
+      for fig, value in figs.items():
+        methods.setdefault(method, {}).setdefault(fig, []).append(value[keep])
     if grid is None:
-      grid = _grid(fills, scores, image, mask_b, min(int(e.num_grid_examples), int(keep.sum())))
+      grid = fill_grid(outputs, image, mask_b, min(int(e.num_grid_examples), int(keep.sum())),
+                   reference)
     logging.info("eval: batch %d/%d done (%.1fs)", i + 1, len(batches), time.perf_counter() - t0)
   rows = {name: np.concatenate(v) for name, v in rows.items()}
-  metrics = _summarize(rows, prefix, latent_dims(model.model.config))
+  methods = {m: {f: np.concatenate(v) for f, v in figs.items()} for m, figs in methods.items()}
+  table = methods_summary(methods, reference)
+  metrics = _summarize(rows, prefix, latent_dims(model.model.config), table)
+  num_examples = int(rows["index"].size)
+  title = (f"Fill-in methods: {workdir} step {model.step}, "
+           f"{input_path or f'{split} split'}, mask {mask_name}, N={n}, tau {temperature}")
+  text = format_table(table, reference, num_examples, title)
+  per_example = {name: v.tolist() for name, v in rows.items() if v.ndim == 1}
+  for method, figs in methods.items():
+    per_example.update({f"{method}/{fig}": v.tolist() for fig, v in figs.items()})
 
   results = {
       "workdir": os.path.abspath(workdir), "checkpoint": str(checkpoint),
-      "checkpoint_step": model.step, "ema": ema, "split": split, "mask": cfg.data.eval_mask,
-      "iw_samples": k, "num_samples": n, "rank_samples": rank_k,
-      "temperature": temperature, "num_examples": int(rows["index"].size), "seed": cfg.seed,
-      "psnr_cap_db": quality.PSNR_CAP, "metrics": metrics,
-      "per_example": {name: v.tolist() for name, v in rows.items() if v.ndim == 1},
-      "wall_time_s": time.perf_counter() - t0,
+      "checkpoint_step": model.step, "ema": model.ema,
+      "split": None if input_path else split,
+      "input": os.path.abspath(input_path) if input_path else None, "mask": mask_name,
+      "iw_samples": k if likelihood else None, "num_samples": n, "rank_samples": rank_k,
+      "temperature": temperature, "num_examples": num_examples, "seed": cfg.seed,
+      "baselines": list(names), "reference": reference, "psnr_cap_db": quality.PSNR_CAP,
+      "hf_eps": quality.HF_EPS, "metrics": metrics, "methods": table,
+      "per_example": per_example, "wall_time_s": time.perf_counter() - t0,
   }
-  out_dir = os.path.join(workdir, "eval")
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "results.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(out_dir, "results.json"), results)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+      f.write(text)
     images.save_png(os.path.join(out_dir, "grid.png"), grid)
+    print(text, flush=True)
   with MetricWriter(out_dir) as writer:
     writer.write_scalars(model.step, metrics)
     writer.write_images(model.step, {f"{prefix}/fill_ins": grid})
-  logging.info("eval: %s", "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+  logging.info("eval: %s", "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                     if k.count("/") == 1))
   logging.info("eval: wrote %s (%.1fs)", out_dir, time.perf_counter() - t0)
   return results
+
+
+def temperature_sweep(workdir: str, temperatures: Sequence[float] = SWEEP_TEMPERATURES, *,
+                      input_path: str | None = None, output: str | None = None,
+                      checkpoint: str | int = "best", config=None, **kwargs) -> tuple[dict, str]:
+  """Runs the fill-in methods of `run` at every tau (no likelihood bound: it does not depend on
+  tau) and tabulates psnr / ssim / l1 / hf_ratio per method and tau.
+
+  Args:
+    workdir: the trained run.
+    temperatures: the taus (global).
+    input_path: score these images instead of the validation split.
+    output: folder of the per-tau results (default WORKDIR/eval/temperature_sweep[/INPUT_NAME]);
+      each tau's `run` writes to OUTPUT/tau_TAU, the table to OUTPUT/table.md.
+    checkpoint: "best", "latest" or a step.
+    config: the experiment config (default WORKDIR/config.json).
+    **kwargs: further arguments of `run` (mask, num_samples, baseline_names, split, ...).
+
+  Returns:
+    ({tau: {method: {figure: value}}}, the markdown table).
+  """
+  model = api.load(workdir, checkpoint, config=config)
+  output = output or os.path.join(workdir, "eval", "temperature_sweep",
+                                  *([input_name(input_path)] if input_path else []))
+  tables = {}
+  for tau in temperatures:
+    r = run(workdir, config, checkpoint=checkpoint, temperature=float(tau), input_path=input_path,
+            output=os.path.join(output, f"tau_{float(tau):g}"), likelihood=False, model=model,
+            **kwargs)
+    tables[float(tau)] = r["methods"]
+  text = format_sweep(tables, f"Temperature sweep: {workdir} step {model.step}, "
+                      f"{input_path or 'validation split'}")
+  os.makedirs(output, exist_ok=True)
+  with open(os.path.join(output, "table.md"), "w") as f:
+    f.write(text)
+  return tables, text
+
+
+def format_sweep(tables: dict[float, dict[str, dict[str, float]]], title: str = "") -> str:
+  """Markdown: one row per (method, tau) with psnr, ssim, l1, hf_ratio; the best tau of each
+  method by PSNR marked with * (none for the methods that do not depend on tau: mode,
+  baselines)."""
+  lines = ([title, ""] if title else []) + ["| method | tau | PSNR (dB) | SSIM | L1 | hf_ratio |",
+                                             "|---|---:|---:|---:|---:|---:|"]
+  methods = list(dict.fromkeys(m for t in tables.values() for m in t))
+  for method in methods:
+    taus = [t for t in tables if method in tables[t]]
+    best = max(taus, key=lambda t: tables[t][method]["psnr"])
+    for tau in taus:
+      row = tables[tau][method]
+      varies = len({tables[t][method]["psnr"] for t in taus}) > 1  # mode, baselines: no tau
+      mark = "*" if tau == best and varies else ""
+      lines.append(f"| {method} | {tau:g} | {row['psnr']:.2f}{mark} | {row['ssim']:.4f} | "
+                   f"{row['l1']:.2f} | {row['hf_ratio']:.3f} |")
+  return "\n".join(lines) + "\n"

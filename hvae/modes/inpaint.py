@@ -2,7 +2,8 @@
 
   python launch.py --mode=inpaint --workdir=runs/quickstart --input=photo.jpg --output=out/
       [--mask=centre|boxes|freeform|box:X,Y,W,H|PATH] [--num_samples=4] [--temperature=0.8]
-      [--rank] [--checkpoint=best|latest|STEP]
+      [--rank] [--fill=all|samples,mode,mean] [--baselines=biharmonic,ring_mean|none]
+      [--checkpoint=best|latest|STEP]
 
 Inputs: one image file or a folder (searched recursively; hidden files and folders skipped).
 Each image, of any size and mode, is decoded by content and cropped/resized to 64x64 exactly
@@ -24,11 +25,22 @@ given pixels are the input's, bit for bit); grid.png (one row per input: context
 fill-ins) and results.json. With --rank the fill-ins are ordered by the model's IW bound on
 log p(fill-in | context) (K = `RANK_SAMPLES`), most likely first, and the bounds (bits per
 missing dim, lower = more likely) are in results.json.
+
+`--fill` (default `all` = samples,mode,mean) chooses what the model draws: the N samples
+(NAME_fill_k.png), the mode fill-in (NAME_mode.png: latents at their prior means, pixels at the
+likelihood's mode) and the mean fill-in (NAME_mean.png: the likelihood's mean averaged over N
+latent draws). Each baseline of `--baselines` (default biharmonic,ring_mean; `none`) writes
+NAME_BASELINE.png. The grid's columns: context | input | first baseline | mode | mean | fills.
+
+When the inputs are complete images (every mask but a mask image: centre, boxes, freeform,
+box:...), the hole's true pixels are known, so every method is scored as `--mode=eval` scores
+it (psnr, ssim, l1, hf_ratio, seam; paired with the first baseline): per image in
+results.json (`figures` of each image, `methods` the means), the table printed and written to
+OUT/table.md (with a per-image PSNR/SSIM table). A mask image marks what to remove: no scores.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -37,10 +49,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from hvae import api, images, objective
+from hvae import api, baselines, images, objective
 from hvae.data import images as image_io
 from hvae.data import masks as masks_lib
-from hvae.modes.evaluate import RANK_SAMPLES, parse_temperature
+from hvae.modes import evaluate
+from hvae.modes.evaluate import RANK_SAMPLES
 
 SIZE = 64
 MAX_BATCH = 16  # inputs per compiled call; a short last batch is padded (one compile)
@@ -116,16 +129,53 @@ def make_masks(spec: str | None, count: int, seed: int) -> np.ndarray:
   return np.repeat(mask[None], count, axis=0)
 
 
-def _padded_batches(n: int, size: int):
+FILLS = evaluate.MODEL_FILLS  # --fill values (and "all")
+PER_IMAGE_PRINT_LIMIT = 32  # per-image table printed for at most this many images (else file)
+
+
+def parse_fill(text: str | Sequence[str] | None) -> tuple[str, ...]:
+  """--fill: "all" (default), or a comma-separated subset of samples, mode, mean."""
+  if text is None:
+    return FILLS
+  items = text.split(",") if isinstance(text, str) else list(text)
+  items = [t.strip() for t in items if t.strip()]
+  if items == ["all"]:
+    return FILLS
+  bad = [t for t in items if t not in FILLS]
+  if bad or not items:
+    raise ValueError(f"--fill: {text!r} is not 'all' or a list of {', '.join(FILLS)}")
+  return tuple(f for f in FILLS if f in items)
+
+
+def is_complete(mask: str | None) -> bool:
+  """True when --mask leaves the inputs complete (so the hole can be scored): not a mask image."""
+  spec = mask or "centre"
+  return spec in masks_lib.MASKS or spec.startswith("box:")
+
+
+def padded_batches(n: int, size: int):
   """(index array of length `size`, number of real rows) covering 0..n-1; pads by repeating."""
   for start in range(0, n, size):
     idx = np.arange(start, start + size)
     yield np.minimum(idx, n - 1), min(size, n - start)
 
 
+def _per_image_table(records: list[dict], methods: list[str]) -> str:
+  """Markdown: one row per image, PSNR (dB) / SSIM of each method."""
+  lines = ["| image | " + " | ".join(methods) + " |",
+           "|---|" + "---:|" * len(methods)]
+  for r in records:
+    f = r["figures"]
+    lines.append(f"| {r['name']} | " + " | ".join(
+        f"{f[m]['psnr']:.2f} / {f[m]['ssim']:.3f}" for m in methods) + " |")
+  return "\n".join(["PSNR (dB) / SSIM per image:", ""] + lines) + "\n"
+
+
 def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | None = None,
-        num_samples: int = 4, temperature: float | Sequence[float] | str = 1.0,
-        rank: bool = False, checkpoint: str | int = "best", ema: bool = True) -> dict:
+        num_samples: int = 4, temperature: float | Sequence[float] | str | None = None,
+        rank: bool = False, checkpoint: str | int = "best", ema: bool = True,
+        fill: str | Sequence[str] | None = "all",
+        baseline_names: str | Sequence[str] = baselines.DEFAULT) -> dict:
   """Fills in the holes of the images at `input_path` and writes PNGs to `output`.
 
   Args:
@@ -134,18 +184,27 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     output: output folder (created).
     config: the experiment config (default WORKDIR/config.json).
     mask: centre | boxes | freeform | box:X,Y,W,H | a mask image path (black = missing).
-    num_samples: N fill-ins per image.
-    temperature: tau, global or per level (or a string for `parse_temperature`).
+    num_samples: N fill-ins per image (and latent draws of the mean fill-in).
+    temperature: tau, global or per level (or a string for `parse_temperature`); None =
+      eval.temperature, else `sampling.DEFAULT_TEMPERATURE`.
     rank: order the fill-ins by the model's likelihood bound, most likely first.
     checkpoint: "best", "latest" or a step.
     ema: use the EMA parameters.
+    fill: "all" or a subset of samples, mode, mean (see `parse_fill`).
+    baseline_names: classical fill-ins, "biharmonic,ring_mean" (default), "none" or a sequence.
 
   Returns:
     The results dict written to OUTPUT/results.json.
   """
   t0 = time.perf_counter()
-  temperature = parse_temperature(temperature)
+  fills_wanted = parse_fill(fill)
+  rank = rank and "samples" in fills_wanted  # only samples are ranked
+  names = (baselines.parse(baseline_names) if isinstance(baseline_names, str | None)
+           else baselines.parse(",".join(baseline_names)))
+  reference = names[0] if names else None
   model = api.load(workdir, checkpoint, ema, config=config)
+  temperature = evaluate.resolve_temperature(temperature, model.config)
+  model.temperatures(temperature)  # a per-level tuple of the wrong length fails here
   entries, pixels = [], []
   for name, path in list_inputs(input_path):
     image = load_image(path, model.config.data.get("small_images", "upscale"))
@@ -156,54 +215,89 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     raise ValueError(f"--input: no readable image in {input_path}")
   pixels = np.stack(pixels)
   masks = make_masks(mask, len(pixels), int(model.config.seed))
+  scored = is_complete(mask)
   rng = jax.random.PRNGKey(int(model.config.seed))
-  fills = np.zeros((num_samples,) + pixels.shape, np.uint8)
-  scores = np.zeros((num_samples, len(pixels)))
+  outputs: dict[str, np.ndarray] = {}
+  per_method: dict[str, dict[str, list]] = {}
   batch = min(MAX_BATCH, len(pixels))
-  for i, (idx, real) in enumerate(_padded_batches(len(pixels), batch)):
-    keys = jax.random.split(jax.random.fold_in(rng, i))
-    f = model.fill_in(pixels[idx], masks[idx], n=num_samples, temperature=temperature,
-                      seed=keys[0])
-    fills[:, idx[:real]] = f[:, :real]
-    if rank:
-      flat = f.reshape((-1,) + f.shape[2:])
-      s = model.score(flat, np.tile(masks[idx], (num_samples, 1, 1, 1)), k=RANK_SAMPLES,
-                      seed=keys[1]).reshape(num_samples, -1)
-      scores[:, idx[:real]] = s[:, :real]
+  for i, (idx, real) in enumerate(padded_batches(len(pixels), batch)):
+    out = evaluate.model_fills(model, pixels[idx], masks[idx], num_samples=num_samples,
+                               temperature=temperature, rng=jax.random.fold_in(rng, i),
+                               rank_samples=RANK_SAMPLES if rank else None,
+                               fills=fills_wanted, baseline_names=names)
+    for key, value in out.items():
+      axis = 1 if key in ("samples", "scores") else 0
+      value = np.take(value, np.arange(real), axis=axis)
+      if key not in outputs:
+        outputs[key] = np.zeros(value.shape[:axis] + (len(pixels),) + value.shape[axis + 1:],
+                                value.dtype)
+      if axis:
+        outputs[key][:, idx[:real]] = value
+      else:
+        outputs[key][idx[:real]] = value
+    if scored:
+      figs, _ = evaluate.method_figures(out, pixels[idx], masks[idx])
+      for method, values in figs.items():
+        for fig, v in values.items():
+          per_method.setdefault(method, {}).setdefault(fig, []).append(v[:real])
   if rank:
-    order = np.argsort(-scores, axis=0, kind="stable")
-    fills = np.take_along_axis(fills, order[..., None, None, None], axis=0)
-    scores = np.take_along_axis(scores, order, axis=0)
+    order = np.argsort(-outputs["scores"], axis=0, kind="stable")
+    outputs["samples"] = np.take_along_axis(outputs["samples"], order[..., None, None, None],
+                                            axis=0)
+    outputs["scores"] = np.take_along_axis(outputs["scores"], order, axis=0)
+  per_method = {m: {f: np.concatenate(v) for f, v in figs.items()}
+                for m, figs in per_method.items()}
 
   os.makedirs(output, exist_ok=True)
   context = images.hole_overlay(pixels, masks)
   num_dims = 3.0 * np.sum(masks[..., 0] < 0.5, axis=(1, 2))
+  singles = [k for k in ("mode", "mean", *names) if k in outputs]
   records = []
   for b, (name, path) in enumerate(entries):
-    files = {"input": f"{name}_input.png", "context": f"{name}_context.png",
-             "fills": [f"{name}_fill_{i + 1}.png" for i in range(num_samples)]}
+    files = {"input": f"{name}_input.png", "context": f"{name}_context.png"}
+    if "samples" in outputs:
+      files["fills"] = [f"{name}_fill_{i + 1}.png" for i in range(num_samples)]
+    files.update({k: f"{name}_{k}.png" for k in singles})
     images.save_png(os.path.join(output, files["input"]), pixels[b])
     images.save_png(os.path.join(output, files["context"]), context[b])
-    for i, file in enumerate(files["fills"]):
-      images.save_png(os.path.join(output, file), fills[i, b])
+    for i, file in enumerate(files.get("fills", [])):
+      images.save_png(os.path.join(output, file), outputs["samples"][i, b])
+    for k in singles:
+      images.save_png(os.path.join(output, files[k]), outputs[k][b])
     record = {"name": name, "source": os.path.abspath(path), "files": files,
               "missing_pixels": int(num_dims[b] // 3)}
     if rank:
-      record["bpd"] = (-scores[:, b] / (max(num_dims[b], 1.0) * objective.LN2)).tolist()
+      record["bpd"] = (-outputs["scores"][:, b]
+                       / (max(num_dims[b], 1.0) * objective.LN2)).tolist()
+    if scored:
+      record["figures"] = {m: {f: float(v[b]) for f, v in figs.items()}
+                           for m, figs in per_method.items()}
     records.append(record)
-  rows = [np.concatenate([context[b][None], pixels[b][None], fills[:, b]])
-          for b in range(len(entries))]
-  labels = ["context", "input"] + [f"{'rank' if rank else 'fill'} {i + 1}"
-                                   for i in range(num_samples)]
-  images.save_png(os.path.join(output, "grid.png"), images.make_grid(rows, labels=labels,
-                                                                     scale=2))
+  grid = evaluate.fill_grid(outputs, pixels, masks, len(entries), reference, truth_label="input")
+  images.save_png(os.path.join(output, "grid.png"), grid)
   results = {"workdir": os.path.abspath(workdir), "checkpoint": str(checkpoint),
              "checkpoint_step": model.step, "ema": ema, "mask": mask or "centre",
              "num_samples": num_samples, "temperature": temperature, "ranked": rank,
-             "rank_samples": RANK_SAMPLES if rank else None, "images": records,
-             "wall_time_s": time.perf_counter() - t0}
-  with open(os.path.join(output, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+             "rank_samples": RANK_SAMPLES if rank else None, "fill": list(fills_wanted),
+             "baselines": list(names), "scored": scored, "images": records}
+  if scored:
+    table = evaluate.methods_summary(per_method, reference)
+    results["reference"] = reference
+    results["methods"] = table
+    text = evaluate.format_table(
+        table, reference, len(entries),
+        f"Fill-in methods: {workdir} step {model.step}, {input_path}, mask {mask or 'centre'}, "
+        f"N={num_samples}, tau {temperature}")
+    per_image = _per_image_table(records, list(table))
+    with open(os.path.join(output, "table.md"), "w") as f:
+      f.write(text + "\n" + per_image)
+    print(text, flush=True)
+    if len(records) <= PER_IMAGE_PRINT_LIMIT:
+      print(per_image, flush=True)
+    else:
+      print(f"(per-image figures: {os.path.join(output, 'table.md')})", flush=True)
+  results["wall_time_s"] = time.perf_counter() - t0
+  evaluate.write_json(os.path.join(output, "results.json"), results)
   logging.info("inpaint: %d image(s), %d fill-in(s) each, written to %s (%.1fs)", len(entries),
                num_samples, output, time.perf_counter() - t0)
   return results
