@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from hvae import train
 from hvae.config import ModelConfig
+from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.model.ladder import HVAE
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lock_config=True)
@@ -55,14 +56,14 @@ def main(argv):
     with config.unlocked():
       config.train.batch_size = _BATCH.value
   batch_size = config.train.batch_size
-  mesh = train.make_mesh()
+  mesh = make_mesh()
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
-  state = train.replicate(train.create_train_state(model, tx, jax.random.PRNGKey(0)), mesh)
+  state = replicate(train.create_train_state(model, tx, jax.random.PRNGKey(0)), mesh)
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   step = train.make_train_step(config, model, tx, mesh)
-  rng = train.replicate(jax.random.PRNGKey(1), mesh)
-  batches = [train.shard_batch(_batch(batch_size, i), mesh) for i in range(4)]
+  rng = replicate(jax.random.PRNGKey(1), mesh)
+  batches = [shard_batch(_batch(batch_size, i), mesh) for i in range(4)]
 
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0], rng).compile()

@@ -53,9 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.posterior_sees_mask = False  # 1x1 projection of the mask added to h^q_0 (non-centre masks)
   m.latent_channels = (8,)  # channels of each 2-D latent (per level; the top uses top_latent_dim)
   m.top_latent_dim = 64  # size of the top (vector) latent z_L
-  m.width = 64  # channels of the trunk and the decoder state at 64x64 (and at every level by default)
+  m.width = 64  # channels of the trunk and the decoder state at 64x64 (and every level by default)
   m.level_widths = (0,)  # per level: channels at 64/2^l (0 = model.width); cheap capacity
   m.blocks_per_level = 2  # residual blocks per resolution, in the trunk and in the decoder
+  m.upsample = "nearest"  # nearest | bilinear: 2x upsampling of the decoder state
   m.likelihood = "dmol"  # dmol | discretized_gaussian | gaussian (continuous, dequantised)
   m.num_mixtures = 5  # logistic components per pixel for likelihood=dmol
   m.likelihood_grad = "scaled"  # exact | scaled: likelihood means' gradients x their scale

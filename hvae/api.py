@@ -29,13 +29,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from hvae import baselines, configs, iw, objective, sampling
+from hvae import baselines, configs, evaluation, iw, sampling
 from hvae.checkpoint import Checkpointer
-from hvae.config import ModelConfig
+from hvae.config import ModelConfig, per_level
 from hvae.model.ladder import HVAE
+from hvae.objective import bits_per_dim
 from hvae.train import create_optimizer, create_train_state
-
-LN2 = objective.LN2
 
 
 def _images_and_masks(images, masks) -> tuple[np.ndarray, np.ndarray]:
@@ -85,15 +84,6 @@ def _to_uint8(fills: np.ndarray, image: np.ndarray, mask: np.ndarray) -> np.ndar
   return np.clip(np.rint(np.where(mask > 0.5, image, fills)), 0, 255).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=4)
-def _elbo_fn(model: HVAE):
-  def fn(params, image, mask, rng):
-    out = model.apply({"params": params}, image, mask, rngs={"sample": rng})
-    terms = objective.elbo_terms(out, mask)
-    return {"recon": terms.recon, "kl": terms.kl, "num_dims": terms.num_dims}
-  return jax.jit(fn)
-
-
 @dataclasses.dataclass
 class Inpainter:
   """A trained model: its config, the model and the parameters of one checkpoint.
@@ -118,18 +108,15 @@ class Inpainter:
 
   def temperatures(self, temperature: float | Sequence[float] | None) -> tuple[float, ...]:
     """tau per level (a float broadcasts; a sequence must have one entry per level; None is the
-    run's eval.temperature, else `sampling.DEFAULT_TEMPERATURE`)."""
-    L = self.model.config.num_levels
+    run's eval.temperature, else `sampling.DEFAULT_TEMPERATURE`).
+
+    Raises:
+      hvae.config.ConfigError (a ValueError): a sequence of another length than 1 or L.
+    """
     if temperature is None:
       temperature = sampling.default_temperature(self.config)
-    if isinstance(temperature, int | float):
-      return (float(temperature),) * L
-    temperature = tuple(float(t) for t in temperature)
-    if len(temperature) == 1:
-      return temperature * L
-    if len(temperature) != L:
-      raise ValueError(f"temperature: {len(temperature)} values for {L} levels (level 1 first)")
-    return temperature
+    return per_level("temperature", np.ravel(temperature).tolist(),
+                     self.model.config.num_levels)
 
   def fill_in(self, images, masks, n: int = 4, temperature: float | Sequence[float] | None = None,
               seed: int | jax.Array = 0) -> np.ndarray:
@@ -213,7 +200,7 @@ class Inpainter:
     """
     image, mask = _images_and_masks(images, masks)
     rng = _key(seed)
-    out = jax.device_get(_elbo_fn(self.model)(self.params, image, mask, rng))
+    out = jax.device_get(evaluation.make_elbo_fn(self.model)(self.params, image, mask, rng))
     out = {k: np.asarray(v, np.float64) for k, v in out.items()}
     out["nelbo"] = out["recon"] + out["kl"].sum(-1)
     return out
@@ -244,11 +231,11 @@ class Inpainter:
     est = iw.estimate(self.model, self.params, image, mask, iw_rng, k, max_rows=self.max_rows)
     num_dims = 3.0 * np.sum(mask[..., 0] < 0.5, axis=(1, 2))
     out = {"iw_log_px": est["log_px"], "iw_ess": est["ess"], "num_dims": num_dims,
-           "iw_bpd": -est["log_px"] / (np.maximum(num_dims, 1.0) * LN2)}
+           "iw_bpd": bits_per_dim(-est["log_px"], num_dims)}
     if with_elbo:
       terms = self.elbo(image, mask, elbo_rng)
       out.update(nelbo=terms["nelbo"], recon=terms["recon"], kl=terms["kl"],
-                 bpd=terms["nelbo"] / (np.maximum(num_dims, 1.0) * LN2))
+                 bpd=bits_per_dim(terms["nelbo"], num_dims))
     return out
 
 

@@ -22,6 +22,7 @@ POSTERIORS = ("bottom_up", "top_down")
 TOP_PRIORS = ("conditional", "standard_normal")
 LIKELIHOODS = ("dmol", "discretized_gaussian", "gaussian")
 LIKELIHOOD_GRADS = ("exact", "scaled")
+UPSAMPLING = ("nearest", "bilinear")  # hvae.model.layers.upsample
 
 
 def per_level(field: str, value: Any, num_levels: int, cast=float) -> tuple:
@@ -79,6 +80,7 @@ class ModelConfig:
   width: int = 64
   level_widths: tuple[int, ...] = ()  # level l's channels at 64/2^l; () or 0 = `width`
   blocks_per_level: int = 2
+  upsample: str = "nearest"
   likelihood: str = "dmol"
   num_mixtures: int = 5
   likelihood_grad: str = "scaled"
@@ -95,6 +97,7 @@ class ModelConfig:
     _choice("model.top_prior", self.top_prior, TOP_PRIORS)
     _choice("model.likelihood", self.likelihood, LIKELIHOODS)
     _choice("model.likelihood_grad", self.likelihood_grad, LIKELIHOOD_GRADS)
+    _choice("model.upsample", self.upsample, UPSAMPLING)
     _positive("model.top_latent_dim", self.top_latent_dim)
     _positive("model.width", self.width)
     _positive("model.blocks_per_level", self.blocks_per_level, allow_zero=True)
@@ -130,7 +133,8 @@ class ModelConfig:
         latent_channels=per_level("model.latent_channels", m.latent_channels, L, int),
         top_latent_dim=int(m.top_latent_dim), width=int(m.width),
         level_widths=per_level("model.level_widths", m.get("level_widths", (0,)), L, int),
-        blocks_per_level=int(m.blocks_per_level), likelihood=m.likelihood,
+        blocks_per_level=int(m.blocks_per_level), upsample=m.get("upsample", "nearest"),
+        likelihood=m.likelihood,
         num_mixtures=int(m.num_mixtures),
         # Runs saved before the key existed were trained with exact gradients.
         likelihood_grad=m.get("likelihood_grad", "exact"),

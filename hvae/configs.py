@@ -7,9 +7,10 @@ into a tuple (the config holds no other lists), so `load_config(save_config(c)) 
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
+
+from hvae import atomic
 
 
 def _tuplify(value):
@@ -27,10 +28,7 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
 
 def save_config(config: ml_collections.ConfigDict, path: str) -> None:
   """Writes the resolved config as JSON (atomically: a crash never leaves half a file)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  atomic.write_json(path, config.to_dict(), indent=2, sort_keys=True)
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

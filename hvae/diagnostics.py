@@ -18,13 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from hvae import images, objective, sampling
-from hvae.evaluation import prepare
+from hvae.mesh import prepare, shardings
 from hvae.model.ladder import HVAE, POSTERIOR, PRIOR
-from hvae.train import DATA_AXIS
 
 
 def _swap_step(params, batch, rng, *, model: HVAE):
@@ -45,7 +43,7 @@ def _swap_step(params, batch, rng, *, model: HVAE):
 
 
 def make_swap_step(model: HVAE, mesh: Mesh):
-  data, replicated = NamedSharding(mesh, P(DATA_AXIS)), NamedSharding(mesh, P())
+  data, replicated = shardings(mesh)
   return jax.jit(functools.partial(_swap_step, model=model),
                  in_shardings=(replicated, data, replicated), out_shardings=data)
 

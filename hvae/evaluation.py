@@ -1,35 +1,70 @@
-"""Evaluation passes: the unweighted bound and its per-level parts over a fixed set of examples.
+"""Evaluation: the unweighted bound and its per-level parts over a fixed set of examples.
 
 `eval/` runs over held-out examples and `eval_train/` over the same number of training-split
 examples with the same masks, both with the EMA parameters and no dropout; `gap/` is their
 difference. Per-example terms are gathered to the host and reduced there, so dataset bits/dim
 are sum(nats) / (sum(D) ln 2) exactly, over however many devices ran the pass.
+
+* `per_example_elbo` / `make_elbo_fn`: the per-example terms of one forward pass, the one
+  definition shared by the training-time passes, `hvae.load(...).elbo` and `--mode=eval`;
+* `summarize`: the dataset figures of per-example terms (the same for every caller);
+* `Evaluator`: everything the training loop does at an evaluation step (both passes, the
+  per-level diagnostics of hvae/diagnostics.py, the verdict, the fill-in and diagnostic
+  images); it returns (metrics, images) and writes nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from hvae import objective, sampling
+from hvae import diagnostics, images, objective, sampling, verdict
+from hvae.mesh import prepare, shardings
 from hvae.model.ladder import HVAE
-from hvae.train import DATA_AXIS, latent_dims, shard_batch
+from hvae.train import latent_dims
 
-LN2 = objective.LN2
 QUANTILES = {"kl_p50": 50, "kl_p90": 90, "kl_p99": 99, "kl_max": 100}
+
+
+def per_example_elbo(model: HVAE, params, image, mask, rng):
+  """One forward pass, latents from the posterior, reduced to per-example ELBO terms.
+
+  Args:
+    model: the model.
+    params: its parameters.
+    image: [B, 64, 64, 3] pixels in [0, 255].
+    mask: [B, 64, 64, 1], 1 = given.
+    rng: the `sample` stream's key.
+
+  Returns:
+    (the model's output, {"recon": [B], "kl": [B, L], "num_dims": [B]} in nats).
+  """
+  out = model.apply({"params": params}, image, mask, rngs={"sample": rng})
+  terms = objective.elbo_terms(out, mask)
+  return out, {"recon": terms.recon, "kl": terms.kl, "num_dims": terms.num_dims}
+
+
+def _elbo(params, image, mask, rng, *, model: HVAE):
+  return per_example_elbo(model, params, image, mask, rng)[1]
+
+
+@functools.lru_cache(maxsize=4)
+def make_elbo_fn(model: HVAE):
+  """Jitted (params, image, mask, rng) -> the per-example terms of `per_example_elbo`."""
+  return jax.jit(functools.partial(_elbo, model=model))
 
 
 def _eval_step(params, batch, rng, *, model: HVAE):
   """Per-example terms (batch-sharded) and weighted sums over the batch (replicated)."""
-  out = model.apply({"params": params}, batch["image"], batch["mask"], rngs={"sample": rng})
-  terms = objective.elbo_terms(out, batch["mask"])
-  per_example = {"recon": terms.recon, "kl": terms.kl, "num_dims": terms.num_dims}
+  out, per_example = per_example_elbo(model, params, batch["image"], batch["mask"], rng)
   sums = {}
   w = batch["weight"]
   wsum = lambda x: jnp.tensordot(w, x, axes=1)  # noqa: E731  sum over real examples
@@ -48,34 +83,10 @@ def _eval_step(params, batch, rng, *, model: HVAE):
 
 def make_eval_step(model: HVAE, mesh: Mesh):
   """Jits the eval step: (params, batch, rng) -> per-example terms and batch sums."""
-  data, replicated = NamedSharding(mesh, P(DATA_AXIS)), NamedSharding(mesh, P())
+  data, replicated = shardings(mesh)
   return jax.jit(functools.partial(_eval_step, model=model),
                  in_shardings=(replicated, data, replicated),
                  out_shardings={"per_example": data, "sums": replicated})
-
-
-def _pad(batch: dict, multiple: int) -> tuple[dict, int]:
-  """Pads a batch to a multiple of the device count (repeating the last example)."""
-  n = batch["image"].shape[0]
-  pad = (-n) % multiple
-  if pad:
-    batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
-  return batch, n
-
-
-def prepare(batch: dict, mesh: Mesh) -> tuple[dict, np.ndarray]:
-  """A host eval batch -> (global arrays with image/mask/weight, host weights).
-
-  Batches may carry a `weight` [B] (0 = padding, as `hvae.data.eval_batches` pads the last
-  batch); rows added here to fill every device get weight 0 too.
-  """
-  weight = np.asarray(batch.get("weight", np.ones(batch["image"].shape[0], np.float32)),
-                      np.float32)
-  padded, n = _pad({"image": batch["image"], "mask": batch["mask"], "weight": weight},
-                   len(mesh.local_devices))
-  padded["weight"] = padded["weight"].copy()
-  padded["weight"][n:] = 0.0
-  return shard_batch(padded, mesh), padded["weight"]
 
 
 def run_pass(eval_step, params, batches: list[dict], rng, mesh: Mesh) -> dict:
@@ -103,24 +114,31 @@ def run_pass(eval_step, params, batches: list[dict], rng, mesh: Mesh) -> dict:
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
 
-def summarize(terms: dict, dims: tuple[int, ...], sums: dict | None = None,
+def summarize(terms: Mapping[str, np.ndarray], dims: Sequence[int], sums: dict | None = None,
               count: int = 0) -> dict[str, float]:
-  """Dataset metrics of one pass (names of DESIGN §7 without the split prefix).
+  """Dataset metrics of per-example terms (names of DESIGN §7 without the split prefix).
+
+  The one summary of every evaluation: the training-time passes (`run_pass`) and
+  `--mode=eval` (`Inpainter.evaluate`'s figures) both reduce their examples here.
 
   Args:
-    terms: per-example arrays from `run_pass`.
+    terms: per-example arrays: recon [N], kl [N, L] and num_dims [N] (nats, as from
+      `per_example_elbo`); optionally q_log_sigma and p_log_sigma [N, L] (`run_pass`), and
+      iw_log_px and iw_ess [N] (the importance-weighted bound, `Inpainter.evaluate`). Other
+      entries are ignored.
     dims: latent dimensions of every level.
     sums: batch sums from `run_pass` (posterior-mean moments) for active units.
     count: number of examples the sums are over.
   """
-  nats_to_bpd = 1.0 / (terms["num_dims"].sum() * LN2)
+  num_dims = terms["num_dims"].sum()
+  to_bpd = lambda nats: float(objective.bits_per_dim(nats, num_dims))  # noqa: E731
   kl = terms["kl"]  # [N, L]
-  metrics = {"bpd": float((terms["recon"].sum() + kl.sum()) * nats_to_bpd),
-             "recon_bpd": float(terms["recon"].sum() * nats_to_bpd)}
+  metrics = {"bpd": to_bpd(terms["recon"].sum() + kl.sum()),
+             "recon_bpd": to_bpd(terms["recon"].sum())}
   for l in range(kl.shape[1]):
     name = f"level_{l + 1}"
     metrics[f"kl/{name}"] = float(kl[:, l].mean())
-    metrics[f"kl_bpd/{name}"] = float(kl[:, l].sum() * nats_to_bpd)
+    metrics[f"kl_bpd/{name}"] = to_bpd(kl[:, l].sum())
     metrics[f"kl_per_dim/{name}"] = float(kl[:, l].mean() / dims[l])
     for key, q in QUANTILES.items():
       metrics[f"{key}/{name}"] = float(np.percentile(kl[:, l], q))
@@ -131,6 +149,9 @@ def summarize(terms: dict, dims: tuple[int, ...], sums: dict | None = None,
       mean = sums[f"q_mean/{l + 1}"] / count
       var = sums[f"q_mean_sq/{l + 1}"] / count - np.square(mean)
       metrics[f"active_units/{name}"] = float(np.mean(var > ACTIVE_UNIT_THRESHOLD))
+  if "iw_log_px" in terms:
+    metrics["iw_bpd"] = to_bpd(-terms["iw_log_px"].sum())
+    metrics["iw_ess"] = float(terms["iw_ess"].mean())
   return metrics
 
 
@@ -175,8 +196,6 @@ GRID_EXTRA_COLUMNS = ("mean", "mode")
 def fill_in_grid_rows(samples: np.ndarray, image: np.ndarray, mask: np.ndarray,
                       mode: np.ndarray | None = None) -> list:
   """Rows of an image grid, one per example: context | truth | samples ... | mean | [mode]."""
-  from hvae import images
-
   samples = np.asarray(samples)  # [N, B, 64, 64, 3]
   context = images.hole_overlay(np.asarray(image), np.asarray(mask))
   mean = np.asarray(sampling.mean_fill_in(jnp.asarray(samples)))
@@ -184,3 +203,155 @@ def fill_in_grid_rows(samples: np.ndarray, image: np.ndarray, mask: np.ndarray,
   if mode is not None:
     cols.append(np.asarray(mode))
   return [np.stack([c[b] for c in cols]) for b in range(image.shape[0])]
+
+
+FILL_INS = "fill_ins"  # the fill-in grid: images/step_N.png, and TensorBoard's `fill_ins`
+
+
+def image_filename(name: str, step: int) -> str:
+  """The file under WORKDIR/images/ of an evaluation image: step_N.png for the fill-in grid,
+  NAME_step_N.png for the diagnostic images (worst, resample, kl_heatmap)."""
+  return f"step_{step}.png" if name == FILL_INS else f"{name}_step_{step}.png"
+
+
+def first_examples(batches: list[dict], n: int) -> list[dict]:
+  """The first batches holding at least `n` examples (whole batches: shapes stay the same)."""
+  out, count = [], 0
+  for b in batches:
+    if count >= n:
+      break
+    out.append(b)
+    count += b["image"].shape[0]
+  return out
+
+
+class Evaluator:
+  """Everything the training loop does at an evaluation step, on the parameters it is given.
+
+  * The passes over `eval_sets` (held-out `eval/` and training-split `eval_train/`) and `gap/`.
+  * The per-level diagnostics of hvae/diagnostics.py (models with latents): `{split}/swap/
+    level_l` and `gap/swap/level_l`; every `eval.diagnostics_every`-th evaluation (counted from
+    this process's start) also the images `worst` (one process only), `resample` and
+    `kl_heatmap` (2-D levels only).
+  * The fill-in grid of the fixed `grid_batch` (`FILL_INS`): context | truth | samples | mean |
+    mode.
+  * The overfitting verdict (hvae/verdict.py) over every evaluation so far, those before a
+    restart included (`history`): `verdict/overfit/level_l`; a level newly flagged is explained
+    once on the console (`logging.warning`), and `flagged` lists the levels flagged now.
+
+  `evaluator(params, step)` returns (metrics, images) and writes nothing: the metrics by their
+  DESIGN §7 names, `eval/wall_time` included; the images uint8 [H, W, 3] by name (see
+  `image_filename`). Every process must call it (the passes are collective).
+  """
+
+  def __init__(self, config, model: HVAE, mesh: Mesh, eval_sets: dict[str, list[dict]],
+               grid_batch: dict, *, rng, grid_rng, history: Sequence[Mapping] = ()):
+    """Compiles nothing yet (the jitted functions compile on first use).
+
+    Args:
+      config: the experiment config (its `eval` and `verdict` sections).
+      model: the model.
+      mesh: the device mesh of the passes.
+      eval_sets: split name ("eval", "eval_train") -> host batches (`hvae.data.eval_batches`).
+      grid_batch: the fill-in grid's examples, the same on every process.
+      rng: key of the passes and the diagnostics (the same at every evaluation).
+      grid_rng: key of the fill-in grid's samples.
+      history: earlier metrics rows (metrics.jsonl); those with `eval/bpd` feed the verdict.
+    """
+    e = config.eval
+    self.model, self.mesh, self.rng, self.grid_rng = model, mesh, rng, grid_rng
+    self.eval_sets, self.grid_batch = eval_sets, grid_batch
+    self.num_samples, self.num_worst = int(e.num_samples), int(e.num_worst)
+    self.diagnostics_every = e.diagnostics_every
+    self.eval_step = make_eval_step(model, mesh)
+    self.fill_in = make_fill_in_fn(model, e.num_samples)
+    self.mode_fill_in = make_mode_fn(model)
+    self.has_latents = model.config.has_latents
+    if self.has_latents:
+      self.swap_sets = {k: first_examples(v, e.num_swap_examples) for k, v in eval_sets.items()}
+      self.swap_step = diagnostics.make_swap_step(model, mesh)
+      self.resample = diagnostics.make_resample_fn(model, max(e.num_samples, 4))
+      self.fill_one = make_fill_in_fn(model, 1)
+    self.verdict_settings = verdict.settings(config)
+    self.history = [dict(r) for r in history if "eval/bpd" in r]
+    self.flagged: list[int] = []  # levels the verdict flags at the latest evaluation
+    self._evaluations = 0
+
+  def __call__(self, params, step: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Evaluates `params` (the EMA parameters) at training step `step`."""
+    t0 = time.perf_counter()
+    metrics, passes = evaluate_passes(self.eval_step, params, self.eval_sets, self.rng,
+                                      self.mesh, self.model)
+    pictures = {}
+    if self.has_latents:
+      metrics.update(self._swap_metrics(params))
+      if self._evaluations % self.diagnostics_every == 0:
+        pictures.update(self._diagnostic_images(params, passes))
+    self._evaluations += 1
+    pictures[FILL_INS] = self._fill_in_grid(params)
+    self.history.append({"step": step, **metrics})
+    if self.has_latents:
+      metrics.update(self._verdict())
+    metrics["eval/wall_time"] = time.perf_counter() - t0
+    return metrics, pictures
+
+  def _swap_metrics(self, params) -> dict[str, float]:
+    metrics = {}
+    for split, batches in self.swap_sets.items():
+      m = diagnostics.swap_metrics(self.swap_step, params, batches, self.rng, self.mesh)
+      metrics.update({f"{split}/{k}": v for k, v in m.items()})
+    if "eval" in self.swap_sets and "eval_train" in self.swap_sets:
+      for l in range(1, self.model.config.num_levels + 1):
+        metrics[f"gap/swap/level_{l}"] = (metrics[f"eval/swap/level_{l}"]
+                                          - metrics[f"eval_train/swap/level_{l}"])
+    return metrics
+
+  def _diagnostic_images(self, params, passes: dict) -> dict[str, np.ndarray]:
+    """worst, resample, kl_heatmap (jitted calls on every process)."""
+    out = {}
+    # Worst examples need the images behind the gathered per-example KLs; the host batches hold
+    # only this process's rows, so with several processes this grid is skipped.
+    if jax.process_count() == 1:
+      worst = diagnostics.worst_examples(passes["eval"]["per_example"]["kl"],
+                                         self.eval_sets["eval"], self.num_worst)
+      rows = []
+      for ex in worst.values():
+        fills = self.fill_one(params, jnp.asarray(ex["image"]), jnp.asarray(ex["mask"]),
+                              self.rng)[0]
+        ctx = images.hole_overlay(ex["image"], ex["mask"])
+        rows.append(np.stack([x for i in range(len(ex["kl"]))
+                              for x in (ctx[i], ex["image"][i], np.asarray(fills[i]))]))
+      shown = max(len(ex["kl"]) for ex in worst.values())  # fewer when the split is small
+      labels = [f"{name} #{i + 1}" for i in range(shown)
+                for name in ("context", "truth", "fill-in")]
+      out["worst"] = images.make_grid(rows, labels=labels, scale=2,
+                                      row_labels=[f"level {l}" for l in worst])
+    grid = {k: v[:2] for k, v in self.grid_batch.items()}
+    resampled = jax.device_get(self.resample(params, jnp.asarray(grid["image"]),
+                                             jnp.asarray(grid["mask"]), self.rng))
+    out["resample"] = diagnostics.resample_grid(resampled, grid["image"], grid["mask"])
+    heat = diagnostics.kl_heatmap_grid(
+        passes["eval"]["sums"], passes["eval_train"]["sums"], passes["eval"]["count"],
+        passes["eval_train"]["count"], self.model.config.num_levels)
+    if heat is not None:
+      out["kl_heatmap"] = heat
+    return out
+
+  def _fill_in_grid(self, params) -> np.ndarray:
+    image, mask = self.grid_batch["image"], self.grid_batch["mask"]
+    samples = self.fill_in(params, jnp.asarray(image), jnp.asarray(mask), self.grid_rng)
+    mode = self.mode_fill_in(params, jnp.asarray(image), jnp.asarray(mask))
+    rows = fill_in_grid_rows(jax.device_get(samples), image, mask, jax.device_get(mode))
+    labels = (["context", "truth"] + [f"sample {i + 1}" for i in range(self.num_samples)]
+              + ["mean", "mode"])
+    return images.make_grid(rows, labels=labels, scale=2)
+
+  def _verdict(self) -> dict[str, float]:
+    verdicts = verdict.explain(self.history, self.model.config.num_levels,
+                               self.verdict_settings)
+    warned = set(self.flagged)
+    self.flagged = [v.level for v in verdicts.values() if v.flagged]
+    for v in verdicts.values():
+      if v.flagged and v.level not in warned:  # the why once; the summary says it after
+        logging.warning("Level %d looks like it overfits: %s", v.level, v.why)
+    return verdict.verdict_metrics({l: v.flagged for l, v in verdicts.items()})

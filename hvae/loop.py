@@ -8,7 +8,6 @@ only at logging and evaluation steps; SIGTERM / SIGINT save a checkpoint and exi
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import signal
@@ -23,19 +22,13 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from hvae import configs, data, diagnostics, evaluation, images, verdict
+from hvae import atomic, configs, data, evaluation, images
 from hvae.checkpoint import Checkpointer
 from hvae.config import LossConfig, ModelConfig
+from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.metrics_file import read_metrics
 from hvae.model.ladder import HVAE
-from hvae.train import (
-  create_optimizer,
-  create_train_state,
-  make_mesh,
-  make_train_step,
-  replicate,
-  shard_batch,
-)
+from hvae.train import create_optimizer, create_train_state, make_train_step
 from hvae.writers import MetricWriter, eval_summary
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
@@ -121,10 +114,7 @@ def _write_run_info(workdir: str) -> None:
           "packages": versions, "devices": [str(d) for d in jax.devices()],
           "process_count": jax.process_count(),
           "start_time": datetime.datetime.now(datetime.UTC).isoformat()}
-  path = os.path.join(workdir, "run_info.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(info, f, indent=2)
-  os.replace(path + ".tmp", path)
+  atomic.write_json(os.path.join(workdir, "run_info.json"), info, indent=2)
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
@@ -171,23 +161,8 @@ def train_and_evaluate(config, workdir: str) -> None:
     return
 
   p_train_step = make_train_step(config, model, tx, mesh)
-  eval_step = evaluation.make_eval_step(model, mesh)
-  e = config.eval
-  eval_sets = {"eval": data.eval_batches(config, "validation", e.num_examples, e.batch_size),
-               "eval_train": data.eval_batches(config, "train", e.num_examples, e.batch_size)}
-  # The same grid examples on every host (process_count=1): the grid's jitted calls see
-  # identical inputs everywhere, and process 0 writes the picture.
-  grid_batch = data.eval_batches(config, "validation", e.num_grid_examples,
-                                 e.num_grid_examples, process_index=0, process_count=1)[0]
-  fill_in = evaluation.make_fill_in_fn(model, e.num_samples)
-  mode_fill_in = evaluation.make_mode_fn(model)
-  diag = _Diagnostics(config, model, mesh, eval_sets, grid_batch, workdir, writer)
+  evaluator = _evaluator(config, model, mesh, eval_rng, grid_rng, history=read_metrics(workdir))
   train_rng = replicate(train_rng, mesh)
-  evaluations = 0
-  # The verdict looks at the trend over evaluations, including those before a restart.
-  verdict_settings = verdict.settings(config)
-  eval_rows = [r for r in read_metrics(workdir) if "eval/bpd" in r]
-  warned = set()  # levels whose overfitting verdict was explained on the console
 
   history, window_start, t_start = [], time.perf_counter(), time.perf_counter()
   with _Preemption() as preemption:
@@ -220,39 +195,13 @@ def train_and_evaluate(config, workdir: str) -> None:
               "optim.learning_rate or raise optim.skip_threshold; the last checkpoint is intact.")
         history, window_start = [], time.perf_counter()
       eval_metrics = None
-      if step % e.every_steps == 0 or is_last:
-        t0 = time.perf_counter()
-        eval_metrics, passes = evaluation.evaluate_passes(eval_step, state.ema_params,
-                                                          eval_sets, eval_rng, mesh, model)
-        eval_metrics.update(diag.run(state.ema_params, passes, eval_rng, step,
-                                     images_too=evaluations % e.diagnostics_every == 0))
-        evaluations += 1
-        samples = fill_in(state.ema_params, jnp.asarray(grid_batch["image"]),
-                          jnp.asarray(grid_batch["mask"]), grid_rng)
-        mode = mode_fill_in(state.ema_params, jnp.asarray(grid_batch["image"]),
-                            jnp.asarray(grid_batch["mask"]))
-        rows = evaluation.fill_in_grid_rows(jax.device_get(samples), grid_batch["image"],
-                                            grid_batch["mask"], jax.device_get(mode))
-        labels = (["context", "truth"] + [f"sample {i + 1}" for i in range(e.num_samples)]
-                  + ["mean", "mode"])
-        grid = images.make_grid(rows, labels=labels, scale=2)
-        eval_rows.append({"step": step, **eval_metrics})
-        flagged = []
-        if model_cfg.has_latents:
-          verdicts = verdict.explain(eval_rows, model_cfg.num_levels, verdict_settings)
-          eval_metrics.update(verdict.verdict_metrics({l: v.flagged for l, v in verdicts.items()}))
-          flagged = [v.level for v in verdicts.values() if v.flagged]
-          for v in verdicts.values():
-            if v.flagged and v.level not in warned:  # the why once; the summary says it after
-              logging.warning("Level %d looks like it overfits: %s", v.level, v.why)
-          warned = set(flagged)
-        eval_metrics["eval/wall_time"] = time.perf_counter() - t0
+      if step % config.eval.every_steps == 0 or is_last:
+        eval_metrics, eval_images = evaluator(state.ema_params, step)
         if jax.process_index() == 0:
-          images.save_png(os.path.join(workdir, "images", f"step_{step}.png"), grid)
-          writer.write_images(step, {"fill_ins": grid})
+          _write_images(workdir, writer, step, eval_images)
         row.update(eval_metrics)
         # A short line; every metric goes to metrics.jsonl and TensorBoard (writer, below).
-        logging.info("%s", eval_summary(step, eval_metrics, flagged,
+        logging.info("%s", eval_summary(step, eval_metrics, evaluator.flagged,
                                         eval_metrics["eval/wall_time"]))
       if row:
         writer.write_scalars(step, row)
@@ -270,69 +219,25 @@ def train_and_evaluate(config, workdir: str) -> None:
   _finish(workdir)
 
 
-class _Diagnostics:
-  """The per-level diagnostics run at each evaluation (see hvae/diagnostics.py)."""
+def _evaluator(config, model: HVAE, mesh, rng, grid_rng, history) -> evaluation.Evaluator:
+  """The evaluation of `config.eval`: held-out and training-split examples, the fill-in grid."""
+  e = config.eval
+  eval_sets = {"eval": data.eval_batches(config, "validation", e.num_examples, e.batch_size),
+               "eval_train": data.eval_batches(config, "train", e.num_examples, e.batch_size)}
+  # The same grid examples on every host (process_count=1): the grid's jitted calls see
+  # identical inputs everywhere, and process 0 writes the picture.
+  grid_batch = data.eval_batches(config, "validation", e.num_grid_examples,
+                                 e.num_grid_examples, process_index=0, process_count=1)[0]
+  return evaluation.Evaluator(config, model, mesh, eval_sets, grid_batch, rng=rng,
+                              grid_rng=grid_rng, history=history)
 
-  def __init__(self, config, model, mesh, eval_sets, grid_batch, workdir, writer):
-    self.model, self.mesh, self.workdir, self.writer = model, mesh, workdir, writer
-    self.enabled = model.config.has_latents
-    e = config.eval
-    self.num_worst = e.num_worst
-    self.swap_sets = {k: _first_examples(v, e.num_swap_examples) for k, v in eval_sets.items()}
-    self.eval_batches = eval_sets["eval"]
-    self.grid = {k: v[:2] for k, v in grid_batch.items()}
-    if self.enabled:
-      self.swap_step = diagnostics.make_swap_step(model, mesh)
-      self.resample = diagnostics.make_resample_fn(model, max(e.num_samples, 4))
-      self.fill_one = evaluation.make_fill_in_fn(model, 1)
 
-  def run(self, params, passes, rng, step, images_too: bool) -> dict[str, float]:
-    if not self.enabled:
-      return {}
-    metrics = {}
-    for split, batches in self.swap_sets.items():
-      m = diagnostics.swap_metrics(self.swap_step, params, batches, rng, self.mesh)
-      metrics.update({f"{split}/{k}": v for k, v in m.items()})
-    L = self.model.config.num_levels
-    if "eval" in self.swap_sets and "eval_train" in self.swap_sets:
-      for l in range(1, L + 1):
-        metrics[f"gap/swap/level_{l}"] = (metrics[f"eval/swap/level_{l}"]
-                                          - metrics[f"eval_train/swap/level_{l}"])
-    if images_too:  # jitted calls on every host; only process 0 writes files
-      self._images(params, passes, rng, step)
-    return metrics
-
-  def _images(self, params, passes, rng, step):
-    write = jax.process_index() == 0
-    out = lambda name: os.path.join(self.workdir, "images", f"{name}_step_{step}.png")  # noqa
-    # Worst examples need the images behind the gathered per-example KLs; the host batches hold
-    # only this process's rows, so with several processes this grid is skipped.
-    if jax.process_count() == 1:
-      worst = diagnostics.worst_examples(passes["eval"]["per_example"]["kl"],
-                                         self.eval_batches, self.num_worst)
-      rows = []
-      for ex in worst.values():
-        fills = self.fill_one(params, jnp.asarray(ex["image"]), jnp.asarray(ex["mask"]), rng)[0]
-        ctx = images.hole_overlay(ex["image"], ex["mask"])
-        rows.append(np.stack([x for i in range(len(ex["kl"]))
-                              for x in (ctx[i], ex["image"][i], np.asarray(fills[i]))]))
-      shown = max(len(ex["kl"]) for ex in worst.values())  # fewer when the split is small
-      labels = [f"{name} #{i + 1}" for i in range(shown)
-                for name in ("context", "truth", "fill-in")]
-      images.save_png(out("worst"), images.make_grid(
-          rows, labels=labels, scale=2, row_labels=[f"level {l}" for l in worst]))
-    resampled = self.resample(params, jnp.asarray(self.grid["image"]),
-                              jnp.asarray(self.grid["mask"]), rng)
-    resampled = jax.device_get(resampled)
-    if not write:
-      return
-    images.save_png(out("resample"), diagnostics.resample_grid(
-        resampled, self.grid["image"], self.grid["mask"]))
-    heat = diagnostics.kl_heatmap_grid(
-        passes["eval"]["sums"], passes["eval_train"]["sums"], passes["eval"]["count"],
-        passes["eval_train"]["count"], self.model.config.num_levels)
-    if heat is not None:
-      images.save_png(out("kl_heatmap"), heat)
+def _write_images(workdir: str, writer: MetricWriter, step: int, pictures: dict) -> None:
+  """WORKDIR/images/*.png of one evaluation; the fill-in grid also to TensorBoard."""
+  for name, picture in pictures.items():
+    images.save_png(os.path.join(workdir, "images", evaluation.image_filename(name, step)),
+                    picture)
+  writer.write_images(step, {evaluation.FILL_INS: pictures[evaluation.FILL_INS]})
 
 
 def _stop_requested(preemption: _Preemption, step: int, log_every: int) -> bool:
@@ -344,17 +249,6 @@ def _stop_requested(preemption: _Preemption, step: int, log_every: int) -> bool:
     return False
   flags = multihost_utils.process_allgather(np.asarray(preemption.requested))
   return bool(np.any(flags))
-
-
-def _first_examples(batches: list[dict], n: int) -> list[dict]:
-  """The first batches holding at least `n` examples (whole batches: shapes stay the same)."""
-  out, count = [], 0
-  for b in batches:
-    if count >= n:
-      break
-    out.append(b)
-    count += b["image"].shape[0]
-  return out
 
 
 def _finish(workdir: str) -> None:

@@ -13,6 +13,7 @@ import math
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hvae.model.ladder import ModelOutput
 
@@ -51,9 +52,19 @@ def elbo_terms(out: ModelOutput, mask: jnp.ndarray) -> ElboTerms:
   return ElboTerms(recon=recon, kl=kl, num_dims=num_dims)
 
 
+def bits_per_dim(nats, num_dims):
+  """Bits per missing sub-pixel: nats / (D ln 2), elementwise, with D floored at 1.
+
+  The one conversion of every reported figure: per example (arrays [B]) or for a dataset
+  (sum(nats), sum(D)). Numpy in, numpy out (its dtype kept); jax arrays and tracers stay jax.
+  """
+  xp = jnp if isinstance(nats, jax.Array) or isinstance(num_dims, jax.Array) else np
+  return nats / (xp.maximum(num_dims, 1.0) * LN2)
+
+
 def to_bpd(nats: jnp.ndarray, num_dims: jnp.ndarray):
   """Dataset bits/dim: sum(nats) / (sum(D) ln 2)."""
-  return jnp.sum(nats) / (jnp.maximum(jnp.sum(num_dims), 1.0) * LN2)
+  return bits_per_dim(jnp.sum(nats), jnp.sum(num_dims))
 
 
 def bpd_metrics(terms: ElboTerms) -> dict[str, jnp.ndarray]:

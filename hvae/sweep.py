@@ -37,6 +37,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from hvae import atomic
 from hvae.config import ConfigError, LossConfig, ModelConfig
 from hvae.errors import SweepError, SweepPointsFailed
 
@@ -248,21 +249,16 @@ def status(point_dir: str) -> str:
   return "in progress" if exists("config.json") else "not started"
 
 
-def _write_json(path: str, content) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(content, f, indent=1, default=list)
-  os.replace(path + ".tmp", path)  # atomic: array tasks may write the same manifest at once
-
-
 def write_manifest(workdir: str, experiment: str, points: Sequence[Point]) -> str:
   """Writes WORKDIR/sweep.json: the experiment and every point (index, name, group, overrides)."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, MANIFEST)
-  _write_json(path, {
+  # Atomic, with a temporary name per writer: array tasks may write the same manifest at once.
+  atomic.write_json(path, {
       "experiment": experiment,
       "written": datetime.datetime.now(datetime.UTC).isoformat(),
       "points": [{"index": p.index, "name": p.name, "group": p.group, "overrides": p.overrides}
-                 for p in points]})
+                 for p in points]}, default=list)
   return path
 
 
@@ -325,11 +321,12 @@ def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, Any]:
   import jax.numpy as jnp
 
   from hvae import train
+  from hvae.mesh import make_mesh
   from hvae.model.ladder import HVAE
 
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
-  mesh = train.make_mesh()
+  mesh = make_mesh()
   key = jax.random.PRNGKey(0)
   state = jax.eval_shape(lambda r: train.create_train_state(model, tx, r), key)
   b, s = int(config.train.batch_size), int(config.data.image_size)
@@ -372,7 +369,7 @@ def run_point(config: ml_collections.ConfigDict, point_dir: str) -> bool:
       flops = {"flops_per_step": None, "source": f"failed: {type(e).__name__}: {e}"}
     if jax.process_index() == 0:
       os.makedirs(point_dir, exist_ok=True)
-      _write_json(flops_path, flops)
+      atomic.write_json(flops_path, flops, default=list)
     logging.info("%s: %.3g FLOPs per train step (%s)", point_dir,
                  flops["flops_per_step"] or math.nan, flops["source"])
   if not os.path.exists(os.path.join(point_dir, "DONE")):

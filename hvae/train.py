@@ -1,9 +1,10 @@
 """Training: the train state, the optimiser, and the jitted data-parallel train step.
 
 `train_step(state, batch, rng, *, ...) -> (state, metrics)` is a pure module-level function;
-`make_train_step` binds its static arguments and jits it once over a device `Mesh` (batch split
-over the `data` axis, everything else replicated, the state donated). The same code runs on one
-CPU, 8 GPUs or a TPU slice; there is no pmap. The loop that drives it is `hvae.loop`.
+`make_train_step` binds its static arguments and jits it once over a device `Mesh` of
+`hvae.mesh` (batch split over the `data` axis, everything else replicated, the state donated).
+The same code runs on one CPU, 8 GPUs or a TPU slice; there is no pmap. The loop that drives it
+is `hvae.loop`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from hvae import objective
 from hvae.config import ConfigError, LossConfig, ModelConfig
+from hvae.mesh import shardings
 from hvae.model import ladder
 from hvae.model.ladder import HVAE
-
-DATA_AXIS = "data"
 
 
 @flax.struct.dataclass
@@ -189,31 +188,12 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
   return new_state, metrics
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over every device (of every process), axis `data`."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
 def make_train_step(config, model: HVAE, tx, mesh: Mesh):
   """Binds the static arguments of `train_step` and jits it once for `mesh`."""
   fn = functools.partial(
       train_step, model=model, tx=tx, loss_cfg=LossConfig.from_config(config),
       skip_threshold=float(config.optim.skip_threshold),
       ema_decay=float(config.optim.ema_decay), lr_schedule=learning_rate_schedule(config))
-  replicated = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P(DATA_AXIS))
+  data, replicated = shardings(mesh)
   return jax.jit(fn, in_shardings=(replicated, data, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """Process-local numpy batch -> global arrays split over the `data` axis."""
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
-
-
-def replicate(tree, mesh: Mesh):
-  """Places a pytree on every device of `mesh` (replicated)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from hvae import console
+from hvae import atomic, console
 from hvae.metrics_file import METRICS_FILE, parse_lines, read_metrics  # noqa: F401  (re-exported)
 
 
@@ -37,15 +37,6 @@ def _scalar(value: Any) -> float:
 
 def _json_value(value: float) -> float | None:
   return value if math.isfinite(value) else None
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _hparam_value(value: Any) -> bool | int | float | str:
@@ -120,7 +111,7 @@ class MetricWriter:
         good = "".join(json.dumps(row) + "\n" for row in keep)
     # Appending after a partial line would glue the next row onto it, so rewrite first.
     if good != text:
-      _atomic_write_text(path, good)
+      atomic.write_text(path, good)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Writes one step's scalars to TensorBoard and as one line of metrics.jsonl.

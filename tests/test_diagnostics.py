@@ -6,7 +6,8 @@ import jax
 import numpy as np
 from helpers import centre_mask, random_images, tiny_model_config
 
-from hvae import diagnostics, evaluation, objective, train
+from hvae import diagnostics, evaluation, objective
+from hvae.mesh import make_mesh
 from hvae.model import ladder
 from hvae.model.ladder import HVAE
 
@@ -18,7 +19,7 @@ def _setup():
   cfg = tiny_model_config(posterior="top_down")
   model = HVAE(cfg)
   params = ladder.init(model, jax.random.PRNGKey(0))
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = make_mesh(jax.devices()[:1])
   batch = {"image": random_images(B, seed=1), "mask": centre_mask(B)}
   return cfg, model, params, mesh, batch
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import centre_mask, random_images, tiny_model_config
 
-from hvae.config import ModelConfig
+from hvae.config import ConfigError, ModelConfig
 from hvae.model import ladder
 from hvae.model.ladder import HVAE
 
@@ -268,3 +268,45 @@ def test_model_config_is_frozen_and_hashable():
   hash(cfg)
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.width = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("posterior", ["bottom_up", "top_down"])
+def test_level_widths_set_each_resolution_and_add_projections_only_where_they_change(posterior):
+  cfg = tiny_model_config(num_levels=3, width=8, level_widths=(8, 16, 24), posterior=posterior)
+  model = HVAE(cfg)
+  image = jax.ShapeDtypeStruct((B, 64, 64, 3), jnp.uint8)
+  mask = jax.ShapeDtypeStruct((B, 64, 64, 1), jnp.float32)
+
+  def run(rng, image, mask):
+    params = model.init({"params": rng, "sample": rng}, image, mask)["params"]
+    return params, model.apply({"params": params}, image, mask, rngs={"sample": rng})
+
+  params, out = jax.eval_shape(run, jax.random.PRNGKey(0), image, mask)
+  trunk = params["trunk"]
+  assert "g1_proj" not in trunk  # 8 -> 8
+  assert trunk["g2_proj"]["kernel"].shape == (1, 1, 8, 16)
+  assert trunk["g3_proj"]["kernel"].shape == (1, 1, 16, 24)
+  assert params["level_1"]["z_proj"]["kernel"].shape[-1] == 8
+  assert params["level_2"]["z_proj"]["kernel"].shape[-1] == 16
+  assert params["level_3"]["z_proj"]["kernel"].shape == (4, 8 * 8 * 24)  # top: dense to 8x8x24
+  assert params["level_2"]["decoder"]["in_proj"]["kernel"].shape == (1, 1, 24, 16)
+  assert params["level_1"]["decoder"]["in_proj"]["kernel"].shape == (1, 1, 16, 8)
+  assert "in_proj" not in params["output_head"]  # w_1 = width
+  assert out.log_px.shape == (B, 64, 64)
+  # 0 means `width`; a wrong length names the field.
+  assert tiny_model_config(width=8, level_widths=(0, 0, 0)).level_width(2) == 8
+  with pytest.raises(ConfigError, match="model.level_widths"):
+    tiny_model_config(num_levels=3, level_widths=(8, 16))
+
+
+def test_upsampling_methods():
+  from hvae.model import layers
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+  np.testing.assert_allclose(layers.upsample(x, "bilinear"),
+                             jax.image.resize(x, (2, 8, 8, 3), "bilinear"), atol=1e-6)
+  nearest = layers.upsample(x, "nearest")
+  np.testing.assert_array_equal(nearest[:, ::2, ::2], x)
+  np.testing.assert_array_equal(nearest[:, 1::2, 1::2], x)
+  with pytest.raises(ConfigError, match="model.upsample"):
+    tiny_model_config(upsample="bicubic")

@@ -65,6 +65,17 @@ def test_bpd_decomposes_exactly_over_levels():
   np.testing.assert_allclose(m["kl/level_3"], float(kls[2].sum(-1).mean()), rtol=1e-6)
 
 
+def test_bits_per_dim_is_one_conversion_for_numpy_jax_and_traced_inputs():
+  nats, dims = np.array([3072.0 * math.log(2), 0.0]), np.array([3072.0, 0.0])
+  got = objective.bits_per_dim(nats, dims)
+  assert isinstance(got, np.ndarray) and got.dtype == np.float64  # host figures stay float64
+  np.testing.assert_allclose(got, [1.0, 0.0])  # D = 0 (nothing missing) is 0, not nan
+  traced = jax.jit(objective.bits_per_dim)(jnp.asarray(nats, jnp.float32), jnp.asarray(dims))
+  np.testing.assert_allclose(np.asarray(traced), [1.0, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(float(objective.to_bpd(jnp.asarray(nats), jnp.asarray(dims))), 1.0,
+                             rtol=1e-6)
+
+
 def test_free_bits_give_zero_kl_gradient_below_the_threshold():
   def loss(kl, free_bits):
     terms = objective.ElboTerms(recon=jnp.ones(4), kl=kl, num_dims=jnp.full(4, 3072.0))

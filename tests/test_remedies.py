@@ -6,6 +6,7 @@ import numpy as np
 from helpers import load_experiment, tiny_model_config
 
 from hvae import objective, train
+from hvae.mesh import make_mesh, shard_batch
 from hvae.model import ladder
 from hvae.model.ladder import HVAE
 
@@ -49,7 +50,7 @@ def test_train_step_logs_per_level_head_gradient_norms_and_uses_remedies():
   config.regularize.head_weight_decay = (0.0, 1e-3)
   from hvae.config import ModelConfig
 
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = make_mesh(jax.devices()[:1])
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
   state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
@@ -58,7 +59,7 @@ def test_train_step_logs_per_level_head_gradient_norms_and_uses_remedies():
   mask = np.ones((8, 64, 64, 1), np.float32)
   mask[:, 16:48, 16:48] = 0
   batch = {"image": rs.randint(0, 256, (8, 64, 64, 3)).astype(np.uint8), "mask": mask}
-  state, metrics = step(state, train.shard_batch(batch, mesh), jax.random.PRNGKey(1))
+  state, metrics = step(state, shard_batch(batch, mesh), jax.random.PRNGKey(1))
   for l in (1, 2):
     assert float(metrics[f"grad_norm/level_{l}"]) > 0
   assert np.isfinite(float(metrics["loss"]))

@@ -8,6 +8,7 @@ from helpers import centre_mask, load_experiment, random_images
 
 from hvae import train
 from hvae.config import ModelConfig
+from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.model.ladder import HVAE
 
 
@@ -24,15 +25,15 @@ def _batch(n=8, seed=0):
 
 
 def _run(config, devices, steps=2, count_traces=None):
-  mesh = train.make_mesh(devices)
+  mesh = make_mesh(devices)
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
-  state = train.replicate(train.create_train_state(model, tx, jax.random.PRNGKey(0)), mesh)
+  state = replicate(train.create_train_state(model, tx, jax.random.PRNGKey(0)), mesh)
   step_fn = train.make_train_step(config, model, tx, mesh)
-  rng = train.replicate(jax.random.PRNGKey(1), mesh)
+  rng = replicate(jax.random.PRNGKey(1), mesh)
   losses = []
   for i in range(steps):
-    state, metrics = step_fn(state, train.shard_batch(_batch(seed=i), mesh), rng)
+    state, metrics = step_fn(state, shard_batch(_batch(seed=i), mesh), rng)
     losses.append(metrics["loss"])
   return jax.device_get(state), np.asarray(jax.device_get(losses))
 
@@ -62,13 +63,13 @@ def test_eight_devices_match_one_device_and_trace_once(monkeypatch):
 
 def test_no_host_transfer_inside_the_step():
   config = _config()
-  mesh = train.make_mesh()
+  mesh = make_mesh()
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
-  state = train.replicate(train.create_train_state(model, tx, jax.random.PRNGKey(0)), mesh)
+  state = replicate(train.create_train_state(model, tx, jax.random.PRNGKey(0)), mesh)
   step_fn = train.make_train_step(config, model, tx, mesh)
-  rng = train.replicate(jax.random.PRNGKey(1), mesh)
-  batch = train.shard_batch(_batch(), mesh)
+  rng = replicate(jax.random.PRNGKey(1), mesh)
+  batch = shard_batch(_batch(), mesh)
   state, _ = step_fn(state, batch, rng)  # compile outside the guard
   history = []
   with jax.transfer_guard("disallow"):
@@ -80,7 +81,7 @@ def test_no_host_transfer_inside_the_step():
 
 def test_non_finite_gradient_skips_the_update():
   config = _config()
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = make_mesh(jax.devices()[:1])
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
   state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
@@ -89,7 +90,7 @@ def test_non_finite_gradient_skips_the_update():
   bad = _batch()
   bad["image"] = bad["image"].astype(np.float32)
   bad["image"][0, 0, 0, 0] = np.nan  # a NaN given pixel poisons the gradient
-  state, metrics = step_fn(state, train.shard_batch(bad, mesh), jax.random.PRNGKey(1))
+  state, metrics = step_fn(state, shard_batch(bad, mesh), jax.random.PRNGKey(1))
   assert float(metrics["skipped"]) == 1.0 and int(state.consecutive_skips) == 1
   for a, b in zip(jax.tree_util.tree_leaves(before.params),
                   jax.tree_util.tree_leaves(state.params)):
@@ -102,13 +103,13 @@ def test_non_finite_gradient_skips_the_update():
 
 def test_gradient_norm_threshold_skips_and_resets():
   config = _config(skip_threshold=1e-6)
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = make_mesh(jax.devices()[:1])
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
   state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
   step_fn = train.make_train_step(config, model, tx, mesh)
   for i in range(2):
-    state, metrics = step_fn(state, train.shard_batch(_batch(seed=i), mesh),
+    state, metrics = step_fn(state, shard_batch(_batch(seed=i), mesh),
                              jax.random.PRNGKey(1))
   assert int(state.consecutive_skips) == 2 and int(state.total_skips) == 2
 
@@ -130,12 +131,12 @@ def test_deterministic_baseline_trains_with_per_level_loss_fields():
   config = _config()
   config.model.kind = "deterministic"
   config.loss.free_bits = (0.5, 0.5)  # per-level fields are ignored without latents, not errors
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = make_mesh(jax.devices()[:1])
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
   state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
   step_fn = train.make_train_step(config, model, tx, mesh)
-  state, metrics = step_fn(state, train.shard_batch(_batch(), mesh), jax.random.PRNGKey(1))
+  state, metrics = step_fn(state, shard_batch(_batch(), mesh), jax.random.PRNGKey(1))
   assert np.isfinite(float(metrics["loss"]))
   np.testing.assert_allclose(float(metrics["loss"]), float(metrics["bpd"]), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["bpd"]), float(metrics["recon_bpd"]), rtol=1e-6)

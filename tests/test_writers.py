@@ -12,6 +12,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+from hvae import atomic
 from hvae.writers import MetricWriter, eval_summary, read_metrics
 
 
@@ -133,3 +134,16 @@ def test_eval_summary_is_one_short_line():
   assert "verdict: no level overfits" in eval_summary(1, metrics, [])
   deterministic = eval_summary(9, {"eval/bpd": float("nan"), "eval_train/bpd": 5.0})
   assert deterministic == "eval step 9: bpd nan (train-split 5.000)"
+
+
+def test_atomic_json_writes_replace_the_file_and_leave_no_temporary(tmp_path):
+  path = tmp_path / "results.json"
+  path.write_text("old")
+  atomic.write_json(str(path), {"a": math.nan, "b": [1.0, math.inf]}, strict=True)
+  assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None]}
+  atomic.write_json(str(path), {"b": 1, "a": (2,)}, indent=2, sort_keys=True)
+  assert path.read_text() == json.dumps({"a": [2], "b": 1}, indent=2, sort_keys=True)
+  with pytest.raises(TypeError):  # a value JSON cannot encode: the old file stays whole
+    atomic.write_json(str(path), {"x": object()})
+  assert json.loads(path.read_text()) == {"a": [2], "b": 1}
+  assert os.listdir(tmp_path) == ["results.json"]

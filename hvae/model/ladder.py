@@ -238,7 +238,7 @@ class HVAE(nn.Module):
     for l in range(L, 0, -1):
       level = levels[l]
       d = state if l == L else level.decode(
-          layers.upsample(state), h_p[l] if cfg.context_skips else None)
+          layers.upsample(state, cfg.upsample), h_p[l] if cfg.context_skips else None)
       if not cfg.has_latents:
         state = d
         continue
@@ -267,7 +267,7 @@ class HVAE(nn.Module):
     lik = self.likelihood
     head = OutputHead(cfg.width, cfg.blocks_per_level, lik.num_params, cfg.context_skips,
                       name="output_head")
-    px_params = head(layers.upsample(state), h_p[0], a_p)
+    px_params = head(layers.upsample(state, cfg.upsample), h_p[0], a_p)
     rng = self.make_rng("sample") if cfg.likelihood == "gaussian" else None
     log_px = lik.log_prob(px_params, image, rng)
     return ModelOutput(px_params=px_params, log_px=log_px, levels=tuple(reversed(outputs)))

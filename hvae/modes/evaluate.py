@@ -28,7 +28,6 @@ grid OUT/grid.png; OUT is WORKDIR/eval, WORKDIR/eval/INPUT_NAME with --input, or
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -39,7 +38,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from hvae import api, baselines, data, evaluation, images, objective, quality, sampling
+from hvae import api, atomic, baselines, data, evaluation, images, quality, sampling
 from hvae.data import masks as masks_lib
 from hvae.train import latent_dims
 from hvae.writers import MetricWriter
@@ -183,14 +182,9 @@ def format_table(table: dict[str, dict[str, float]], reference: str | None, num_
 
 def _summarize(rows: dict[str, np.ndarray], prefix: str, dims: tuple[int, ...],
                table: dict[str, dict[str, float]]) -> dict[str, float]:
-  """Dataset figures: the ELBO part exactly as during training (`evaluation.summarize`), the IW
-  bound (bits/dim as sum(nats) / (sum(D) ln 2)), the legacy sample means and the table."""
-  m = {}
-  if "iw_log_px" in rows:
-    m = evaluation.summarize({k: rows[k] for k in ("recon", "kl", "num_dims")}, dims)
-    to_bpd = 1.0 / (rows["num_dims"].sum() * objective.LN2)
-    m["iw_bpd"] = -rows["iw_log_px"].sum() * to_bpd
-    m["iw_ess"] = rows["iw_ess"].mean()
+  """Dataset figures: the ELBO and the IW bound exactly as during training
+  (`evaluation.summarize`), the legacy sample means and the table."""
+  m = evaluation.summarize(rows, dims) if "iw_log_px" in rows else {}
   for name in LEGACY:
     if name in rows:
       m[name] = rows[name].mean()
@@ -249,24 +243,6 @@ def input_batches(input_path: str, mask: str | None, config: ml_collections.Conf
     batches.append({"image": pixels[idx], "mask": masks[idx], "weight": weight,
                     "index": idx.astype(np.int32), "name": names[idx]})
   return batches
-
-
-def _json_safe(value):
-  """NaN and infinities -> None, recursively (strict JSON)."""
-  if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
-  if isinstance(value, list | tuple):
-    return [_json_safe(v) for v in value]
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
-
-
-def write_json(path: str, value) -> None:
-  """Writes strict JSON atomically (a reader never sees half a file)."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(_json_safe(value), f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
@@ -383,7 +359,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   }
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "results.json"), results)
+    atomic.write_json(os.path.join(out_dir, "results.json"), results, strict=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
       f.write(text)
     images.save_png(os.path.join(out_dir, "grid.png"), grid)

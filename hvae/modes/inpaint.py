@@ -49,11 +49,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from hvae import api, baselines, images, objective
+from hvae import api, atomic, baselines, images
 from hvae.data import images as image_io
 from hvae.data import masks as masks_lib
 from hvae.modes import evaluate
 from hvae.modes.evaluate import RANK_SAMPLES
+from hvae.objective import bits_per_dim
 
 SIZE = 64
 MAX_BATCH = 16  # inputs per compiled call; a short last batch is padded (one compile)
@@ -267,8 +268,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     record = {"name": name, "source": os.path.abspath(path), "files": files,
               "missing_pixels": int(num_dims[b] // 3)}
     if rank:
-      record["bpd"] = (-outputs["scores"][:, b]
-                       / (max(num_dims[b], 1.0) * objective.LN2)).tolist()
+      record["bpd"] = bits_per_dim(-outputs["scores"][:, b], num_dims[b]).tolist()
     if scored:
       record["figures"] = {m: {f: float(v[b]) for f, v in figs.items()}
                            for m, figs in per_method.items()}
@@ -297,7 +297,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     else:
       print(f"(per-image figures: {os.path.join(output, 'table.md')})", flush=True)
   results["wall_time_s"] = time.perf_counter() - t0
-  evaluate.write_json(os.path.join(output, "results.json"), results)
+  atomic.write_json(os.path.join(output, "results.json"), results, strict=True)
   logging.info("inpaint: %d image(s), %d fill-in(s) each, written to %s (%.1fs)", len(entries),
                num_samples, output, time.perf_counter() - t0)
   return results
