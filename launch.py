@@ -39,6 +39,9 @@ _NUM_SAMPLES = flags.DEFINE_integer(
 _TEMPERATURE = flags.DEFINE_string(
     "temperature", None, "eval/inpaint: latent temperature, one value or one per level "
     "(default eval.temperature, else hvae.sampling.DEFAULT_TEMPERATURE).")
+_PIXELS = flags.DEFINE_enum(
+    "pixels", None, ["sample", "mean"], "eval/inpaint: pixels of a fill-in sample, drawn from "
+    "p(x|z) or its mean E[x|z] (default eval.pixels, else hvae.sampling.DEFAULT_PIXELS).")
 _RANK = flags.DEFINE_bool("rank", False, "inpaint: order fill-ins by the model's likelihood.")
 _FILL = flags.DEFINE_string(
     "fill", "all", "inpaint: all, or a comma-separated subset of samples, mode, mean.")
@@ -157,7 +160,8 @@ def _main(argv):
       raise app.UsageError("--split does not apply with --input (the images given are scored)")
     evaluate.run(workdir, config, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
                  mask=_MASK.value, temperature=_TEMPERATURE.value, num_samples=_NUM_SAMPLES.value,
-                 input_path=_INPUT.value, output=_OUTPUT.value, baseline_names=_BASELINES.value)
+                 input_path=_INPUT.value, output=_OUTPUT.value, baseline_names=_BASELINES.value,
+                 pixels=_PIXELS.value)
   elif _MODE.value == "inpaint":
     from hvae.modes import inpaint
 
@@ -166,7 +170,7 @@ def _main(argv):
     inpaint.run(workdir, _INPUT.value, _OUTPUT.value or os.path.join(workdir, "inpaint"), config,
                 mask=_MASK.value, num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
                 temperature=_TEMPERATURE.value, rank=_RANK.value, checkpoint=_CHECKPOINT.value,
-                fill=_FILL.value, baseline_names=_BASELINES.value)
+                fill=_FILL.value, baseline_names=_BASELINES.value, pixels=_PIXELS.value)
   else:
     raise app.UsageError(f"--mode={_MODE.value} is not implemented yet (see the open issues)")
 

@@ -99,6 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.num_samples = 4  # fill-in samples per context in image grids and sample metrics
   e.iw_samples = 64  # K of the importance-weighted bound in --mode=eval
   e.temperature = ""  # fill-in tau (eval, inpaint, hvae.load): "0.8", "0.5,1"; "" = the default
+  e.pixels = ""  # pixels of a fill-in sample: sample (from p(x|z)) | mean (E[x|z]); "" = default
   e.batch_size = 64  # evaluation batch size (global)
   e.num_grid_examples = 8  # fixed validation contexts shown in images/step_N.png
   e.num_swap_examples = 64  # examples of the posterior->prior swap (L + 1 forward passes each)

@@ -24,6 +24,10 @@ def get_config(arg: str | None = None):
   c.model.latent_channels = (16,)
   c.model.top_latent_dim = 256
   c.model.num_mixtures = 10
+  # From the faces recipe (docs/results.md "Learning structure"); likelihood_grad="scaled" is
+  # the base default.
+  c.model.posterior = "top_down"
+  c.model.upsample = "bilinear"
   c.optim.learning_rate = 5e-4
   c.optim.warmup_steps = 2000
   c.optim.skip_threshold = 2000.0

@@ -59,10 +59,10 @@ def _key(seed: int | jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def _fill_fn(model: HVAE, num_samples: int):
+def _fill_fn(model: HVAE, num_samples: int, pixels: str = "sample"):
   def fn(params, image, mask, rng, temperature):
     return sampling.sample_fill_ins(model, params, image, mask, rng, num_samples=num_samples,
-                                    temperature=temperature)
+                                    temperature=temperature, pixels=pixels)
   return jax.jit(fn)
 
 
@@ -119,7 +119,7 @@ class Inpainter:
                      self.model.config.num_levels)
 
   def fill_in(self, images, masks, n: int = 4, temperature: float | Sequence[float] | None = None,
-              seed: int | jax.Array = 0) -> np.ndarray:
+              seed: int | jax.Array = 0, pixels: str | None = None) -> np.ndarray:
     """Draws n fill-ins per context (latents from the conditional prior at temperature tau).
 
     Args:
@@ -129,6 +129,8 @@ class Inpainter:
       temperature: tau, one for every level or one per level (level 1 = finest first); None =
         the run's eval.temperature or `sampling.DEFAULT_TEMPERATURE`.
       seed: an int or a PRNG key.
+      pixels: "sample" (drawn from p(x | z)) or "mean" (E[x | z]: all variation from the
+        latents); None = the run's eval.pixels, else `sampling.DEFAULT_PIXELS`.
 
     Returns:
       uint8 [n, B, 64, 64, 3]: fill-ins composited into the context; the given pixels equal the
@@ -136,8 +138,10 @@ class Inpainter:
     """
     image, mask = _images_and_masks(images, masks)
     rng = _key(seed)
+    pixels = sampling.default_pixels(self.config) if pixels is None else (
+        sampling.check_pixels(pixels))
     chunk = iw.chunk_size(n, image.shape[0], self.max_rows)
-    fn = _fill_fn(self.model, chunk)
+    fn = _fill_fn(self.model, chunk, pixels)
     tau = tuple(jnp.float32(t) for t in self.temperatures(temperature))
     parts = [fn(self.params, image, mask, jax.random.fold_in(rng, i), tau)
              for i in range(math.ceil(n / chunk))]
@@ -196,7 +200,9 @@ class Inpainter:
     """Per-example unweighted ELBO terms (one posterior sample, analytic KL), nats.
 
     Returns:
-      {"recon": [B], "kl": [B, L], "num_dims": [B], "nelbo": [B]} numpy arrays.
+      {"recon": [B], "kl": [B, L], "num_dims": [B], "nelbo": [B], "recon_channels": [B, 3]}
+      numpy arrays; recon_channels is recon by the chain rule: -log p(r), -log p(g | r),
+      -log p(b | r, g).
     """
     image, mask = _images_and_masks(images, masks)
     rng = _key(seed)
@@ -223,7 +229,7 @@ class Inpainter:
     Returns:
       Per-example numpy arrays: iw_log_px (nats, <= log p(x_inner | x_outer)), iw_bpd (bits per
       missing dim of -iw_log_px), iw_ess (in [1, K]), num_dims; with_elbo adds nelbo (nats),
-      bpd, recon and kl [B, L].
+      bpd, recon, recon_channels [B, 3] and kl [B, L].
     """
     image, mask = _images_and_masks(images, masks)
     rng = _key(seed)
@@ -235,6 +241,7 @@ class Inpainter:
     if with_elbo:
       terms = self.elbo(image, mask, elbo_rng)
       out.update(nelbo=terms["nelbo"], recon=terms["recon"], kl=terms["kl"],
+                 recon_channels=terms["recon_channels"],
                  bpd=bits_per_dim(terms["nelbo"], num_dims))
     return out
 

@@ -1,8 +1,10 @@
 """Fill-ins (DESIGN §2 "Fill-ins"): samples, the mean fill-in and the mode fill-in.
 
 A sample draws every latent from the conditional prior (temperature tau scales the prior
-sigma, globally or per level) and then the pixels from the likelihood. The missing pixels of
-the input are never read: the image is masked before it reaches the model.
+sigma, globally or per level) and then the pixels: `pixels="sample"` draws them from the
+likelihood p(x | z) (the definition of the design), `pixels="mean"` takes its mean E[x | z], so
+every difference between two samples comes from the latents (as VAE papers show samples). The
+missing pixels of the input are never read: the image is masked before it reaches the model.
 
 * `sample_fill_ins`: N samples; `mean_fill_in` averages them (pixel noise included).
 * `mode_fill_in`: every latent at its prior mean, the pixels at the likelihood's mode.
@@ -10,7 +12,8 @@ the input are never read: the image is masked before it reaches the model.
   draws, and their average, a Monte-Carlo estimate of E[x_inner | x_outer] (at tau = 1) without
   the pixel noise of `mean_fill_in`.
 
-`DEFAULT_TEMPERATURE` is the one default tau of every mode, the API and `eval.temperature`.
+`DEFAULT_TEMPERATURE` and `DEFAULT_PIXELS` are the one default of every mode, the API and
+`eval.temperature` / `eval.pixels`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,24 @@ from hvae.model.ladder import HVAE, PRIOR
 # eval.temperature is ''). A placeholder until the measured best tau of
 # benchmarks/temperature_sweep.py replaces it; change it here only.
 DEFAULT_TEMPERATURE = 1.0
+PIXELS = ("sample", "mean")
+# The default pixels of a fill-in sample (when eval.pixels is ''); see DEFAULT_TEMPERATURE.
+DEFAULT_PIXELS = "sample"
+
+
+def check_pixels(value: str) -> str:
+  """`value` if it is one of PIXELS, else a ValueError naming the choices."""
+  if value not in PIXELS:
+    raise ValueError(f"pixels: {value!r} is not one of {', '.join(PIXELS)}")
+  return value
+
+
+def default_pixels(config=None) -> str:
+  """The run's `eval.pixels` when set, else `DEFAULT_PIXELS`."""
+  value = ""
+  if config is not None and "eval" in config:
+    value = config.eval.get("pixels", "") or ""
+  return check_pixels(value) if value else DEFAULT_PIXELS
 
 
 def composite(image: jnp.ndarray, fill: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -37,7 +58,7 @@ def composite(image: jnp.ndarray, fill: jnp.ndarray, mask: jnp.ndarray) -> jnp.n
 def sample_fill_ins(
     model: HVAE, params, image, mask, rng: jax.Array, *, num_samples: int = 1,
     temperature: float | Sequence[float] = 1.0, pixel_temperature: float = 1.0,
-    noise: Sequence[jnp.ndarray | None] | None = None,
+    noise: Sequence[jnp.ndarray | None] | None = None, pixels: str = "sample",
 ) -> jnp.ndarray:
   """Draws `num_samples` fill-ins per context, composited into the context.
 
@@ -51,9 +72,10 @@ def sample_fill_ins(
     temperature: tau for the latents, global or per level.
     pixel_temperature: temperature of the pixel likelihood's sampler.
     noise: optional per-level eps of shape [N * B, *S] (sample-major) to fix latent noise.
+    pixels: "sample" (from the likelihood, at `pixel_temperature`) or "mean" (E[x | z]).
 
   Returns:
-    [N, B, 64, 64, 3] float32 composites with integer values in [0, 255].
+    [N, B, 64, 64, 3] float32 composites in [0, 255] (integer values for pixels="sample").
   """
   batch = image.shape[0]
   context = composite(image, jnp.zeros_like(image, jnp.float32), mask)
@@ -63,8 +85,11 @@ def sample_fill_ins(
   out = model.apply({"params": params}, tiled, tiled_mask, sources=PRIOR, noise=noise,
                     temperature=temperature, compute_posterior=False,
                     rngs={"sample": latent_rng})
-  pixels = model.likelihood.sample(out.px_params, pixel_rng, pixel_temperature)
-  filled = composite(tiled, pixels, tiled_mask)
+  if check_pixels(pixels) == "mean":
+    values = model.likelihood.mean(out.px_params)
+  else:
+    values = model.likelihood.sample(out.px_params, pixel_rng, pixel_temperature)
+  filled = composite(tiled, values, tiled_mask)
   return filled.reshape((num_samples, batch) + filled.shape[1:])
 
 

@@ -10,6 +10,7 @@ from hvae import diagnostics, evaluation, objective
 from hvae.mesh import make_mesh
 from hvae.model import ladder
 from hvae.model.ladder import HVAE
+from hvae.train import latent_dims
 
 B = 4
 
@@ -69,6 +70,12 @@ def test_eval_pass_ignores_padding_rows():
   r = evaluation.run_pass(step, params, [padded], jax.random.PRNGKey(0), mesh)
   assert r["count"] == 4 and r["per_example"]["recon"].shape == (4,)
   assert r["sums"]["kl_map/1"].shape == (32, 32)
+  # recon by channel (chain rule) adds up to recon, per example and in bits/dim.
+  ex = r["per_example"]
+  np.testing.assert_allclose(ex["recon_channels"].sum(-1), ex["recon"], rtol=1e-4)
+  m = evaluation.summarize(ex, latent_dims(model.config))
+  np.testing.assert_allclose(sum(m[f"recon_bpd/{c}"] for c in evaluation.CHANNELS),
+                             m["recon_bpd"], rtol=1e-4)
 
 
 def test_worst_examples_are_those_with_the_largest_kl():

@@ -484,3 +484,16 @@ def test_scaled_gradients_leave_log_probs_unchanged_and_tame_sharp_channels(name
   g_exact = np.asarray(_grad_mean_log_prob(exact, sharp, image, rng))[:, groups["means"]]
   g_scaled = np.asarray(_grad_mean_log_prob(scaled, sharp, image, rng))[:, groups["means"]]
   np.testing.assert_allclose(g_scaled, g_exact * math.exp(-6.0), rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["dmol", "discretized_gaussian"])
+def test_channel_chain_terms_sum_to_the_log_prob_and_r_is_the_marginal(name):
+  lik = _lik(name)
+  params = _params(lik, "random", 8, seed=5)
+  image = np.random.RandomState(1).randint(0, 256, (8, 3)).astype(np.float32)
+  chain = np.asarray(jax.jit(lik.channel_chain_log_prob)(params, image))
+  np.testing.assert_allclose(chain.sum(-1), _log_prob(lik, params, image), rtol=1e-5, atol=1e-5)
+  # The R term is the marginal of R: summing exp over all 256 values of R gives 1.
+  values = _all_values_image(8, 0, image)  # [256, 8, 3]
+  r_terms = jax.jit(jax.vmap(lik.channel_chain_log_prob, in_axes=(None, 0)))(params, values)
+  np.testing.assert_allclose(np.exp(np.asarray(r_terms)[..., 0]).sum(0), 1.0, atol=1e-4)

@@ -101,9 +101,14 @@ def test_kl_weight_and_beta_scale_only_the_kl_part():
   np.testing.assert_allclose(weighted, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("likelihood", ["dmol", "gaussian"])
-def test_a_few_hundred_steps_drive_the_negative_elbo_down(likelihood):
-  cfg = tiny_model_config(num_levels=2, likelihood=likelihood)
+# (likelihood, likelihood_grad, required drop): the scaled location gradients give up the fast
+# early gains of ever-sharper pixel scales (measured here: 9.13 -> 6.96 bits/dim in 300 steps,
+# against 0.7x with exact gradients); both must still drive the bound down steadily.
+@pytest.mark.parametrize("likelihood,likelihood_grad,factor",
+                         [("dmol", "exact", 0.7), ("dmol", "scaled", 0.8),
+                          ("gaussian", "scaled", 0.7)])
+def test_a_few_hundred_steps_drive_the_negative_elbo_down(likelihood, likelihood_grad, factor):
+  cfg = tiny_model_config(num_levels=2, likelihood=likelihood, likelihood_grad=likelihood_grad)
   model = HVAE(cfg)
   params = ladder.init(model, jax.random.PRNGKey(0))
   image, mask = jnp.asarray(random_images(4, seed=3)), jnp.asarray(centre_mask(4))
@@ -130,4 +135,5 @@ def test_a_few_hundred_steps_drive_the_negative_elbo_down(likelihood):
   assert np.all(np.isfinite(np.concatenate(
       [np.ravel(x) for x in jax.tree_util.tree_leaves(params)])))
   first, last = losses[:10].mean(), losses[-10:].mean()
-  assert last < 0.7 * first, (first, last)
+  assert last < factor * first, (first, last)
+  assert np.mean(losses[-10:]) < np.mean(losses[140:160]), "still falling in the second half"

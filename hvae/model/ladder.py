@@ -171,6 +171,7 @@ class HVAE(nn.Module):
 
   @property
   def likelihood(self) -> likelihoods.Likelihood:
+    """The likelihood (with `likelihoods.scale_location_grad` for likelihood_grad="scaled")."""
     return likelihoods.get(self.config.likelihood, self.config.num_mixtures,
                            self.config.likelihood_grad == "scaled")
 

@@ -112,6 +112,19 @@ class Likelihood(abc.ABC):
       [...] nats per pixel (three sub-pixels together), in units of the discrete pixel.
     """
 
+  def channel_chain_log_prob(
+    self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None = None
+  ) -> jnp.ndarray:
+    """Each sub-pixel's share of `log_prob`: log p(r), log p(g | r), log p(b | r, g).
+
+    Exact chain-rule terms (they sum to `log_prob`), so a model that only learned to copy R
+    into G and B shows it: small G and B terms, a large R term.
+
+    Returns:
+      [..., 3] nats.
+    """
+    return self.channel_log_prob(params, image, rng)
+
   @abc.abstractmethod
   def sample(self, params: jnp.ndarray, rng: jax.Array, temperature: float = 1.0) -> jnp.ndarray:
     """Draws pixels.
@@ -222,6 +235,13 @@ class DiscretizedMixLogistic(Likelihood):
     log_weights, log_probs = self.component_log_probs(params, image)
     return jax.nn.logsumexp(log_weights + jnp.sum(log_probs, axis=-2), axis=-1)
 
+  def channel_chain_log_prob(self, params, image, rng=None):
+    del rng  # deterministic
+    log_weights, log_probs = self.component_log_probs(params, image)
+    # log p(r), log p(r, g), log p(r, g, b): marginals of the mixture over the channel prefix.
+    prefix = jax.nn.logsumexp(log_weights[..., None, :] + jnp.cumsum(log_probs, axis=-2), axis=-1)
+    return jnp.concatenate([prefix[..., :1], jnp.diff(prefix, axis=-1)], axis=-1)
+
   def _select(self, tensor: jnp.ndarray, component: jnp.ndarray) -> jnp.ndarray:
     """[..., 3, K] -> [..., 3] at the given component index [...]."""
     index = jnp.broadcast_to(component[..., None, None], tensor.shape[:-1] + (1,))
@@ -292,16 +312,20 @@ class DiscretizedGaussian(Likelihood):
     params = _check_params(params, self.num_params)
     return params[..., :3], jnp.maximum(params[..., 3:], MIN_LOG_SCALE)
 
-  def channel_log_prob(self, params: jnp.ndarray, image: jnp.ndarray) -> jnp.ndarray:
-    """Log-probability of each sub-pixel's bin.
+  def channel_log_prob(
+    self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None = None
+  ) -> jnp.ndarray:
+    """Log-probability of each sub-pixel's bin (`rng` is unused: it is deterministic).
 
     Args:
       params: [..., 6] raw network output.
       image: [..., 3] pixel values in 0..255.
+      rng: unused.
 
     Returns:
       [..., 3] nats.
     """
+    del rng
     mu, log_s = self._split(params)
     if self.scale_grad:
       mu = scale_location_grad(mu, jnp.exp(log_s))

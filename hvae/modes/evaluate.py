@@ -64,7 +64,8 @@ def resolve_temperature(value, config) -> float | tuple[float, ...]:
 def model_fills(model: api.Inpainter, image: np.ndarray, mask: np.ndarray, *, num_samples: int,
                 temperature, rng: jax.Array, rank_samples: int | None = None,
                 fills: Sequence[str] = MODEL_FILLS,
-                baseline_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+                baseline_names: Sequence[str] = (),
+                pixels: str | None = None) -> dict[str, np.ndarray]:
   """Every fill-in of one batch: the model's and the baselines'.
 
   Args:
@@ -77,6 +78,7 @@ def model_fills(model: api.Inpainter, image: np.ndarray, mask: np.ndarray, *, nu
     rank_samples: K of the IW bound that scores each sample (None: not scored).
     fills: which of "samples", "mode", "mean" to draw.
     baseline_names: classical fill-ins (hvae.baselines) to add.
+    pixels: pixels of the samples, "sample" | "mean" (None: the run's default).
 
   Returns:
     uint8 composites: "samples" [N, B, ...] (with "scores" [N, B], nats, when ranked), "mode" and
@@ -86,7 +88,7 @@ def model_fills(model: api.Inpainter, image: np.ndarray, mask: np.ndarray, *, nu
   out = {}
   if "samples" in fills:
     out["samples"] = model.fill_in(image, mask, n=num_samples, temperature=temperature,
-                                   seed=keys[0])
+                                   seed=keys[0], pixels=pixels)
     if rank_samples:
       flat = out["samples"].reshape((-1,) + out["samples"].shape[2:])
       out["scores"] = model.score(flat, np.tile(mask, (num_samples, 1, 1, 1)), k=rank_samples,
@@ -251,7 +253,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
         num_samples: int | None = None, iw_samples: int | None = None,
         input_path: str | None = None, output: str | None = None,
         baseline_names: str | Sequence[str] = baselines.DEFAULT, likelihood: bool = True,
-        model: api.Inpainter | None = None) -> dict:
+        model: api.Inpainter | None = None, pixels: str | None = None) -> dict:
   """Evaluates a trained run and writes OUT/{results.json, table.md, grid.png} and TensorBoard.
 
   Args:
@@ -274,6 +276,8 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       is the reference of the paired figures.
     likelihood: compute the IW bound and the ELBO (False: fill-in figures only).
     model: an already loaded run (then workdir, config, checkpoint and ema are not read).
+    pixels: pixels of the samples: "sample" (from p(x | z)) or "mean" (E[x | z]); None =
+      eval.pixels, else `sampling.DEFAULT_PIXELS`.
 
   Returns:
     The results dict written to results.json.
@@ -290,6 +294,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   cfg = copy.deepcopy(config if config is not None else model.config)
   temperature = resolve_temperature(temperature, cfg)
   model.temperatures(temperature)  # a per-level tuple of the wrong length fails here
+  pixels = sampling.check_pixels(pixels) if pixels else sampling.default_pixels(cfg)
   if mask and not input_path:
     masks_lib.get_maker(mask)  # fails with the valid names
     cfg.data.eval_mask = mask
@@ -319,7 +324,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
     keep = batch["weight"] > 0
     figures = model.evaluate(image, mask_b, k=k, seed=keys[0]) if likelihood else {}
     outputs = model_fills(model, image, mask_b, num_samples=n, temperature=temperature,
-                          rng=keys[1], rank_samples=rank_k, baseline_names=names)
+                          rng=keys[1], rank_samples=rank_k, baseline_names=names, pixels=pixels)
     per_method, legacy = method_figures(outputs, image, mask_b)
     figures.update(legacy)
     figures["index"] = batch["index"]
@@ -340,7 +345,8 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   metrics = _summarize(rows, prefix, latent_dims(model.model.config), table)
   num_examples = int(rows["index"].size)
   title = (f"Fill-in methods: {workdir} step {model.step}, "
-           f"{input_path or f'{split} split'}, mask {mask_name}, N={n}, tau {temperature}")
+           f"{input_path or f'{split} split'}, mask {mask_name}, N={n}, tau {temperature}, "
+           f"pixels {pixels}")
   text = format_table(table, reference, num_examples, title)
   per_example = {name: v.tolist() for name, v in rows.items() if v.ndim == 1}
   for method, figs in methods.items():
@@ -352,7 +358,8 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       "split": None if input_path else split,
       "input": os.path.abspath(input_path) if input_path else None, "mask": mask_name,
       "iw_samples": k if likelihood else None, "num_samples": n, "rank_samples": rank_k,
-      "temperature": temperature, "num_examples": num_examples, "seed": cfg.seed,
+      "temperature": temperature, "pixels": pixels, "num_examples": num_examples,
+      "seed": cfg.seed,
       "baselines": list(names), "reference": reference, "psnr_cap_db": quality.PSNR_CAP,
       "hf_eps": quality.HF_EPS, "metrics": metrics, "methods": table,
       "per_example": per_example, "wall_time_s": time.perf_counter() - t0,

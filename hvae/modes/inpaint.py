@@ -176,7 +176,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
         num_samples: int = 4, temperature: float | Sequence[float] | str | None = None,
         rank: bool = False, checkpoint: str | int = "best", ema: bool = True,
         fill: str | Sequence[str] | None = "all",
-        baseline_names: str | Sequence[str] = baselines.DEFAULT) -> dict:
+        baseline_names: str | Sequence[str] = baselines.DEFAULT, pixels: str | None = None) -> dict:
   """Fills in the holes of the images at `input_path` and writes PNGs to `output`.
 
   Args:
@@ -193,6 +193,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     ema: use the EMA parameters.
     fill: "all" or a subset of samples, mode, mean (see `parse_fill`).
     baseline_names: classical fill-ins, "biharmonic,ring_mean" (default), "none" or a sequence.
+    pixels: pixels of the samples, "sample" | "mean" (None: eval.pixels, else the default).
 
   Returns:
     The results dict written to OUTPUT/results.json.
@@ -225,7 +226,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     out = evaluate.model_fills(model, pixels[idx], masks[idx], num_samples=num_samples,
                                temperature=temperature, rng=jax.random.fold_in(rng, i),
                                rank_samples=RANK_SAMPLES if rank else None,
-                               fills=fills_wanted, baseline_names=names)
+                               fills=fills_wanted, baseline_names=names, pixels=pixels)
     for key, value in out.items():
       axis = 1 if key in ("samples", "scores") else 0
       value = np.take(value, np.arange(real), axis=axis)
