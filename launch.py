@@ -115,6 +115,8 @@ def main(argv):
 
 
 def _main(argv):
+  from hvae import errors
+
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
@@ -125,6 +127,8 @@ def _main(argv):
     return
   if len(_WORKDIR.value or ()) > 1:
     raise app.UsageError(f"--mode={_MODE.value} takes one --workdir, got {len(_WORKDIR.value)}")
+  if _MODE.value in ("eval", "inpaint") and _INPUT.value and not os.path.exists(_INPUT.value):
+    raise errors.MissingPathError(f"--input: {_INPUT.value} does not exist")
   if _SWEEP.value or _SWEEP_INDEX.value is not None or _DRY_RUN.value:
     if _MODE.value != "train" or _CONFIG.value is None:
       raise app.UsageError("--sweep needs --mode=train and --config=experiments/FILE.py[:ARG]")
@@ -144,7 +148,11 @@ def _main(argv):
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-      raise app.UsageError(f"--config is not given and {path} does not exist")
+      what = ("give --config=experiments/NAME.py to start a run there" if _MODE.value == "train"
+              else "give the --workdir of a trained run")
+      state = "has no config.json" if os.path.isdir(workdir) else "does not exist"
+      raise errors.MissingPathError(
+          f"--workdir: {workdir} {state} and --config is not given; {what}")
     config = configs.load_config(path)
 
   if _MODE.value in ("eval", "inpaint"):

@@ -79,7 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.name = "adamw"  # adam | adamw | adamax
   o.learning_rate = 1e-3  # peak learning rate
   o.warmup_steps = 100  # linear learning-rate warm-up
-  o.schedule = "cosine"  # constant | cosine (decay to 0 at train.num_steps)
+  o.schedule = "cosine"  # constant | cosine (decays to 0: see optim.schedule_steps)
+  o.schedule_steps = 0  # cosine length (0 = train.num_steps); fix it to train in stages
   o.weight_decay = 0.0  # decoupled weight decay (adamw) on all parameters
   o.grad_clip = 200.0  # global gradient-norm clipping (0 = off)
   o.skip_threshold = 0.0  # skip an update whose gradient norm exceeds this (0 = never by norm)

@@ -32,6 +32,7 @@ from absl import logging
 from hvae import baselines, configs, evaluation, iw, sampling
 from hvae.checkpoint import Checkpointer
 from hvae.config import ModelConfig, per_level
+from hvae.errors import CheckpointUnavailableError
 from hvae.model.ladder import HVAE
 from hvae.objective import bits_per_dim
 from hvae.train import create_optimizer, create_train_state
@@ -247,10 +248,19 @@ class Inpainter:
 
 
 def _restore_params(workdir: str, config, model: HVAE, checkpoint, ema: bool):
-  """Reads one checkpoint's (EMA) parameters onto the first local device."""
+  """Reads one checkpoint's (EMA) parameters onto the first local device.
+
+  A step that cannot be read is skipped with a warning and the next best (or next newest) step
+  is used (`Checkpointer.restore`); only the state is read, so a damaged `data_state/` does not
+  matter here.
+
+  Raises:
+    CheckpointUnavailableError: no checkpoint, no such step, or none that loads.
+  """
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir} has no checkpoints/ directory (train it first)")
+    raise CheckpointUnavailableError(
+        f"{workdir} has no checkpoints: train it first (python launch.py --workdir={workdir})")
   tx = create_optimizer(config)
   abstract = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.PRNGKey(0)))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -260,7 +270,7 @@ def _restore_params(workdir: str, config, model: HVAE, checkpoint, ema: bool):
     if checkpoint in (None, "best") and ckpt.best_step() is None:
       logging.warning("No checkpoint in %s has eval metrics; using the latest one.", directory)
       checkpoint = "latest"
-    state, _, step = ckpt.restore(target, checkpoint)
+    state, _, step = ckpt.restore(target, checkpoint, data_state=False)
   return (state.ema_params if ema else state.params), int(step)
 
 

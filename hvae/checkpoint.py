@@ -17,13 +17,24 @@ so a process killed mid-save leaves the previous checkpoint as the latest usable
 tmp directory is deleted when the next `Checkpointer` opens the directory
 (`cleanup_tmp_directories`). This protects against a killed *process*; it does not fsync, so it
 makes no promise about a machine losing power mid-write.
+
+Fallback (docs/reliability.md): a committed step that cannot be read back (a truncated or deleted
+array file, a deleted `data_state/`, an empty step directory, bad JSON, ...) is skipped with a
+warning naming the step and why, and the next candidate is tried: the next older step for
+"latest", the next best by `best_metric` for "best". A writer (training) then moves each skipped
+step to `checkpoints/corrupt/STEP` (never deleted), but only once an older step has loaded into
+the same target: that proves the target (the config) is right and the skipped steps are damaged.
+When no step loads nothing is moved (a changed model config fails on every step) and
+`CheckpointUnavailableError` says what to do. Readers (`read_only`) never move anything.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import re
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,8 +42,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from hvae.errors import CheckpointUnavailableError
+
 _STATE = "state"
 _DATA = "data_state"
+CORRUPT_DIR = "corrupt"  # damaged steps are moved to checkpoints/corrupt/STEP, never deleted
+_REASON_CHARS = 200  # a restore error's message is cut to this in warnings and errors
 
 
 def _to_json(value: Any) -> Any:
@@ -53,11 +68,59 @@ def _to_json(value: Any) -> Any:
   return value
 
 
+def _reason(error: BaseException) -> str:
+  """One short line on why a restore failed: the type and the message, long middles cut out."""
+  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  text = " ".join(re.split(r"\s\[tensorstore_spec", str(text))[0].split())  # cut the JSON specs
+  if len(text) > _REASON_CHARS:  # tensorstore nests the file's path and the cause at the end
+    head, tail = text.split(":", 1)[0][:40], text[-(_REASON_CHARS - 45):]
+    text = f"{head}: ... {tail[tail.find(' ') + 1:]}"
+  return f"{type(error).__name__}: {text}"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Silences the late callbacks of a failed orbax read (installed at the first failure).
+
+  After a restore fails, tensorstore still completes the step's other reads and their callbacks
+  try to wake orbax's event loop, already closed: each prints a bare "RuntimeError: Event loop
+  is closed" traceback through `sys.unraisablehook`, dozens of them around the one warning that
+  matters. Exactly those are dropped; every other unraisable exception reaches the old hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_hvae_quiet", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._hvae_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 def _metric_value(metrics: Mapping[str, Any], name: str) -> float:
   """The ranking value of one checkpoint's metrics; NaN ranks as the worst (+inf)."""
   value = float(metrics[name])
   # A diverged evaluation (NaN) must never be chosen as the best checkpoint.
   return value if not math.isnan(value) else math.inf
+
+
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, except that a step whose metrics JSON cannot be read counts as not
+  evaluated (with a warning) instead of stopping every open of the directory."""
+
+  def metrics(self, step: int) -> Any:
+    try:
+      return super().metrics(step)
+    except ValueError as e:  # json.JSONDecodeError, or orbax's own parse error
+      warned = self.__dict__.setdefault("_hvae_warned", set())  # set before __init__ returns
+      if step not in warned:
+        warned.add(step)
+        logging.warning("Checkpoint step %d: its metrics cannot be read (%s); it is not ranked "
+                        "as the best.", step, _reason(e))
+      return None
 
 
 class Checkpointer:
@@ -78,6 +141,7 @@ class Checkpointer:
       raise ValueError(f"keep must be >= 1, got {keep}")
     self._directory = os.path.abspath(os.fspath(directory))
     self._best_metric = best_metric
+    self._read_only = read_only
     get_metric = lambda m: _metric_value(m, best_metric)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
@@ -96,8 +160,7 @@ class Checkpointer:
         create=not read_only,
         read_only=read_only,
     )
-    self._manager = ocp.CheckpointManager(self._directory, item_names=(_STATE, _DATA),
-                                          options=options)
+    self._manager = _Manager(self._directory, item_names=(_STATE, _DATA), options=options)
 
   @property
   def directory(self) -> str:
@@ -168,58 +231,127 @@ class Checkpointer:
     """Blocks until every started save is committed (call before exiting or reading back)."""
     self._manager.wait_until_finished()
 
-  def _resolve(self, step: int | str | None) -> int:
-    """Maps None/"latest"/"best"/int to an existing committed step, or raises a clear error."""
+  def _candidates(self, step: int | str | None) -> tuple[list[int], str]:
+    """The steps to try, in order, for None/"latest"/"best"/int, and a name for messages.
+
+    "latest": every step, newest first. "best": the evaluated steps by `best_metric` (the
+    manager's best first), then the others newest first. An int: that step alone.
+
+    Raises:
+      CheckpointUnavailableError: no checkpoint at all, none evaluated ("best"), or no such step.
+    """
     available = self.all_steps()
     if step is None or step == "latest":
-      resolved = self.latest_step()
-      if resolved is None:
-        raise FileNotFoundError(f"No checkpoints in {self._directory}.")
-      return resolved
+      if not available:
+        raise CheckpointUnavailableError(
+            f"No checkpoints in {self._directory}: train the run first (python launch.py "
+            f"--workdir={os.path.dirname(self._directory)}).")
+      return available[::-1], "latest"
     if step == "best":
-      resolved = self.best_step()
-      if resolved is None:
-        raise FileNotFoundError(
+      best = self.best_step()
+      if best is None:
+        raise CheckpointUnavailableError(
             f"No checkpoint in {self._directory} has metric {self._best_metric!r}; "
             f"available steps: {available}.")
-      return resolved
+      evaluated = [s for s in available if self._manager.metrics(s) is not None]
+      ranked = sorted(evaluated, key=lambda s: (_metric_value(self._manager.metrics(s),
+                                                              self._best_metric), -s))
+      ranked = [best] + [s for s in ranked if s != best]
+      return ranked + [s for s in available[::-1] if s not in ranked], "best"
     if isinstance(step, str):
       if not step.isdigit():
         raise ValueError(f"step must be an int, 'latest' or 'best'; got {step!r}.")
       step = int(step)
     if step not in available:
-      raise FileNotFoundError(
+      raise CheckpointUnavailableError(
           f"No checkpoint for step {step} in {self._directory}; available steps: {available}.")
-    return int(step)
+    return [int(step)], f"step {step}"
 
-  def restore(self, target_state: Any, step: int | str | None = None
-              ) -> tuple[Any, dict | None, int]:
-    """Restores a committed checkpoint.
+  def _restore_step(self, step: int, target_state: Any, data_state: bool) -> tuple[Any, Any]:
+    items = {_STATE: ocp.args.StandardRestore(target_state)}
+    if data_state:
+      items[_DATA] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    data = (restored[_DATA] or {}).get(_DATA) if data_state else None
+    return restored[_STATE], data
+
+  def _set_aside(self, steps: Sequence[int]) -> None:
+    """Moves damaged steps to `corrupt/STEP` (`STEP.1`, ... if taken); process 0 moves them."""
+    if jax.process_index() == 0:
+      corrupt = os.path.join(self._directory, CORRUPT_DIR)
+      os.makedirs(corrupt, exist_ok=True)
+      for step in steps:
+        dest, n = os.path.join(corrupt, str(step)), 0
+        while os.path.exists(dest):
+          n += 1
+          dest = os.path.join(corrupt, f"{step}.{n}")
+        os.rename(os.path.join(self._directory, str(step)), dest)
+        logging.warning("Moved the unreadable checkpoint of step %d to %s (kept for inspection; "
+                        "delete it when you no longer need it).", step, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("hvae_checkpoint_set_aside")
+    self._manager.reload()
+
+  def restore(self, target_state: Any, step: int | str | None = None, *,
+              data_state: bool = True) -> tuple[Any, dict | None, int]:
+    """Restores a committed checkpoint, falling back past steps that cannot be read.
 
     Args:
       target_state: a pytree with the structure of the saved state; its leaves (concrete arrays
         or `jax.ShapeDtypeStruct`s) give the dtypes, shapes and shardings to restore into.
       step: None or "latest" for the newest checkpoint, "best" for the lowest `best_metric`, or
-        an int step.
+        an int step (no fallback: that step or an error).
+      data_state: also read the data-iterator position (False: readers that need only the
+        state, so a damaged `data_state/` does not stop them).
 
     Returns:
       (state, data_state, step): the restored pytree (structure of `target_state`), the saved
       data_state dict (or None) and the step restored.
 
     Raises:
-      FileNotFoundError: the step does not exist (the message lists the available steps).
+      CheckpointUnavailableError (a FileNotFoundError): no checkpoint, the step does not exist
+        (the message lists the available steps), or no candidate step can be restored (the
+        message names each step, why, and what to do).
     """
     # A save still in flight in this process must be committed before it can be read back.
     self.wait()
-    resolved = self._resolve(step)
-    # Concrete leaves are fine as targets: orbax reads only their shape, dtype and sharding.
-    restored = self._manager.restore(resolved, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(target_state),
-        _DATA: ocp.args.JsonRestore(),
-    }))
-    data_state = (restored[_DATA] or {}).get(_DATA)
-    logging.info("Restored checkpoint for step %d from %s.", resolved, self._directory)
-    return restored[_STATE], data_state, resolved
+    candidates, wanted = self._candidates(step)
+    failed: list[tuple[int, str]] = []
+    for candidate in candidates:
+      try:
+        # Concrete leaves are fine as targets: orbax reads only their shape, dtype, sharding.
+        state, data = self._restore_step(candidate, target_state, data_state)
+      except Exception as e:  # pylint: disable=broad-except  (any failure: try the next step)
+        _quiet_closed_loop_callbacks()
+        failed.append((candidate, _reason(e)))
+        logging.warning("Checkpoint step %d in %s cannot be restored (%s)%s", candidate,
+                        self._directory, failed[-1][1],
+                        "; trying the next one." if candidate != candidates[-1] else ".")
+        continue
+      if failed:
+        if wanted == "best" and self._manager.metrics(candidate) is None:
+          logging.warning("No evaluated checkpoint loads; using step %d (not evaluated).",
+                          candidate)
+        if self._read_only:
+          logging.warning("Skipped unreadable checkpoint step(s) %s (left in place: this reader "
+                          "is read-only).", ", ".join(str(s) for s, _ in failed))
+        else:
+          self._set_aside([s for s, _ in failed])
+      logging.info("Restored checkpoint for step %d from %s.", candidate, self._directory)
+      return state, data, candidate
+    reasons = "; ".join(f"step {s}: {r}" for s, r in failed)
+    if len(candidates) == 1 and wanted.startswith("step"):
+      todo = f"choose another with --checkpoint (available steps: {self.all_steps()})"
+    elif self._read_only:
+      todo = ("if the model config changed since they were saved, use the run's own config "
+              "(omit --config); if they are damaged, train the run again")
+    else:
+      todo = ("if the model config changed since they were saved, use the run's own config "
+              "(omit --config) or a new --workdir; if they are damaged, move "
+              f"{self._directory} aside to train again from step 0")
+    raise CheckpointUnavailableError(
+        f"No {wanted} checkpoint in {self._directory} can be restored ({reasons}); {todo}.")
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager's resources."""

@@ -1,9 +1,11 @@
-"""The errors a user's mistake raises, in a module that imports nothing.
+"""The errors that end a command with one line, in a module that imports nothing.
 
-launch.py turns these into one line on stderr and exit status 2, for every mode: `--mode=report`
+A user's mistake, a missing path, data or checkpoint, a workdir another training holds, or a run
+that cannot usefully continue: launch.py turns these into one line on stderr and exit status 2,
+for every mode (each message says what to do): `--mode=report`
 included, which must not import JAX, so they cannot live next to the code that raises them.
 Each is re-exported where it belongs (`hvae.config.ConfigError`, `hvae.sweep.SweepError`,
-`hvae.data.DataUnavailableError`).
+`hvae.data.DataUnavailableError`, `hvae.loop.TrainingError`).
 """
 
 
@@ -23,4 +25,22 @@ class DataUnavailableError(RuntimeError):
   """The data a source needs is not on this machine; the message says how to get it."""
 
 
-USER_ERRORS = (ConfigError, SweepError, DataUnavailableError)
+class MissingPathError(FileNotFoundError):
+  """A path the command names (a workdir, `--input`, a run's config.json) does not exist."""
+
+
+class CheckpointUnavailableError(FileNotFoundError):
+  """No checkpoint can be restored: none saved, the one asked for is absent, or none loads."""
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another live `train` holds the workdir (the message names its pid and host)."""
+
+
+class TrainingError(RuntimeError):
+  """Training cannot usefully continue (e.g. every update is being skipped); a checkpoint of the
+  last good state is written first, and the message says what to try."""
+
+
+USER_ERRORS = (ConfigError, SweepError, DataUnavailableError, MissingPathError,
+               CheckpointUnavailableError, WorkdirLockedError, TrainingError)

@@ -1,12 +1,21 @@
 """`train_and_evaluate(config, workdir)`: the training run behind `launch.py --mode=train`.
 
 Resumes by default: params, optimiser, EMA, step, RNG (derived from the step) and the data
-iterator position all come back from the latest checkpoint. Metrics are fetched from the devices
-only at logging and evaluation steps; SIGTERM / SIGINT save a checkpoint and exit cleanly.
+iterator position all come back from the latest checkpoint that loads (a damaged newer one is
+moved to checkpoints/corrupt/, see hvae/checkpoint.py). Metrics are fetched from the devices
+only at logging and evaluation steps (and one scalar a step, below); SIGTERM / SIGINT save a
+checkpoint and exit cleanly. One training at a time holds the workdir (hvae/lock.py).
+
+Repeated skipped updates: every step's count of skipped updates in a row is read one step late
+(after the next step is dispatched, when it is computed or about to be), so the check runs at
+every step without making the host wait for the step it has just dispatched. At
+`optim.max_consecutive_skips` the run writes a checkpoint (skipped updates change no parameter,
+so it holds the last good state) and stops with `TrainingError` (one line, exit 2 in launch.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -23,8 +32,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from hvae import atomic, configs, data, evaluation, images
+from hvae import lock as workdir_lock
 from hvae.checkpoint import Checkpointer
 from hvae.config import LossConfig, ModelConfig
+from hvae.errors import TrainingError  # raised here; re-exported as loop.TrainingError
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.metrics_file import read_metrics
 from hvae.model.ladder import HVAE
@@ -33,10 +44,6 @@ from hvae.writers import MetricWriter, eval_summary
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
              "ml-collections", "clu", "numpy")
-
-
-class TrainingError(RuntimeError):
-  """Training cannot usefully continue (e.g. every update is being skipped)."""
 
 
 class _Preemption:
@@ -76,6 +83,10 @@ def validate(config) -> tuple[ModelConfig, LossConfig]:
     raise ValueError("model.posterior_sees_mask: must be True when data.train_mask is "
                      f"{config.data.train_mask!r} (the posterior cannot see the hole otherwise)")
   create_optimizer(config)
+  schedule_steps = config.optim.get("schedule_steps", 0)
+  if config.optim.schedule == "cosine" and 0 < schedule_steps < config.train.num_steps:
+    logging.warning("optim.schedule_steps = %d < train.num_steps = %d: the learning rate is 0 "
+                    "from step %d on.", schedule_steps, config.train.num_steps, schedule_steps)
   for name in ("num_steps", "batch_size", "log_every_steps", "checkpoint_every_steps"):
     if config.train[name] <= 0:
       raise ValueError(f"train.{name}: must be > 0, got {config.train[name]}")
@@ -128,10 +139,29 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
 
 
 def train_and_evaluate(config, workdir: str) -> None:
-  """Trains (or resumes) the run in `workdir` to `config.train.num_steps`."""
+  """Trains (or resumes) the run in `workdir` to `config.train.num_steps`.
+
+  Raises:
+    WorkdirLockedError: another live training holds `workdir` (before anything is written).
+    TrainingError: `optim.max_consecutive_skips` updates in a row were skipped (after writing a
+      checkpoint of the last good state).
+  """
   model_cfg, _ = validate(config)
-  train_iter = data.create_train_iterator(config)  # missing data fails here, before any state
+  created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
+  # Process 0 holds the lock for the job (the others write no workdir file of their own).
+  held = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  try:
+    with held:
+      _train(config, workdir, model_cfg)
+  finally:
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)  # failed before writing anything (e.g. missing data): leave no trace
+
+
+def _train(config, workdir: str, model_cfg: ModelConfig) -> None:
+  """`train_and_evaluate` once the workdir is locked."""
+  train_iter = data.create_train_iterator(config)  # missing data fails here, before any state
   if jax.process_index() == 0:
     configs.save_config(config, os.path.join(workdir, "config.json"))
     _write_run_info(workdir)
@@ -165,6 +195,8 @@ def train_and_evaluate(config, workdir: str) -> None:
   train_rng = replicate(train_rng, mesh)
 
   history, window_start, t_start = [], time.perf_counter(), time.perf_counter()
+  max_skips = config.optim.max_consecutive_skips
+  previous = None  # the last step's metrics: its skip count is read one step late
   with _Preemption() as preemption:
     step = start
     while step < num_steps:
@@ -172,10 +204,14 @@ def train_and_evaluate(config, workdir: str) -> None:
       state, metrics = p_train_step(state, batch, train_rng)
       history.append(metrics)
       step += 1
+      # The previous step's count is computed by now (or about to be): reading it keeps one step
+      # in flight, where reading this step's would wait for it (module docstring).
+      lagged, previous = previous, metrics
+      too_many = lagged is not None and float(lagged["consecutive_skips"]) >= max_skips
       is_last = step == num_steps
       stop = _stop_requested(preemption, step, config.train.log_every_steps)
       row = {}  # everything logged at this step: one metrics.jsonl row (DESIGN §7)
-      if step % config.train.log_every_steps == 0 or is_last or stop:
+      if step % config.train.log_every_steps == 0 or is_last or stop or too_many:
         scalars = _mean_metrics(history)
         now = time.perf_counter()
         rate = len(history) / max(now - window_start, 1e-9)
@@ -185,14 +221,11 @@ def train_and_evaluate(config, workdir: str) -> None:
         logging.info("step %d/%d  loss %.4f  bpd %.4f  %.2f steps/s  %.0f img/s  ETA %s", step,
                      num_steps, scalars["train/loss"], scalars["train/bpd"], rate,
                      rate * config.train.batch_size, eta)
-        if scalars["train/max_consecutive_skips"] >= config.optim.max_consecutive_skips:
+        if too_many or scalars["train/max_consecutive_skips"] >= max_skips:
           writer.write_scalars(step, row)
-          ckpt.wait()
-          raise TrainingError(
-              f"{int(scalars['train/max_consecutive_skips'])} updates in a row were skipped "
-              f"(non-finite gradient or norm > optim.skip_threshold = "
-              f"{config.optim.skip_threshold}); stopping at step {step}. Lower "
-              "optim.learning_rate or raise optim.skip_threshold; the last checkpoint is intact.")
+          _stop_after_skips(config, ckpt, writer, step, state, train_iter.get_state(),
+                            jax.device_get(metrics),
+                            None if lagged is None else jax.device_get(lagged))
         history, window_start = [], time.perf_counter()
       eval_metrics = None
       if step % config.eval.every_steps == 0 or is_last:
@@ -217,6 +250,27 @@ def train_and_evaluate(config, workdir: str) -> None:
   ckpt.wait()
   writer.close()
   _finish(workdir)
+
+
+def _stop_after_skips(config, ckpt: Checkpointer, writer: MetricWriter, step: int, state,
+                      data_state, last: dict, before: dict | None) -> None:
+  """Checkpoints the state (skipped updates leave it at the last good one) and raises."""
+  ckpt.save(step, state, data_state=data_state, force=True)
+  ckpt.wait()
+  writer.close()
+  # The streak ends at this step, or (read one step late) at the previous one.
+  end, info = (step, last) if last["consecutive_skips"] >= 1 or before is None else (step - 1,
+                                                                                     before)
+  count = int(info["consecutive_skips"])
+  o = config.optim
+  raise TrainingError(
+      f"{count} updates in a row were skipped (steps {end - count + 1}-{end}, "
+      f"optim.max_consecutive_skips = {o.max_consecutive_skips}; at step {end} the gradient "
+      f"norm was {float(info['grad_norm']):.4g} and the loss {float(info['loss']):.4g}, "
+      f"optim.skip_threshold = {o.skip_threshold}): stopped at step {step} with a checkpoint "
+      "of the last good state (skipped updates change no parameter). Try a lower "
+      f"optim.learning_rate (now {o.learning_rate}), or raise optim.skip_threshold / "
+      f"optim.grad_clip (now {o.grad_clip}), then run the same command to resume.")
 
 
 def _evaluator(config, model: HVAE, mesh, rng, grid_rng, history) -> evaluation.Evaluator:

@@ -30,6 +30,7 @@ from absl import logging
 from matplotlib.figure import Figure
 
 from hvae import metrics_file, verdict
+from hvae.errors import MissingPathError
 
 REPORT_DIR = "report"
 COMPARE_DIR = "compare"
@@ -476,9 +477,15 @@ def main(workdirs: Sequence[str]) -> list[str]:
 
   missing = [w for w in workdirs if not os.path.isdir(w)]
   if missing:
-    raise FileNotFoundError(f"no such workdir: {', '.join(missing)}")
+    raise MissingPathError(f"no such workdir: {', '.join(missing)}")
   sweeps = [w for w in workdirs if sweep_report.is_sweep_dir(w)]
   runs = [w for w in workdirs if w not in sweeps]
+  files = ("config.json", metrics_file.METRICS_FILE)
+  empty = [w for w in runs if not any(os.path.exists(os.path.join(w, f)) for f in files)]
+  if empty:  # without this, an empty folder would be reported as a "deterministic model"
+    raise MissingPathError(
+        f"not a training run (no {' or '.join(files)}): {', '.join(empty)}; give the --workdir "
+        "of a run (or of a sweep), or train into it first")
   out = [write_report(w) for w in runs]
   if len(runs) > 1:
     out.append(write_comparison(runs, os.path.join(out[0], COMPARE_DIR)))

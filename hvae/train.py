@@ -39,8 +39,16 @@ class TrainState:
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warm-up to `optim.learning_rate`, then constant or cosine decay to 0."""
-  o, steps = config.optim, config.train.num_steps
+  """Linear warm-up to `optim.learning_rate`, then constant or cosine decay to 0.
+
+  The cosine reaches 0 at `optim.schedule_steps`, or at `train.num_steps` when that is 0 (or
+  absent, in configs written before it existed): so raising `train.num_steps` of a finished run
+  changes its learning-rate history, unless `optim.schedule_steps` keeps the old length.
+  """
+  o = config.optim
+  steps = int(o.get("schedule_steps", 0) or 0) or config.train.num_steps
+  if steps < 0:
+    raise ConfigError(f"optim.schedule_steps: must be >= 0 (0 = train.num_steps), got {steps}")
   warmup = max(int(o.warmup_steps), 0)
   schedules = {
       "constant": lambda: optax.constant_schedule(o.learning_rate),

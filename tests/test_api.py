@@ -110,7 +110,7 @@ def test_eval_scores_exactly_the_input_images(workdir, photos, model):
   assert json.loads((out / "results.json").read_text())["input"] == str(photos)
   assert (out / "table.md").is_file() and (out / "grid.png").is_file()
   assert r["num_examples"] == 3 and r["split"] is None and r["mask"] == "centre"
-  assert r["per_example"]["name"] == ["a", "b", "sub__c"]
+  assert r["per_example"]["name"] == ["a.png", "b.png", "sub__c.png"]
   assert r["temperature"] == sampling.DEFAULT_TEMPERATURE  # eval.temperature is ''
   assert r["reference"] == "ring_mean" and "biharmonic" not in r["methods"]
   assert "psnr_vs_ring_mean_wins" in r["methods"]["mode"]
@@ -134,7 +134,7 @@ def test_inpaint_writes_mode_and_mean_equal_to_the_api_and_scores_complete_image
   out = tmp_path / "out"
   r = inpaint.run(str(workdir), str(photos), str(out), num_samples=2, fill="all")
   names = [rec["name"] for rec in r["images"]]
-  assert names == ["a", "b", "sub__c"] and r["scored"]
+  assert names == ["a.png", "b.png", "sub__c.png"] and r["scored"]
   truth = np.stack([_read(out / f"{name}_input.png") for name in names])
   mask = centre_mask(3)
   np.testing.assert_array_equal(np.stack([_read(out / f"{n}_mode.png") for n in names]),
@@ -148,7 +148,7 @@ def test_inpaint_writes_mode_and_mean_equal_to_the_api_and_scores_complete_image
   assert rec["figures"]["biharmonic"]["psnr"] == pytest.approx(quality.psnr(
       baselines.biharmonic(truth[0], mask[0]), truth[0], mask[0]))
   printed = capsys.readouterr().out
-  assert "| biharmonic |" in printed and "| sub__c |" in printed
+  assert "| biharmonic |" in printed and "| sub__c.png |" in printed
   assert "per image" in (out / "table.md").read_text()
   # A mask image marks what to remove: the pixels under it are not a truth, nothing is scored.
   Image.fromarray(np.where(mask[0, ..., 0] > 0.5, 255, 0).astype(np.uint8)).save(
@@ -156,8 +156,8 @@ def test_inpaint_writes_mode_and_mean_equal_to_the_api_and_scores_complete_image
   r = inpaint.run(str(workdir), str(photos / "a.png"), str(tmp_path / "o2"), num_samples=2,
                   mask=str(tmp_path / "m.png"), fill="mode", baseline_names="none")
   assert not r["scored"] and "figures" not in r["images"][0] and "methods" not in r
-  assert sorted(p.name for p in (tmp_path / "o2").glob("a_*")) == [
-      "a_context.png", "a_input.png", "a_mode.png"]
+  assert sorted(p.name for p in (tmp_path / "o2").glob("a.png_*")) == [
+      "a.png_context.png", "a.png_input.png", "a.png_mode.png"]
 
 
 def test_api_mode_and_mean(model):
@@ -217,7 +217,7 @@ def test_inpaint_mode_keeps_the_given_pixels_exactly(workdir, tmp_path):
   mask = np.ones((64, 64, 1), bool)
   mask[16:28, 8:28] = False  # box:X=8,Y=16,W=20,H=12
   results = json.loads((out / "results.json").read_text())
-  assert [r["name"] for r in results["images"]] == ["a", "b", "sub__c"]
+  assert [r["name"] for r in results["images"]] == ["a.png", "b.png", "sub__c.jpg"]
   for r in results["images"]:
     expected = image_io.centre_crop_resize(image_io.decode_file(r["source"]), 64)
     given = np.broadcast_to(mask, expected.shape)

@@ -2,8 +2,9 @@
 
 Preparation (`prepare(config)`; `prepare(config, "eval_path")` for the held-out folder):
 1. Scan `config.data.path` recursively (hidden directories are skipped, symlinked directories
-   are not followed) for files whose extension is one of `EXTENSIONS`; other files are ignored
-   and listed in the report.
+   are not followed) for files whose extension is one of `EXTENSIONS` (every extension Pillow
+   registers a decoder for, PNM `.pgm/.ppm/.pbm/.pnm` included); other files are ignored and
+   listed in the report.
 2. Fingerprint = SHA-256 of the absolute path, every candidate's relative path, size and
    modification time, and the preprocessing settings (`image_size`, `small_images`, how the
    folder is split, `FORMAT_VERSION`). A prepared dataset with that fingerprint is reused; any
@@ -55,7 +56,28 @@ from hvae.data import images
 from hvae.data import source as source_lib
 from hvae.errors import ConfigError
 
-EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+_COMMON = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".pgm",
+           ".ppm", ".pbm", ".pnm")
+_NOT_DECODED = ("MPEG",)  # Pillow identifies these files but cannot decode their pixels
+
+
+def _pillow_extensions() -> tuple[str, ...]:
+  """Every file extension of a format Pillow can open (stub plugins excluded), plus `_COMMON`."""
+  from PIL import Image, ImageFile  # pylint: disable=g-import-not-at-top
+
+  Image.init()
+  def decodes(fmt: str) -> bool:
+    if fmt == "MPO":  # opened through the JPEG plugin
+      return True
+    factory = Image.OPEN.get(fmt, (None,))[0]
+    if factory is None or fmt in _NOT_DECODED:
+      return False
+    return not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+  found = {ext.lower() for ext, fmt in Image.registered_extensions().items() if decodes(fmt)}
+  return tuple(sorted(found | set(_COMMON)))
+
+
+EXTENSIONS = _pillow_extensions()  # lower case, with the dot
 SMALL_IMAGE_POLICIES = ("upscale", "skip")
 SPLITS = ("train", "validation")
 FORMAT_VERSION = 1  # bump when preprocessing changes, so every prepared folder is rebuilt

@@ -5,11 +5,12 @@
       [--rank] [--fill=all|samples,mode,mean] [--baselines=biharmonic,ring_mean|none]
       [--checkpoint=best|latest|STEP]
 
-Inputs: one image file or a folder (searched recursively; hidden files and folders skipped).
-Each image, of any size and mode, is decoded by content and cropped/resized to 64x64 exactly
-as the `folder` data source does (hvae.data.images: EXIF orientation, alpha on white, the
-largest centred square, antialiased bicubic resize; images under 64 px follow
-`data.small_images`). A file that cannot be decoded is named in a warning and skipped.
+Inputs: one image file or a folder (searched recursively; hidden files and folders skipped; every
+file is tried, whatever its extension, so every format Pillow decodes is read, PNM
+.pgm/.ppm/.pbm/.pnm included). Each image, of any size and mode, is decoded by content and
+cropped/resized to 64x64 exactly as the `folder` data source does (hvae.data.images: EXIF
+orientation, alpha on white, the largest centred square, antialiased bicubic resize; images under 64
+px follow `data.small_images`). A file that cannot be decoded is named in a warning and skipped.
 
 Masks (1 = given, 0 = missing, on the 64x64 model image):
 * `centre` (default), `boxes`, `freeform`: the evaluation masks, the i-th input getting the
@@ -18,13 +19,14 @@ Masks (1 = given, 0 = missing, on the 64x64 model image):
 * PATH: a mask image, cropped and resized like the inputs (so a mask of the input's size lines
   up with it), then thresholded: BLACK (< 128 in greyscale) = MISSING, white = given.
 
-Outputs in OUT, for each input NAME (its relative path with "/" replaced by "__", without
-extension): NAME_input.png (the 64x64 image the model saw), NAME_context.png (the input with
-its hole grey), NAME_fill_1.png ... NAME_fill_N.png (each fill-in composited into the context:
-given pixels are the input's, bit for bit); grid.png (one row per input: context | input |
-fill-ins) and results.json. With --rank the fill-ins are ordered by the model's IW bound on
-log p(fill-in | context) (K = `RANK_SAMPLES`), most likely first, and the bounds (bits per
-missing dim, lower = more likely) are in results.json.
+Outputs in OUT, for each input NAME (its path relative to the folder, or its file name, WITH its
+extension and with "/" replaced by "__": `a.jpg` and `a.png` write `a.jpg_mode.png` and
+`a.png_mode.png`, never the same files): NAME_input.png (the 64x64 image the model saw),
+NAME_context.png (the input with its hole grey), NAME_fill_1.png ... NAME_fill_N.png (each fill-in
+composited into the context: given pixels are the input's, bit for bit); grid.png (one row per
+input: context | input | fill-ins) and results.json. With --rank the fill-ins are ordered by the
+model's IW bound on log p(fill-in | context) (K = `RANK_SAMPLES`), most likely first, and the bounds
+(bits per missing dim, lower = more likely) are in results.json.
 
 `--fill` (default `all` = samples,mode,mean) chooses what the model draws: the N samples
 (NAME_fill_k.png), the mode fill-in (NAME_mode.png: latents at their prior means, pixels at the
@@ -52,6 +54,7 @@ from absl import logging
 from hvae import api, atomic, baselines, images
 from hvae.data import images as image_io
 from hvae.data import masks as masks_lib
+from hvae.errors import MissingPathError
 from hvae.modes import evaluate
 from hvae.modes.evaluate import RANK_SAMPLES
 from hvae.objective import bits_per_dim
@@ -61,18 +64,37 @@ MAX_BATCH = 16  # inputs per compiled call; a short last batch is padded (one co
 
 
 def list_inputs(path: str) -> list[tuple[str, str]]:
-  """[(name, file path)] of an image file or of every non-hidden file under a folder, sorted."""
+  """[(name, file path)] of an image file or of every non-hidden file under a folder, sorted.
+
+  A name is the file's path relative to the folder (its base name for a file), extension kept,
+  with "/" replaced by "__", so no two inputs share output files; should two still collide
+  ("x/a.png" and a file named "x__a.png"), the later one gets "~2", "~3", ... appended.
+
+  Raises:
+    MissingPathError (a FileNotFoundError): `path` does not exist.
+  """
   if not os.path.exists(path):
-    raise FileNotFoundError(f"--input: {path} does not exist")
+    raise MissingPathError(f"--input: {path} does not exist")
   if os.path.isfile(path):
-    return [(os.path.splitext(os.path.basename(path))[0], path)]
+    return [(os.path.basename(path), path)]
   found = []
   for root, dirs, files in os.walk(path):
     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
     for name in sorted(f for f in files if not f.startswith(".")):
       rel = os.path.relpath(os.path.join(root, name), path)
-      found.append((os.path.splitext(rel)[0].replace(os.sep, "__"), os.path.join(root, name)))
-  return sorted(found)
+      found.append((rel.replace(os.sep, "__"), os.path.join(root, name)))
+  unique, seen = [], set()
+  for name, file in sorted(found):
+    candidate, n = name, 1
+    while candidate in seen:
+      n += 1
+      candidate = f"{name}~{n}"
+    if candidate != name:
+      logging.warning("inpaint: %s is named %s (its name is taken by another input)", file,
+                      candidate)
+    seen.add(candidate)
+    unique.append((candidate, file))
+  return unique
 
 
 def load_image(path: str, small_images: str = "upscale") -> np.ndarray | None:
@@ -207,6 +229,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
   model = api.load(workdir, checkpoint, ema, config=config)
   temperature = evaluate.resolve_temperature(temperature, model.config)
   model.temperatures(temperature)  # a per-level tuple of the wrong length fails here
+  pixel_mode = pixels  # "sample" | "mean" | None; `pixels` holds the input images below
   entries, pixels = [], []
   for name, path in list_inputs(input_path):
     image = load_image(path, model.config.data.get("small_images", "upscale"))
@@ -226,7 +249,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     out = evaluate.model_fills(model, pixels[idx], masks[idx], num_samples=num_samples,
                                temperature=temperature, rng=jax.random.fold_in(rng, i),
                                rank_samples=RANK_SAMPLES if rank else None,
-                               fills=fills_wanted, baseline_names=names, pixels=pixels)
+                               fills=fills_wanted, baseline_names=names, pixels=pixel_mode)
     for key, value in out.items():
       axis = 1 if key in ("samples", "scores") else 0
       value = np.take(value, np.arange(real), axis=axis)

@@ -1,0 +1,402 @@
+"""Fault tests (issue 14): damaged checkpoints, two trainers, repeated skipped updates, one-line
+user errors, unique inpaint names, PNM inputs, the schedule's length. docs/reliability.md
+tabulates what these tests try.
+
+Checkpoint damage is tried on a tiny pytree (no model); the training-level tests run
+experiments/tiny.py for a few steps, in-process (launch.main included, so a failure's stderr
+and exit status are those of the command line).
+"""
+
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from helpers import load_experiment
+from PIL import Image
+
+from hvae import api, configs, lock, loop
+from hvae.checkpoint import CORRUPT_DIR, Checkpointer
+from hvae.config import ModelConfig
+from hvae.data import folder
+from hvae.data import images as image_io
+from hvae.errors import CheckpointUnavailableError, WorkdirLockedError
+from hvae.metrics_file import read_metrics
+from hvae.model.ladder import HVAE
+from hvae.modes import inpaint
+from hvae.train import create_optimizer, create_train_state, learning_rate_schedule
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A failed orbax read leaves tensorstore callbacks that hit a closed event loop, and unclosed
+# tensorstore objects: noise of the damaged checkpoints these tests make, not failures.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+# --- damaged checkpoints --------------------------------------------------------------------
+
+def _state(value: float) -> dict:
+  return {"w": jnp.full((2, 3), value), "b": jnp.arange(4.0) + value}
+
+
+def _save_steps(directory, steps=(1, 2, 3)):
+  """Steps 1..3, each evaluated; the newest has the lowest eval/bpd (so it is also the best)."""
+  with Checkpointer(str(directory)) as ckpt:
+    for step in steps:
+      ckpt.save(step, _state(float(step)), data_state={"pos": step},
+                metrics={"eval/bpd": 10.0 - step})
+
+
+def _damage(step_dir: pathlib.Path, kind: str) -> None:
+  """One corruption of a committed step directory, as a crash, a full disk or a user leaves it."""
+  arrays = sorted((step_dir / "state" / "d").iterdir())  # the arrays' data files
+  if kind == "truncated_array":
+    for path in arrays:
+      with open(path, "r+b") as f:
+        f.truncate(10)
+  elif kind == "deleted_array":
+    for path in arrays:
+      path.unlink()
+  elif kind == "deleted_data_state":
+    for path in sorted((step_dir / "data_state").rglob("*"), reverse=True):
+      path.rmdir() if path.is_dir() else path.unlink()
+    (step_dir / "data_state").rmdir()
+  elif kind == "empty_step_dir":
+    for path in sorted(step_dir.rglob("*"), reverse=True):
+      path.rmdir() if path.is_dir() else path.unlink()
+  elif kind == "bad_data_state_json":
+    (step_dir / "data_state" / "metadata").write_text("{not json")  # orbax's JSON file
+  elif kind == "bad_metrics_json":
+    (step_dir / "metrics" / "metrics").write_text("{not json")
+  else:
+    raise ValueError(kind)
+
+
+def _warnings(caplog) -> str:
+  return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+@pytest.mark.parametrize("kind", ["truncated_array", "deleted_array", "deleted_data_state",
+                                  "empty_step_dir", "bad_data_state_json"])
+def test_training_restore_falls_back_past_a_damaged_latest_step(tmp_path, caplog, kind):
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory)
+  _damage(directory / "3", kind)
+  with caplog.at_level(logging.WARNING), Checkpointer(str(directory)) as ckpt:
+    restored, data_state, step = ckpt.restore(_state(0.0))
+    assert (step, data_state, float(restored["w"][0, 0])) == (2, {"pos": 2}, 2.0)
+    assert ckpt.all_steps() == [1, 2]
+    # The moved step can be written again by the resumed run.
+    assert ckpt.save(3, _state(30.0), data_state={"pos": 3})
+  warned = _warnings(caplog)
+  assert "step 3" in warned and "cannot be restored" in warned
+  assert (directory / CORRUPT_DIR / "3").is_dir()  # moved aside, never deleted
+  with Checkpointer(str(directory)) as ckpt:
+    assert ckpt.all_steps() == [1, 2, 3]
+    assert float(ckpt.restore(_state(0.0))[0]["w"][0, 0]) == 30.0
+
+
+def test_unreadable_metrics_only_unrank_the_step(tmp_path, caplog):
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory)
+  _damage(directory / "3", "bad_metrics_json")
+  with caplog.at_level(logging.WARNING), Checkpointer(str(directory)) as ckpt:
+    assert ckpt.best_step() == 2  # step 3's metrics cannot be read: not the best any more
+    assert ckpt.restore(_state(0.0))[2] == 3  # its state is intact
+  assert "Checkpoint step 3: its metrics cannot be read" in _warnings(caplog)
+  assert not (directory / CORRUPT_DIR).exists()
+
+
+def test_best_falls_back_to_the_next_best_and_a_reader_moves_nothing(tmp_path, caplog):
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory)
+  _damage(directory / "3", "truncated_array")
+  with caplog.at_level(logging.WARNING), Checkpointer(str(directory), read_only=True) as ckpt:
+    _, data_state, step = ckpt.restore(_state(0.0), "best")
+    assert (step, data_state) == (2, {"pos": 2})
+    # A reader that needs only the state is not stopped by a damaged data_state/.
+    _damage(directory / "2", "deleted_data_state")
+    assert ckpt.restore(_state(0.0), "best", data_state=False)[2] == 2
+  assert "left in place" in _warnings(caplog)
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2", "3"]
+
+
+def test_no_step_loads_is_one_line_and_moves_nothing(tmp_path):
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory, steps=(1, 2))
+  # A changed model config: every step fails, none is damaged, nothing may be moved.
+  with Checkpointer(str(directory)) as ckpt:
+    with pytest.raises(CheckpointUnavailableError) as info:
+      ckpt.restore({"w": jnp.zeros((5, 5)), "b": jnp.zeros((4,))})
+  message = str(info.value)
+  assert "\n" not in message and "step 2:" in message and "step 1:" in message
+  assert "use the run's own config" in message and "aside" in message
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+  # The only step damaged: the same error, the step stays where it is.
+  _damage(directory / "2", "empty_step_dir")
+  with Checkpointer(str(directory)) as ckpt:
+    with pytest.raises(CheckpointUnavailableError, match="step 2"):
+      ckpt.restore(_state(0.0), 2)  # an explicit step never falls back
+
+
+def _tiny(num_steps: int, **optim):
+  config = load_experiment("tiny")
+  config.optim.schedule = "constant"  # the schedule must not depend on where the run stopped
+  config.train.num_steps = num_steps
+  config.train.log_every_steps = 1
+  config.eval.every_steps = 100  # evaluated at the last step only
+  for key, value in optim.items():
+    config.optim[key] = value
+  return config
+
+
+def test_training_resumes_from_the_newest_step_that_loads(tmp_path, caplog):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(_tiny(6), str(workdir))
+  loss = lambda: {r["step"]: r["train/loss"]  # noqa: E731
+                  for r in read_metrics(str(workdir)) if "train/loss" in r}
+  straight = loss()
+  _damage(workdir / "checkpoints" / "6", "truncated_array")
+  with caplog.at_level(logging.WARNING):
+    loop.train_and_evaluate(_tiny(6), str(workdir))
+  assert "Checkpoint step 6" in _warnings(caplog)
+  assert (workdir / "checkpoints" / CORRUPT_DIR / "6").is_dir()
+  assert (workdir / "checkpoints" / "6").is_dir() and (workdir / "DONE").exists()
+  resumed = loss()
+  assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # no step missing or repeated
+  for step in (4, 5, 6):  # steps 4-6 were trained again, exactly as before: nothing lost
+    np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-5)
+  # Readers follow the same rule: the best (step 6, evaluated) is damaged -> step 3.
+  _damage(workdir / "checkpoints" / "6", "deleted_array")
+  config = _tiny(6)
+  model = HVAE(ModelConfig.from_config(config))
+  assert api._restore_params(str(workdir), config, model, "best", ema=True)[1] == 3
+
+
+# --- the workdir lock -----------------------------------------------------------------------
+
+def _write_lock(workdir: pathlib.Path, pid: int) -> pathlib.Path:
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / lock.LOCK_FILE
+  path.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "earlier"}))
+  return path
+
+
+@pytest.fixture()
+def sleeper():
+  proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  yield proc.pid
+  proc.kill()
+  proc.wait()
+
+
+def test_a_live_holder_keeps_the_workdir(tmp_path, sleeper):
+  path = _write_lock(tmp_path / "w", sleeper)
+  with pytest.raises(WorkdirLockedError) as info:
+    loop.train_and_evaluate(_tiny(2), str(tmp_path / "w"))
+  message = str(info.value)
+  assert f"pid {sleeper} on host {socket.gethostname()}" in message and "\n" not in message
+  assert not (tmp_path / "w" / "config.json").exists()  # refused before writing anything
+  assert json.loads(path.read_text())["pid"] == sleeper  # the holder's lock is untouched
+
+
+def test_a_stale_lock_is_taken_over_and_released_on_exit(tmp_path, caplog):
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()  # reaped: its pid is not alive
+  path = _write_lock(tmp_path / "w", proc.pid)
+  with caplog.at_level(logging.WARNING), lock.hold(str(tmp_path / "w")):
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    # A second holder in the same process (another open file) is refused too.
+    with pytest.raises(WorkdirLockedError, match=f"pid {os.getpid()}"):
+      with lock.hold(str(tmp_path / "w")):
+        pass
+  assert f"stale lock {path} of pid {proc.pid}" in _warnings(caplog)
+  assert not path.exists()
+
+
+def test_the_lock_is_released_on_errors_and_sigterm(tmp_path):
+  path = tmp_path / lock.LOCK_FILE
+  with pytest.raises(RuntimeError, match="boom"):
+    with lock.hold(str(tmp_path)):
+      raise RuntimeError("boom")
+  assert not path.exists()
+  if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    pytest.skip("a SIGTERM handler is installed by the test runner")
+  with pytest.raises(SystemExit):
+    with lock.hold(str(tmp_path)):
+      assert path.exists()
+      os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode
+  assert not path.exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# --- launch.py: one line, exit status 2 -----------------------------------------------------
+
+def _launch_module():
+  if "launch" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["launch"] = module
+    spec.loader.exec_module(module)
+  return sys.modules["launch"]
+
+
+def _main(capsys, monkeypatch, *args) -> tuple[int, str]:
+  """Runs launch.py's main in this process: (exit status, stderr)."""
+  launch = _launch_module()
+  argv = ["launch.py", *args, "--jax_cache="]
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads --config.a.b overrides there
+  flags.FLAGS.unparse_flags()
+  capsys.readouterr()
+  try:
+    launch.main(launch._parse_flags(argv))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  finally:
+    flags.FLAGS.unparse_flags()
+  return code, capsys.readouterr().err
+
+
+def _error_line(stderr: str) -> str:
+  lines = [line for line in stderr.splitlines() if line.startswith("launch.py: error:")]
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize("case", ["report_missing", "report_empty", "eval_missing_input",
+                                  "inpaint_missing_input", "eval_no_checkpoints",
+                                  "eval_missing_workdir"])
+def test_user_facing_failures_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
+  run = tmp_path / "run"  # a run's config.json, no checkpoint
+  run.mkdir()
+  configs.save_config(load_experiment("tiny"), str(run / "config.json"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  args, expected = {
+      "report_missing": (["--mode=report", f"--workdir={tmp_path / 'nope'}"],
+                         "no such workdir"),
+      "report_empty": (["--mode=report", f"--workdir={empty}"], "not a training run"),
+      "eval_missing_input": (["--mode=eval", f"--workdir={run}", f"--input={tmp_path / 'x'}"],
+                             f"--input: {tmp_path / 'x'} does not exist"),
+      "inpaint_missing_input": (["--mode=inpaint", f"--workdir={run}",
+                                 f"--input={tmp_path / 'x.png'}"], "does not exist"),
+      "eval_no_checkpoints": (["--mode=eval", f"--workdir={run}"], "has no checkpoints"),
+      "eval_missing_workdir": (["--mode=eval", f"--workdir={tmp_path / 'nope'}"],
+                               "does not exist"),
+  }[case]
+  code, stderr = _main(capsys, monkeypatch, *args)
+  assert code == 2, stderr[-3000:]
+  line = _error_line(stderr)
+  assert expected in line
+  assert "deterministic" not in stderr
+  assert not (empty / "report").exists()
+
+
+def test_second_trainer_refuses_through_launch(tmp_path, capsys, monkeypatch, sleeper):
+  _write_lock(tmp_path / "w", sleeper)
+  code, stderr = _main(capsys, monkeypatch, f"--config={ROOT / 'experiments' / 'tiny.py'}",
+                       f"--workdir={tmp_path / 'w'}")
+  assert code == 2
+  assert f"pid {sleeper} on host" in _error_line(stderr)
+
+
+def test_repeated_skips_stop_at_once_with_a_checkpoint_and_one_line(tmp_path, capsys,
+                                                                   monkeypatch):
+  workdir = tmp_path / "skipping"
+  code, stderr = _main(capsys, monkeypatch, f"--config={ROOT / 'experiments' / 'tiny.py'}",
+                       f"--workdir={workdir}", "--config.optim.skip_threshold=1e-9",
+                       "--config.optim.max_consecutive_skips=2",
+                       "--config.train.log_every_steps=100",  # not a logging step: per step
+                       "--config.train.checkpoint_every_steps=100")
+  assert code == 2, stderr[-3000:]
+  line = _error_line(stderr)
+  # Steps 1 and 2 skipped; step 2's count is read one step late, after step 3 is dispatched.
+  assert "updates in a row were skipped (steps" in line and "stopped at step 3" in line
+  assert "gradient norm was" in line and "optim.learning_rate" in line
+  assert "optim.skip_threshold / optim.grad_clip" in line
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3"]
+  rows = read_metrics(str(workdir))
+  assert [r["step"] for r in rows] == [3] and rows[0]["train/skipped"] == 3.0
+  assert not (workdir / "DONE").exists() and not (workdir / lock.LOCK_FILE).exists()
+  # The checkpoint holds the last good state: no update was applied, params are the initial.
+  config = configs.load_config(str(workdir / "config.json"))
+  model = HVAE(ModelConfig.from_config(config))
+  params, step = api._restore_params(str(workdir), config, model, "latest", ema=False)
+  init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)[0]  # as hvae.loop draws it
+  init = create_train_state(model, create_optimizer(config), init_rng).params
+  assert step == 3
+  jax.tree.map(np.testing.assert_array_equal, params, init)
+
+
+# --- inputs: unique names, every format Pillow decodes --------------------------------------
+
+def _photo(seed: int) -> np.ndarray:
+  return np.random.RandomState(seed).randint(0, 256, (70, 80, 3), dtype=np.uint8)
+
+
+def test_inpaint_names_keep_the_extension_and_never_collide(tmp_path, caplog):
+  src = tmp_path / "in"
+  (src / "sub").mkdir(parents=True)
+  Image.fromarray(_photo(0)).save(src / "a.jpg")
+  Image.fromarray(_photo(1)).save(src / "a.png")
+  Image.fromarray(_photo(2)).save(src / "sub" / "a.png")
+  Image.fromarray(_photo(3)).save(src / "sub__a.png")  # the name "sub/a.png" maps to
+  names = [name for name, _ in inpaint.list_inputs(str(src))]
+  assert names == ["a.jpg", "a.png", "sub__a.png", "sub__a.png~2"]
+  assert len(set(names)) == len(names)
+  assert inpaint.list_inputs(str(src / "a.jpg")) == [("a.jpg", str(src / "a.jpg"))]
+
+
+def test_pnm_files_are_read_by_the_folder_source_and_inpaint(tmp_path):
+  src = tmp_path / "faces"
+  src.mkdir()
+  grey = _photo(4)[..., 0]
+  Image.fromarray(grey).save(src / "g.pgm")
+  Image.fromarray(_photo(5)).save(src / "c.ppm")
+  Image.fromarray(grey > 127).save(src / "b.pbm")
+  Image.fromarray(_photo(6)).save(src / "n.pnm")
+  Image.fromarray(grey.astype(np.uint16) * 257).save(src / "deep.pgm")  # 16-bit
+  (src / "notes.txt").write_text("not an image")
+  assert {".pgm", ".ppm", ".pbm", ".pnm"} <= set(folder.EXTENSIONS)
+  found, ignored = folder.scan(str(src))
+  assert [rel for rel, _, _ in found] == ["b.pbm", "c.ppm", "deep.pgm", "g.pgm", "n.pnm"]
+  assert ignored == ["notes.txt"]
+  for name, path in inpaint.list_inputs(str(src)):
+    if name != "notes.txt":
+      image = inpaint.load_image(path)
+      assert image is not None and image.shape == (64, 64, 3), name
+  # 8-bit and 16-bit grey decode to the same picture.
+  np.testing.assert_array_equal(np.asarray(image_io.decode_file(src / "g.pgm")),
+                                np.asarray(image_io.decode_file(src / "deep.pgm")))
+
+
+# --- the schedule's length ------------------------------------------------------------------
+
+def test_schedule_steps_fixes_the_cosine_length():
+  def schedule(num_steps, schedule_steps):
+    config = load_experiment("tiny")
+    config.optim.schedule = "cosine"
+    config.train.num_steps = num_steps
+    config.optim.schedule_steps = schedule_steps
+    return learning_rate_schedule(config)
+
+  steps = np.arange(0, 101)
+  short, longer = schedule(100, 0), schedule(200, 0)
+  assert float(short(100)) == 0.0 and float(longer(100)) > 0.0  # num_steps changes the history
+  kept = schedule(200, 100)  # ... unless the schedule keeps its length
+  np.testing.assert_array_equal(np.asarray([kept(s) for s in steps]),
+                                np.asarray([short(s) for s in steps]))
+  staged = schedule(100, 200)  # the first stage of a 200-step run
+  np.testing.assert_array_equal(np.asarray([staged(s) for s in steps]),
+                                np.asarray([longer(s) for s in steps]))
+  with pytest.raises(ValueError, match="optim.schedule_steps"):
+    schedule(100, -1)
