@@ -184,16 +184,23 @@ def _main(argv):
 
 
 def _check_fill_flags() -> None:
-  """A bad --baselines, --fill or --temperature is a usage error before anything is loaded."""
+  """A bad --baselines, --fill, --temperature, --mask or --checkpoint is a usage error before
+  anything is loaded."""
   from hvae import baselines, sampling
-  from hvae.modes import inpaint
+  from hvae.modes import evaluate, inpaint
 
   try:
     baselines.parse(_BASELINES.value)
     if _MODE.value == "inpaint":
       inpaint.parse_fill(_FILL.value)
+      inpaint.check_mask(_MASK.value)
+    else:  # box:X,Y,W,H and mask images only with --input
+      evaluate.check_mask(_MASK.value, _INPUT.value)
     if _TEMPERATURE.value is not None:
       sampling.parse_temperature(_TEMPERATURE.value)
+    if _CHECKPOINT.value not in ("best", "latest") and not _CHECKPOINT.value.isdigit():
+      raise ValueError(f"--checkpoint: {_CHECKPOINT.value!r} is not best, latest or a step "
+                       "number")
   except ValueError as e:
     raise app.UsageError(str(e)) from None
 

@@ -59,9 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.upsample = "nearest"  # nearest | bilinear: 2x upsampling of the decoder state
   m.likelihood = "dmol"  # dmol | discretized_gaussian | gaussian (continuous, dequantised)
   m.num_mixtures = 5  # logistic components per pixel for likelihood=dmol
-  m.likelihood_grad = "scaled"  # exact | scaled: likelihood means' gradients x their scale
-  # (values unchanged; keeps near-exact channels, e.g. G given R of grey images, from
-  # swamping the features: docs/results.md "Learning structure")
+  m.likelihood_grad = "exact"  # exact | scaled: likelihood locations' gradients x their scale,
+  # so near-exact channels (G given R of grey photos) cannot swamp the features; values are
+  # unchanged, the optimum is not (docs/results.md "Learning structure")
 
   c.loss = lo = ml_collections.ConfigDict()
   lo.kl_weight = (1.0,)  # beta_l: per-level KL weight in the loss (reports stay unweighted)

@@ -24,8 +24,9 @@ def get_config(arg: str | None = None):
   c.model.latent_channels = (16,)
   c.model.top_latent_dim = 256
   c.model.num_mixtures = 10
-  # From the faces recipe (docs/results.md "Learning structure"); likelihood_grad="scaled" is
-  # the base default.
+  # From the faces recipe (docs/results.md "Learning structure"). Its scaled likelihood
+  # gradients were measured on grey photos only, where G and B given R are near-exact; colour
+  # CelebA keeps exact gradients until measured (--config.model.likelihood_grad=scaled).
   c.model.posterior = "top_down"
   c.model.upsample = "bilinear"
   c.optim.learning_rate = 5e-4

@@ -34,7 +34,7 @@ from hvae.checkpoint import Checkpointer
 from hvae.config import ModelConfig, per_level
 from hvae.errors import CheckpointUnavailableError
 from hvae.model.ladder import HVAE
-from hvae.objective import bits_per_dim
+from hvae.objective import bits_per_dim, missing_dims
 from hvae.train import create_optimizer, create_train_state
 
 
@@ -64,14 +64,6 @@ def _fill_fn(model: HVAE, num_samples: int, pixels: str = "sample"):
   def fn(params, image, mask, rng, temperature):
     return sampling.sample_fill_ins(model, params, image, mask, rng, num_samples=num_samples,
                                     temperature=temperature, pixels=pixels)
-  return jax.jit(fn)
-
-
-@functools.lru_cache(maxsize=16)
-def _expected_fn(model: HVAE, num_samples: int):
-  def fn(params, image, mask, rng, temperature):
-    return sampling.expected_fill_ins(model, params, image, mask, rng, num_samples=num_samples,
-                                      temperature=temperature)
   return jax.jit(fn)
 
 
@@ -184,7 +176,7 @@ class Inpainter:
     image, mask = _images_and_masks(images, masks)
     rng = _key(seed)
     chunk = iw.chunk_size(n, image.shape[0], self.max_rows)
-    fn = _expected_fn(self.model, chunk)
+    fn = _fill_fn(self.model, chunk, "mean")  # E[x | z] of each latent draw, not rounded
     tau = tuple(jnp.float32(t) for t in self.temperatures(temperature))
     parts = [fn(self.params, image, mask, jax.random.fold_in(rng, i), tau)
              for i in range(math.ceil(n / chunk))]
@@ -236,7 +228,7 @@ class Inpainter:
     rng = _key(seed)
     iw_rng, elbo_rng = jax.random.split(rng)
     est = iw.estimate(self.model, self.params, image, mask, iw_rng, k, max_rows=self.max_rows)
-    num_dims = 3.0 * np.sum(mask[..., 0] < 0.5, axis=(1, 2))
+    num_dims = missing_dims(mask)
     out = {"iw_log_px": est["log_px"], "iw_ess": est["ess"], "num_dims": num_dims,
            "iw_bpd": bits_per_dim(-est["log_px"], num_dims)}
     if with_elbo:

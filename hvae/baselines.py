@@ -18,9 +18,11 @@ exactly (floats are rounded).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from hvae.errors import ConfigError
 
 NO_CONTEXT_GREY = 128.0  # the fill when no pixel is given
 
@@ -100,14 +102,21 @@ BASELINES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 DEFAULT = "biharmonic,ring_mean"  # the --baselines default
 
 
-def parse(text: str | None) -> tuple[str, ...]:
-  """A --baselines value ("biharmonic,ring_mean", "none" or "") -> names, validated, in order."""
-  if text is None or text.strip().lower() in ("", "none"):
+def parse(text: str | Sequence[str] | None) -> tuple[str, ...]:
+  """A --baselines value ("biharmonic,ring_mean", "none" or "") or a sequence of names -> the
+  names, validated, in order, without repeats.
+
+  Raises:
+    ConfigError (a ValueError): an unknown name.
+  """
+  items = [] if text is None else text.split(",") if isinstance(text, str) else list(text)
+  items = [t.strip() for t in items if t.strip()]
+  if [t.lower() for t in items] in ([], ["none"]):
     return ()
-  names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+  names = tuple(dict.fromkeys(items))
   unknown = [n for n in names if n not in BASELINES]
   if unknown:
-    raise ValueError(f"--baselines: {', '.join(unknown)} not one of {', '.join(BASELINES)} "
+    raise ConfigError(f"--baselines: {', '.join(unknown)} not one of {', '.join(BASELINES)} "
                      "(or none)")
   return names
 

@@ -26,6 +26,8 @@ step to `checkpoints/corrupt/STEP` (never deleted), but only once an older step 
 the same target: that proves the target (the config) is right and the skipped steps are damaged.
 When no step loads nothing is moved (a changed model config fails on every step) and
 `CheckpointUnavailableError` says what to do. Readers (`read_only`) never move anything.
+With several processes, every step's outcome is agreed on before it is used: a step counts as
+loaded only if it loaded on every process, so all restore the same step and move the same ones.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from hvae.errors import CheckpointUnavailableError
+from hvae.errors import CheckpointUnavailableError, ConfigError
 
 _STATE = "state"
 _DATA = "data_state"
@@ -105,6 +107,21 @@ def _metric_value(metrics: Mapping[str, Any], name: str) -> float:
   value = float(metrics[name])
   # A diverged evaluation (NaN) must never be chosen as the best checkpoint.
   return value if not math.isnan(value) else math.inf
+
+
+def _on_every_process(ok: bool) -> bool:
+  """Whether `ok` holds on every process: a collective, so every process must call it."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 class _Manager(ocp.CheckpointManager):
@@ -239,6 +256,7 @@ class Checkpointer:
 
     Raises:
       CheckpointUnavailableError: no checkpoint at all, none evaluated ("best"), or no such step.
+      ConfigError: a string step that is not "best", "latest" or digits.
     """
     available = self.all_steps()
     if step is None or step == "latest":
@@ -260,7 +278,7 @@ class Checkpointer:
       return ranked + [s for s in available[::-1] if s not in ranked], "best"
     if isinstance(step, str):
       if not step.isdigit():
-        raise ValueError(f"step must be an int, 'latest' or 'best'; got {step!r}.")
+        raise ConfigError(f"--checkpoint: {step!r} is not best, latest or a step number.")
       step = int(step)
     if step not in available:
       raise CheckpointUnavailableError(
@@ -276,21 +294,25 @@ class Checkpointer:
     return restored[_STATE], data
 
   def _set_aside(self, steps: Sequence[int]) -> None:
-    """Moves damaged steps to `corrupt/STEP` (`STEP.1`, ... if taken); process 0 moves them."""
-    if jax.process_index() == 0:
-      corrupt = os.path.join(self._directory, CORRUPT_DIR)
-      os.makedirs(corrupt, exist_ok=True)
-      for step in steps:
-        dest, n = os.path.join(corrupt, str(step)), 0
-        while os.path.exists(dest):
-          n += 1
-          dest = os.path.join(corrupt, f"{step}.{n}")
-        os.rename(os.path.join(self._directory, str(step)), dest)
-        logging.warning("Moved the unreadable checkpoint of step %d to %s (kept for inspection; "
-                        "delete it when you no longer need it).", step, dest)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("hvae_checkpoint_set_aside")
+    """Moves damaged steps to `corrupt/STEP` (`STEP.1`, ... if taken); process 0 moves them.
+
+    Called by every process with the same steps (`restore` agrees on each step's outcome);
+    the barrier is reached on every process even when a move fails on process 0.
+    """
+    try:
+      if jax.process_index() == 0:
+        corrupt = os.path.join(self._directory, CORRUPT_DIR)
+        os.makedirs(corrupt, exist_ok=True)
+        for step in steps:
+          dest, n = os.path.join(corrupt, str(step)), 0
+          while os.path.exists(dest):
+            n += 1
+            dest = os.path.join(corrupt, f"{step}.{n}")
+          os.rename(os.path.join(self._directory, str(step)), dest)
+          logging.warning("Moved the unreadable checkpoint of step %d to %s (kept for "
+                          "inspection; delete it when you no longer need it).", step, dest)
+    finally:
+      _barrier("hvae_checkpoint_set_aside")
     self._manager.reload()
 
   def restore(self, target_state: Any, step: int | str | None = None, *,
@@ -319,12 +341,17 @@ class Checkpointer:
     candidates, wanted = self._candidates(step)
     failed: list[tuple[int, str]] = []
     for candidate in candidates:
+      reason = None
       try:
         # Concrete leaves are fine as targets: orbax reads only their shape, dtype, sharding.
         state, data = self._restore_step(candidate, target_state, data_state)
       except Exception as e:  # pylint: disable=broad-except  (any failure: try the next step)
         _quiet_closed_loop_callbacks()
-        failed.append((candidate, _reason(e)))
+        reason = _reason(e)
+      # Every process takes the same decision for every step (a step counts only if it loaded
+      # everywhere), so all restore the same step and all reach `_set_aside` together.
+      if not _on_every_process(reason is None):
+        failed.append((candidate, reason or "another process could not restore it"))
         logging.warning("Checkpoint step %d in %s cannot be restored (%s)%s", candidate,
                         self._directory, failed[-1][1],
                         "; trying the next one." if candidate != candidates[-1] else ".")

@@ -21,7 +21,7 @@ KINDS = ("hvae", "deterministic")
 POSTERIORS = ("bottom_up", "top_down")
 TOP_PRIORS = ("conditional", "standard_normal")
 LIKELIHOODS = ("dmol", "discretized_gaussian", "gaussian")
-LIKELIHOOD_GRADS = ("exact", "scaled")
+LIKELIHOOD_GRADS = ("exact", "scaled", "scaled_mean")  # hvae.model.likelihoods.LOCATION_GRADS
 UPSAMPLING = ("nearest", "bilinear")  # hvae.model.layers.upsample
 
 
@@ -83,7 +83,7 @@ class ModelConfig:
   upsample: str = "nearest"
   likelihood: str = "dmol"
   num_mixtures: int = 5
-  likelihood_grad: str = "scaled"
+  likelihood_grad: str = "exact"
   dropout: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # from config.regularize
   sigma_floor: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # from config.regularize
 
@@ -136,8 +136,7 @@ class ModelConfig:
         blocks_per_level=int(m.blocks_per_level), upsample=m.get("upsample", "nearest"),
         likelihood=m.likelihood,
         num_mixtures=int(m.num_mixtures),
-        # Runs saved before the key existed were trained with exact gradients.
-        likelihood_grad=m.get("likelihood_grad", "exact"),
+        likelihood_grad=m.get("likelihood_grad", "exact"),  # runs saved before the key: exact
         dropout=per_level("regularize.dropout", reg.get("dropout", (0.0,)), L),
         sigma_floor=per_level("regularize.sigma_floor", reg.get("sigma_floor", (0.0,)), L))
 

@@ -7,7 +7,11 @@ are sum(nats) / (sum(D) ln 2) exactly, over however many devices ran the pass.
 
 * `per_example_elbo` / `make_elbo_fn`: the per-example terms of one forward pass, the one
   definition shared by the training-time passes, `hvae.load(...).elbo` and `--mode=eval`;
-* `summarize`: the dataset figures of per-example terms (the same for every caller);
+* `summarize`: the dataset figures of per-example terms (the same for every caller), among
+  them `recon_bpd/{r,g_given_r,b_given_rg}`, recon split by the chain rule. They add up to
+  `recon_bpd` exactly for the discrete likelihoods (`dmol`, `discretized_gaussian`) only: the
+  continuous `gaussian` scores recon at randomly dequantised pixels and the channel terms at
+  the bin centres, so there the sum differs from `recon_bpd` (by noise and the offset);
 * `Evaluator`: everything the training loop does at an evaluation step (both passes, the
   per-level diagnostics of hvae/diagnostics.py, the verdict, the fill-in and diagnostic
   images); it returns (metrics, images) and writes nothing.
@@ -31,7 +35,8 @@ from hvae.mesh import prepare, shardings
 from hvae.model.ladder import HVAE
 from hvae.train import latent_dims
 
-CHANNELS = ("r", "g_given_r", "b_given_rg")  # recon_bpd/{channel}: chain-rule parts
+# recon_bpd/{channel}: chain-rule parts (summing to recon_bpd for discrete likelihoods only)
+CHANNELS = ("r", "g_given_r", "b_given_rg")
 QUANTILES = {"kl_p50": 50, "kl_p90": 90, "kl_p99": 99, "kl_max": 100}
 
 
@@ -142,7 +147,7 @@ def summarize(terms: Mapping[str, np.ndarray], dims: Sequence[int], sums: dict |
   kl = terms["kl"]  # [N, L]
   metrics = {"bpd": to_bpd(terms["recon"].sum() + kl.sum()),
              "recon_bpd": to_bpd(terms["recon"].sum())}
-  if "recon_channels" in terms:  # recon_bpd by channel: they sum to recon_bpd
+  if "recon_channels" in terms:  # by channel: they sum to recon_bpd (discrete likelihoods)
     for c, channel in enumerate(CHANNELS):
       metrics[f"recon_bpd/{channel}"] = to_bpd(terms["recon_channels"][:, c].sum())
   for l in range(kl.shape[1]):

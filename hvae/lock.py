@@ -12,10 +12,12 @@ process's start time in clock ticks after boot, from /proc, so a reused pid is r
    file was replaced meanwhile. A live holder keeps its flock, so this fails at once while it
    runs, on any host of a file system that supports flock;
 2. read the holder named inside: a process that is alive on this host (same pid, same start
-   time), or any process on another host (whose liveness cannot be checked from here), keeps
-   the lock: `WorkdirLockedError` names it. A holder that is not alive on this host left a stale
-   lock (killed with SIGKILL, or the machine rebooted; also a record of this very pid in a file
-   we could flock: a container restarted with the same pids): it is taken over with a warning;
+   time) keeps the lock: `WorkdirLockedError` names it. A holder that is not alive on this host
+   left a stale lock (killed with SIGKILL, or the machine rebooted; also a record of this very
+   pid in a file we could flock: a container restarted with the same pids): it is taken over
+   with a warning. A holder on another host is taken over (with a warning) when we obtained the
+   flock, which it would still hold if it ran (a job restarted on a new node resumes); where
+   flock is not supported, its liveness cannot be checked from here and it keeps the lock;
 3. write our own record. On exit (normal, exception, SIGTERM, Ctrl-C) the file is removed.
 
 While the lock is held and no other handler is installed, SIGTERM raises `SystemExit` in the main
@@ -144,11 +146,14 @@ def hold(workdir: str) -> Iterator[None]:
       # Our own pid in a file we could flock: an earlier process that had our pid (containers
       # restart with the same pids), since this process would hold the flock.
       earlier_self = not other_host and holder.get("pid") == pid and flocked
-      if other_host or (not earlier_self and
-                        _alive(int(holder.get("pid", -1)), holder.get("start_ticks"))):
+      if other_host and not flocked:  # its liveness cannot be checked from here
         raise WorkdirLockedError(_refusal(path, holder))
-      logging.warning("Taking over the stale lock %s of %s: that process is not running.",
-                      path, _describe(holder))
+      if not other_host and not earlier_self and _alive(int(holder.get("pid", -1)),
+                                                        holder.get("start_ticks")):
+        raise WorkdirLockedError(_refusal(path, holder))
+      why = ("its host no longer holds the file lock (a job restarted on another node?)"
+             if other_host else "that process is not running")
+      logging.warning("Taking over the stale lock %s of %s: %s.", path, _describe(holder), why)
     mine = {"pid": pid, "host": host, "start_ticks": _start_ticks(pid),
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": sys.argv}

@@ -7,8 +7,9 @@ only at logging and evaluation steps (and one scalar a step, below); SIGTERM / S
 checkpoint and exit cleanly. One training at a time holds the workdir (hvae/lock.py).
 
 Repeated skipped updates: every step's count of skipped updates in a row is read one step late
-(after the next step is dispatched, when it is computed or about to be), so the check runs at
-every step without making the host wait for the step it has just dispatched. At
+(after the next step is dispatched, when it is computed or about to be; its copy to the host
+starts as soon as its step is dispatched), so the check runs at every step without making the
+host wait for the step it has just dispatched. At
 `optim.max_consecutive_skips` the run writes a checkpoint (skipped updates change no parameter,
 so it holds the last good state) and stops with `TrainingError` (one line, exit 2 in launch.py).
 """
@@ -31,11 +32,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from hvae import atomic, configs, data, evaluation, images
+from hvae import atomic, configs, data, evaluation, images, sampling
 from hvae import lock as workdir_lock
 from hvae.checkpoint import Checkpointer
-from hvae.config import LossConfig, ModelConfig
-from hvae.errors import TrainingError  # raised here; re-exported as loop.TrainingError
+from hvae.config import LossConfig, ModelConfig, per_level
+from hvae.errors import ConfigError, TrainingError, WorkdirLockedError  # TrainingError: re-exported
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.metrics_file import read_metrics
 from hvae.model.ladder import HVAE
@@ -75,7 +76,6 @@ def validate(config) -> tuple[ModelConfig, LossConfig]:
   """Checks every field the run depends on, before anything is compiled."""
   model_cfg = ModelConfig.from_config(config)
   loss_cfg = LossConfig.from_config(config)
-  from hvae.config import per_level
   per_level("regularize.head_weight_decay", config.regularize.head_weight_decay,
             model_cfg.num_levels)
   if config.data.train_mask != "centre" and model_cfg.has_latents and \
@@ -93,7 +93,31 @@ def validate(config) -> tuple[ModelConfig, LossConfig]:
   if config.train.batch_size % jax.device_count():
     raise ValueError(f"train.batch_size: {config.train.batch_size} is not divisible by the "
                      f"{jax.device_count()} devices")
+  _validate_fill_ins(config, model_cfg.num_levels)
   return model_cfg, loss_cfg
+
+
+def _validate_fill_ins(config, num_levels: int) -> None:
+  """eval.temperature and eval.pixels, used first at the first evaluation: checked now.
+
+  Raises:
+    ConfigError: a temperature that is not one or `num_levels` non-negative numbers, or pixels
+      that are not one of `sampling.PIXELS`.
+  """
+  e = config.eval
+  try:
+    tau = sampling.default_temperature(config)
+  except (TypeError, ValueError):
+    raise ConfigError(f"eval.temperature: {e.get('temperature')!r} is not a number or a "
+                      "comma-separated list of non-negative numbers") from None
+  taus = per_level("eval.temperature", tau, num_levels)
+  if any(t < 0 for t in taus):
+    raise ConfigError(f"eval.temperature: {e.get('temperature')!r} has a negative value")
+  try:
+    sampling.default_pixels(config)
+  except ValueError:
+    raise ConfigError(f"eval.pixels: {e.get('pixels')!r} is not one of "
+                      f"{', '.join(sampling.PIXELS)} (or '' for the default)") from None
 
 
 def _git(*args: str) -> str | None:
@@ -149,14 +173,46 @@ def train_and_evaluate(config, workdir: str) -> None:
   model_cfg, _ = validate(config)
   created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  # Process 0 holds the lock for the job (the others write no workdir file of their own).
-  held = workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   try:
-    with held:
+    with _hold_lock(workdir):
       _train(config, workdir, model_cfg)
   finally:
     if created and not os.listdir(workdir):
       os.rmdir(workdir)  # failed before writing anything (e.g. missing data): leave no trace
+
+
+_MESSAGE_BYTES = 4096  # the longest error message process 0 broadcasts to the others
+
+
+def _broadcast_message(message: str) -> str:
+  """Process 0's `message` ('' for none) on every process: a collective with several."""
+  if jax.process_count() == 1:
+    return message
+  raw = np.frombuffer(message.encode()[:_MESSAGE_BYTES], np.uint8).astype(np.int32)
+  buffer = np.zeros(_MESSAGE_BYTES, np.int32)
+  buffer[:raw.size] = raw
+  received = np.asarray(multihost_utils.broadcast_one_to_all(buffer)).astype(np.uint8)
+  return bytes(received).rstrip(b"\0").decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _hold_lock(workdir: str):
+  """WORKDIR/train.lock for the job: process 0 takes it (the others write no workdir file of
+  their own) and tells every process whether it could, so a refusal is the same one-line
+  `WorkdirLockedError` everywhere instead of the others waiting in a collective."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lock.hold(workdir))
+      except Exception as e:  # pylint: disable=broad-except  (every process must hear of it)
+        error = e
+    refusal = _broadcast_message("" if error is None else str(error) or type(error).__name__)
+    if error is not None:
+      raise error
+    if refusal:
+      raise WorkdirLockedError(refusal)
+    yield
 
 
 def _train(config, workdir: str, model_cfg: ModelConfig) -> None:
@@ -202,6 +258,8 @@ def _train(config, workdir: str, model_cfg: ModelConfig) -> None:
     while step < num_steps:
       batch = shard_batch(next(train_iter), mesh)
       state, metrics = p_train_step(state, batch, train_rng)
+      # Started now, so the next step's lagged read below finds the count already on the host.
+      metrics["consecutive_skips"].copy_to_host_async()
       history.append(metrics)
       step += 1
       # The previous step's count is computed by now (or about to be): reading it keeps one step

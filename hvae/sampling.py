@@ -6,11 +6,11 @@ likelihood p(x | z) (the definition of the design), `pixels="mean"` takes its me
 every difference between two samples comes from the latents (as VAE papers show samples). The
 missing pixels of the input are never read: the image is masked before it reaches the model.
 
-* `sample_fill_ins`: N samples; `mean_fill_in` averages them (pixel noise included).
+* `sample_fill_ins`: N samples; `mean_fill_in` averages them (pixel noise included). With
+  `pixels="mean"` the samples are the likelihood's MEAN E[x | z] for N latent draws, and their
+  average (`hvae.load(...).mean`) is a Monte-Carlo estimate of E[x_inner | x_outer] (at
+  tau = 1) without the pixel noise.
 * `mode_fill_in`: every latent at its prior mean, the pixels at the likelihood's mode.
-* `expected_fill_ins` / `mean_fill_in_expected`: the likelihood's MEAN E[x | z] for N latent
-  draws, and their average, a Monte-Carlo estimate of E[x_inner | x_outer] (at tau = 1) without
-  the pixel noise of `mean_fill_in`.
 
 `DEFAULT_TEMPERATURE` and `DEFAULT_PIXELS` are the one default of every mode, the API and
 `eval.temperature` / `eval.pixels`.
@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from hvae.errors import ConfigError
 from hvae.model.ladder import HVAE, PRIOR
 
 # The default latent temperature of --mode=eval, --mode=inpaint and hvae.load(...) (when
@@ -37,7 +38,7 @@ DEFAULT_PIXELS = "sample"
 def check_pixels(value: str) -> str:
   """`value` if it is one of PIXELS, else a ValueError naming the choices."""
   if value not in PIXELS:
-    raise ValueError(f"pixels: {value!r} is not one of {', '.join(PIXELS)}")
+    raise ConfigError(f"pixels: {value!r} is not one of {', '.join(PIXELS)}")
   return value
 
 
@@ -120,9 +121,10 @@ def parse_temperature(text: str | float | Sequence[float]) -> float | tuple[floa
   try:
     values = tuple(float(t) for t in text.split(",") if t.strip())
   except ValueError:
-    raise ValueError(f"--temperature: {text!r} is not a number or a comma-separated list") from None
+    raise ConfigError(
+        f"--temperature: {text!r} is not a number or a comma-separated list") from None
   if not values or any(v < 0 for v in values):
-    raise ValueError(f"--temperature: {text!r} must be one or more non-negative numbers")
+    raise ConfigError(f"--temperature: {text!r} must be one or more non-negative numbers")
   return values[0] if len(values) == 1 else values
 
 
@@ -134,40 +136,3 @@ def default_temperature(config=None) -> float | tuple[float, ...]:
   if value is None or (isinstance(value, str) and not value.strip()):
     return DEFAULT_TEMPERATURE
   return parse_temperature(value)
-
-
-def expected_fill_ins(
-    model: HVAE, params, image, mask, rng: jax.Array, *, num_samples: int = 1,
-    temperature: float | Sequence[float] = 1.0,
-) -> jnp.ndarray:
-  """The likelihood's mean E[x | z_i] for N latent draws z_i from the conditional prior.
-
-  Args:
-    model: the model.
-    params: its parameters.
-    image: [B, 64, 64, 3] pixels in [0, 255]; missing pixels are ignored.
-    mask: [B, 64, 64, 1], 1 = given.
-    rng: PRNG key (latents only: no pixel is sampled).
-    num_samples: N latent draws.
-    temperature: tau for the latents, global or per level.
-
-  Returns:
-    [N, B, 64, 64, 3] float32 composites (not rounded), values in [0, 255].
-  """
-  batch = image.shape[0]
-  context = composite(image, jnp.zeros_like(image, jnp.float32), mask)
-  tiled = jnp.tile(context, (num_samples, 1, 1, 1))
-  tiled_mask = jnp.tile(jnp.asarray(mask, jnp.float32), (num_samples, 1, 1, 1))
-  out = model.apply({"params": params}, tiled, tiled_mask, sources=PRIOR,
-                    temperature=temperature, compute_posterior=False, rngs={"sample": rng})
-  filled = composite(tiled, model.likelihood.mean(out.px_params), tiled_mask)
-  return filled.reshape((num_samples, batch) + filled.shape[1:])
-
-
-def mean_fill_in_expected(
-    model: HVAE, params, image, mask, rng: jax.Array, *, num_samples: int = 8,
-    temperature: float | Sequence[float] = 1.0,
-) -> jnp.ndarray:
-  """The average over N latent draws of the likelihood's mean: [B, 64, 64, 3] float32."""
-  return jnp.mean(expected_fill_ins(model, params, image, mask, rng, num_samples=num_samples,
-                                    temperature=temperature), axis=0)

@@ -64,7 +64,7 @@ class MetricWriter:
   """Writes scalars to TensorBoard and metrics.jsonl, images and hparams to TensorBoard."""
 
   def __init__(self, workdir: str, *, process_index: int | None = None,
-               resume_step: int | None = None):
+               resume_step: int | None = None, replace_step: int | None = None):
     """Opens the writers; on process 0, prepares metrics.jsonl for appending.
 
     Args:
@@ -72,6 +72,9 @@ class MetricWriter:
       process_index: this process's index; only 0 writes. Defaults to jax.process_index().
       resume_step: the step a resumed run restarts from. Rows with a larger step, logged by the
         crashed run after its last checkpoint, are dropped so the file stays monotone.
+      replace_step: rows already written at this step are dropped (the step about to be
+        written again: a re-run of `--mode=eval` replaces its row instead of adding one).
+        TensorBoard keeps both points; it shows the newer one.
     """
     self._workdir = workdir
     index = jax.process_index() if process_index is None else process_index
@@ -79,7 +82,7 @@ class MetricWriter:
     self._file = None
     if self._primary:
       os.makedirs(workdir, exist_ok=True)
-      self._repair(resume_step)
+      self._repair(resume_step, replace_step)
       # Line-buffering is not enough on its own (see write_scalars): we flush explicitly.
       self._file = open(self.metrics_path, "a", encoding="utf-8")
     self._writer = None
@@ -95,8 +98,9 @@ class MetricWriter:
   def metrics_path(self) -> str:
     return os.path.join(self._workdir, METRICS_FILE)
 
-  def _repair(self, resume_step: int | None) -> None:
-    """Drops a truncated last line and (with resume_step) rows past the restored step."""
+  def _repair(self, resume_step: int | None, replace_step: int | None = None) -> None:
+    """Drops a truncated last line, (with resume_step) rows past the restored step and (with
+    replace_step) the rows of that step."""
     path = self.metrics_path
     if not os.path.exists(path):
       return
@@ -109,6 +113,10 @@ class MetricWriter:
         logging.info("Dropping %d rows of %s with step > %d (resuming from step %d).",
                      len(rows) - len(keep), path, resume_step, resume_step)
         good = "".join(json.dumps(row) + "\n" for row in keep)
+        rows = keep
+    if replace_step is not None and any(row["step"] == replace_step for row in rows):
+      logging.info("Replacing the rows of step %d in %s.", replace_step, path)
+      good = "".join(json.dumps(row) + "\n" for row in rows if row["step"] != replace_step)
     # Appending after a partial line would glue the next row onto it, so rewrite first.
     if good != text:
       atomic.write_text(path, good)

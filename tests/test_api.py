@@ -149,6 +149,12 @@ def test_inpaint_writes_mode_and_mean_equal_to_the_api_and_scores_complete_image
       baselines.biharmonic(truth[0], mask[0]), truth[0], mask[0]))
   printed = capsys.readouterr().out
   assert "| biharmonic |" in printed and "| sub__c.png |" in printed
+  # The pixels and the temperature of the samples are recorded, as eval records them.
+  pixels_used = sampling.default_pixels(model.config)
+  assert r["pixels"] == pixels_used and r["temperature"] == sampling.default_temperature(
+      model.config)
+  assert f"pixels {pixels_used}" in (out / "table.md").read_text().splitlines()[0]
+  assert json.loads((out / "results.json").read_text())["pixels"] == pixels_used
   assert "per image" in (out / "table.md").read_text()
   # A mask image marks what to remove: the pixels under it are not a truth, nothing is scored.
   Image.fromarray(np.where(mask[0, ..., 0] > 0.5, 255, 0).astype(np.uint8)).save(

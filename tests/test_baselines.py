@@ -5,6 +5,7 @@ import pytest
 from helpers import centre_mask, random_images
 
 from hvae import baselines
+from hvae.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", sorted(baselines.BASELINES))
@@ -50,8 +51,13 @@ def test_parse_and_fill_batch():
   assert baselines.parse(baselines.DEFAULT) == ("biharmonic", "ring_mean")
   assert baselines.parse("none") == baselines.parse("") == baselines.parse(None) == ()
   assert baselines.parse("ring_mean, biharmonic") == ("ring_mean", "biharmonic")
-  with pytest.raises(ValueError, match="telea"):
+  # A sequence of names too (the Python API of eval and inpaint).
+  assert baselines.parse(["ring_mean", "biharmonic", "ring_mean"]) == ("ring_mean", "biharmonic")
+  assert baselines.parse(()) == baselines.parse(["none"]) == ()
+  with pytest.raises(ConfigError, match="telea"):  # a ValueError: one line from launch.py
     baselines.parse("biharmonic,telea")
+  with pytest.raises(ConfigError, match="telea"):
+    baselines.parse(("telea",))
   images, masks = random_images(2, seed=1), centre_mask(2)
   out = baselines.fill_batch("ring_mean", images, masks)
   assert out.shape == (2, 64, 64, 3)

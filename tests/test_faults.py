@@ -7,11 +7,13 @@ experiments/tiny.py for a few steps, in-process (launch.main included, so a fail
 and exit status are those of the command line).
 """
 
+import errno
 import importlib.util
 import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -21,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
+from absl import app, flags
 from helpers import load_experiment
 from PIL import Image
 
-from hvae import api, configs, lock, loop
+from hvae import api, checkpoint, configs, errors, lock, loop
 from hvae.checkpoint import CORRUPT_DIR, Checkpointer
 from hvae.config import ModelConfig
 from hvae.data import folder
@@ -33,7 +35,7 @@ from hvae.data import images as image_io
 from hvae.errors import CheckpointUnavailableError, WorkdirLockedError
 from hvae.metrics_file import read_metrics
 from hvae.model.ladder import HVAE
-from hvae.modes import inpaint
+from hvae.modes import evaluate, inpaint
 from hvae.train import create_optimizer, create_train_state, learning_rate_schedule
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -148,6 +150,32 @@ def test_no_step_loads_is_one_line_and_moves_nothing(tmp_path):
       ckpt.restore(_state(0.0), 2)  # an explicit step never falls back
 
 
+def test_processes_agree_on_the_step_and_all_reach_the_barrier(tmp_path, caplog, monkeypatch):
+  """Two processes (simulated): the other one cannot read step 3, which loads here. Every step's
+  outcome is combined across processes, so this one skips step 3 too, restores step 2 like
+  the other, and reaches the set-aside barrier."""
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory)
+  seen, barriers = [], []
+
+  def on_every_process(ok):  # stands in for the allgather: the other process failed step 3
+    seen.append(ok)
+    return ok and len(seen) > 1
+
+  monkeypatch.setattr(checkpoint, "_on_every_process", on_every_process)
+  monkeypatch.setattr(checkpoint, "_barrier", barriers.append)
+  with caplog.at_level(logging.WARNING), Checkpointer(str(directory)) as ckpt:
+    restored, data_state, step = ckpt.restore(_state(0.0))
+  assert (step, data_state, float(restored["w"][0, 0])) == (2, {"pos": 2}, 2.0)
+  assert seen == [True, True]  # step 3 loaded here; only the agreement rejected it
+  assert "another process could not restore it" in _warnings(caplog)
+  assert barriers == ["hvae_checkpoint_set_aside"]
+  assert (directory / CORRUPT_DIR / "3").is_dir()
+  # With one process the agreement is this process's own outcome.
+  monkeypatch.undo()
+  assert checkpoint._on_every_process(True) and not checkpoint._on_every_process(False)
+
+
 def _tiny(num_steps: int, **optim):
   config = load_experiment("tiny")
   config.optim.schedule = "constant"  # the schedule must not depend on where the run stopped
@@ -184,10 +212,11 @@ def test_training_resumes_from_the_newest_step_that_loads(tmp_path, caplog):
 
 # --- the workdir lock -----------------------------------------------------------------------
 
-def _write_lock(workdir: pathlib.Path, pid: int) -> pathlib.Path:
+def _write_lock(workdir: pathlib.Path, pid: int, host: str | None = None) -> pathlib.Path:
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / lock.LOCK_FILE
-  path.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "earlier"}))
+  path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                              "started": "earlier"}))
   return path
 
 
@@ -221,6 +250,57 @@ def test_a_stale_lock_is_taken_over_and_released_on_exit(tmp_path, caplog):
         pass
   assert f"stale lock {path} of pid {proc.pid}" in _warnings(caplog)
   assert not path.exists()
+
+
+def test_another_host_s_lock_is_taken_over_only_when_we_get_the_flock(tmp_path, caplog,
+                                                                      monkeypatch):
+  """A job restarted on a new node resumes: the old node's record is stale once its flock is
+  gone. Where flock is not supported, the record alone decides and another host keeps it."""
+  path = _write_lock(tmp_path / "w", 1, host="old-node")
+  with caplog.at_level(logging.WARNING), lock.hold(str(tmp_path / "w")):
+    assert json.loads(path.read_text())["host"] == socket.gethostname()
+  assert f"stale lock {path} of pid 1 on host old-node" in _warnings(caplog)
+  assert not path.exists()
+  _write_lock(tmp_path / "w", 1, host="old-node")
+
+  def no_flock(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(lock.fcntl, "flock", no_flock)
+  with pytest.raises(WorkdirLockedError, match="pid 1 on host old-node"):
+    with lock.hold(str(tmp_path / "w")):
+      pass
+  assert json.loads(path.read_text())["host"] == "old-node"  # untouched
+
+
+def test_every_process_raises_process_0_s_lock_refusal(tmp_path, monkeypatch, sleeper):
+  """Process 0 takes the lock and broadcasts its outcome (simulated for two processes): a
+  refusal is the same error on every process, never a hang in the next collective."""
+  _write_lock(tmp_path / "w", sleeper)
+  sent = []
+
+  def broadcast(buffer):  # every process receives process 0's buffer
+    sent.append(np.asarray(buffer))
+    return sent[0]
+
+  monkeypatch.setattr(loop.multihost_utils, "broadcast_one_to_all", broadcast)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  messages = []
+  for index in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    with pytest.raises(WorkdirLockedError) as info:
+      with loop._hold_lock(str(tmp_path / "w")):
+        pass
+    messages.append(str(info.value))
+  assert messages[0] == messages[1] and f"pid {sleeper} on host" in messages[0]
+  assert not sent[1].any()  # process 1 sent nothing of its own
+  # No refusal: process 0 holds the lock inside, and nobody raises.
+  (tmp_path / "w" / lock.LOCK_FILE).unlink()
+  sent.clear()
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  with loop._hold_lock(str(tmp_path / "w")):
+    assert json.loads((tmp_path / "w" / lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+  assert not (tmp_path / "w" / lock.LOCK_FILE).exists()
 
 
 def test_the_lock_is_released_on_errors_and_sigterm(tmp_path):
@@ -307,6 +387,82 @@ def test_second_trainer_refuses_through_launch(tmp_path, capsys, monkeypatch, sl
                        f"--workdir={tmp_path / 'w'}")
   assert code == 2
   assert f"pid {sleeper} on host" in _error_line(stderr)
+
+
+@pytest.mark.parametrize("case", ["eval_box_without_input", "inpaint_bad_box", "inpaint_box_out",
+                                  "inpaint_unknown_mask", "inpaint_unreadable_mask",
+                                  "eval_bad_checkpoint"])
+def test_bad_mask_and_checkpoint_flags_are_usage_errors_before_loading(tmp_path, capsys,
+                                                                      monkeypatch, case):
+  """launch.py checks --mask and --checkpoint before anything is loaded (the run here has no
+  checkpoint, so getting past the check would fail differently); absl prints a UsageError as
+  the message, no traceback."""
+  run = tmp_path / "run"
+  run.mkdir()
+  configs.save_config(load_experiment("tiny"), str(run / "config.json"))
+  Image.fromarray(_photo(0)).save(tmp_path / "photo.png")
+  (tmp_path / "mask.png").write_text("not an image")
+  inpaint_args = ["--mode=inpaint", f"--workdir={run}", f"--input={tmp_path / 'photo.png'}"]
+  args, expected = {
+      "eval_box_without_input": (["--mode=eval", f"--workdir={run}", "--mask=box:0,0,8,8"],
+                                 "apply only with --input"),
+      "inpaint_bad_box": (inpaint_args + ["--mask=box:1,2"], "is not box:X,Y,W,H"),
+      "inpaint_box_out": (inpaint_args + ["--mask=box:60,0,8,8"], "must lie inside"),
+      "inpaint_unknown_mask": (inpaint_args + ["--mask=circle"], "is not one of centre"),
+      "inpaint_unreadable_mask": (inpaint_args + [f"--mask={tmp_path / 'mask.png'}"],
+                                  "cannot read the mask image"),
+      "eval_bad_checkpoint": (["--mode=eval", f"--workdir={run}", "--checkpoint=abc"],
+                              "--checkpoint: 'abc' is not best, latest or a step number"),
+  }[case]
+  with pytest.raises(app.UsageError, match=re.escape(expected)):
+    _main(capsys, monkeypatch, *args)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.eval.pixels=median", "eval.pixels: 'median' is not one of sample, mean"),
+    # (one override per field: absl defines a flag per overridden field once a process)
+    ("--config.eval.temperature=0.5,1,1,1,1,1,1,1,1", "eval.temperature: per-level tuple"),
+])
+def test_bad_eval_fill_in_fields_fail_before_training(tmp_path, capsys, monkeypatch, override,
+                                                      expected):
+  """eval.pixels and eval.temperature are first used at the first evaluation: `validate`
+  checks them, so a mistake is one line before anything is written, not a late traceback."""
+  code, stderr = _main(capsys, monkeypatch, f"--config={ROOT / 'experiments' / 'tiny.py'}",
+                       f"--workdir={tmp_path / 'w'}", override)
+  assert code == 2, stderr[-3000:]
+  assert expected in _error_line(stderr)
+  assert not (tmp_path / "w").exists()
+  config = _tiny(2)
+  config.eval.temperature = "hot"
+  with pytest.raises(errors.ConfigError, match="eval.temperature: 'hot' is not a number"):
+    loop.validate(config)
+  config.eval.pixels = "mean"
+  config.eval.temperature = ",".join(["0.8"] * config.model.num_levels)  # one per level: fine
+  loop.validate(config)
+
+
+def test_api_level_user_errors_are_one_line_error_types(tmp_path):
+  """The same mistakes made through the Python API raise the one-line error types of
+  hvae/errors.py (launch.py prints them as one line, exit 2), not a plain ValueError."""
+  src = tmp_path / "in"
+  src.mkdir()
+  (src / "notes.txt").write_text("not an image")
+  with pytest.raises(errors.MissingPathError, match="no readable image"):
+    inpaint.load_inputs(str(src))
+  with pytest.raises(errors.MissingPathError, match="no readable image"):
+    evaluate.input_batches(str(src), None, load_experiment("tiny"), 4)
+  with pytest.raises(errors.ConfigError, match="box:X,Y,W,H"):
+    inpaint.make_masks("box:1,2", 1, 0)
+  with pytest.raises(errors.ConfigError, match="is not one of"):
+    inpaint.make_masks("circle", 1, 0)
+  with pytest.raises(errors.ConfigError, match="only with --input"):
+    evaluate.check_mask("box:0,0,8,8")
+  evaluate.check_mask("freeform")  # a split's mask: fine
+  _save_steps(tmp_path / "checkpoints", steps=(1,))
+  with Checkpointer(str(tmp_path / "checkpoints"), read_only=True) as ckpt:
+    with pytest.raises(errors.ConfigError, match="--checkpoint: 'abc'"):
+      ckpt.restore(_state(0.0), "abc")
+  assert {errors.ConfigError, errors.MissingPathError} <= set(errors.USER_ERRORS)
 
 
 def test_repeated_skips_stop_at_once_with_a_checkpoint_and_one_line(tmp_path, capsys,

@@ -469,7 +469,7 @@ def test_scale_location_grad_keeps_values_and_scales_gradients():
 
 @pytest.mark.parametrize("name", ["dmol", "discretized_gaussian", "gaussian"])
 def test_scaled_gradients_leave_log_probs_unchanged_and_tame_sharp_channels(name):
-  exact, scaled = likelihoods.get(name, K), likelihoods.get(name, K, scale_grad=True)
+  exact, scaled = likelihoods.get(name, K), likelihoods.get(name, K, "scaled")
   assert exact != scaled  # distinct static arguments: never a stale compiled function
   params = _params(exact, "random", 16, seed=3)
   image = np.random.RandomState(0).randint(0, 256, (16, 3)).astype(np.float32)
@@ -484,6 +484,10 @@ def test_scaled_gradients_leave_log_probs_unchanged_and_tame_sharp_channels(name
   g_exact = np.asarray(_grad_mean_log_prob(exact, sharp, image, rng))[:, groups["means"]]
   g_scaled = np.asarray(_grad_mean_log_prob(scaled, sharp, image, rng))[:, groups["means"]]
   np.testing.assert_allclose(g_scaled, g_exact * math.exp(-6.0), rtol=1e-3, atol=1e-9)
+  # scaled_mean: the same reweighting, divided by the mean scale (here all e^-6): exact again.
+  g_mean = np.asarray(_grad_mean_log_prob(likelihoods.get(name, K, "scaled_mean"), sharp, image,
+                                          rng))[:, groups["means"]]
+  np.testing.assert_allclose(g_mean, g_exact, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["dmol", "discretized_gaussian"])

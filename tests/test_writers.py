@@ -83,7 +83,14 @@ def test_resume_step_drops_later_rows(tmp_path):
   assert not glob.glob(str(tmp_path / "metrics.jsonl.tmp*"))
 
 
-def test_images_and_hparams(tmp_path):
+def test_replace_step_rewrites_that_step_s_row(tmp_path):
+  """A re-run of an evaluation at the same checkpoint step replaces its row, keeps the others."""
+  for value in (1.0, 2.0):
+    for step in (500, 1000):  # e.g. eval of the best (500), then of the latest (1000)
+      with MetricWriter(str(tmp_path), process_index=0, replace_step=step) as writer:
+        writer.write_scalars(step, {"eval/bpd": value + step})
+  rows = read_metrics(str(tmp_path))
+  assert [(row["step"], row["eval/bpd"]) for row in rows] == [(500, 502.0), (1000, 1002.0)]
   image = np.zeros((8, 8, 3), np.uint8)
   image[..., 0] = 255
   with MetricWriter(str(tmp_path), process_index=0) as writer:

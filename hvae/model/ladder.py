@@ -171,9 +171,9 @@ class HVAE(nn.Module):
 
   @property
   def likelihood(self) -> likelihoods.Likelihood:
-    """The likelihood (with `likelihoods.scale_location_grad` for likelihood_grad="scaled")."""
+    """The likelihood, its location gradients as `model.likelihood_grad` says."""
     return likelihoods.get(self.config.likelihood, self.config.num_mixtures,
-                           self.config.likelihood_grad == "scaled")
+                           self.config.likelihood_grad)
 
   @nn.compact
   def __call__(

@@ -60,20 +60,45 @@ def _log1mexp(d: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(d > -math.log(2.0), jnp.log(-jnp.expm1(d)), jnp.log1p(-jnp.exp(d)))
 
 
-def scale_location_grad(mu: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+def scale_location_grad(mu: jnp.ndarray, scale: jnp.ndarray, normalize: bool = False
+                        ) -> jnp.ndarray:
   """`mu` in value, with the gradient that reaches it multiplied by stop_gradient(`scale`).
 
-  The gradient of a location-scale log-density with respect to its location grows as 1 / scale.
-  A channel the model predicts almost exactly (G given R in a grey image, scale ~1e-3) then
-  sends gradients ~100x larger than a hard channel (scale ~0.2) into the features they share,
-  and Adam's per-parameter normalisation turns the hard channel's signal into noise: the model
-  learns the coupling and nothing about the hole. Multiplying by the scale makes every
-  location's gradient O(residual) on the data scale, like beta-NLL with beta = 1/2 (Seitzer et
-  al., ICLR 2022). Only the optimisation path changes: every value, hence every log-likelihood
-  reported, is exactly the same.
+  The gradient of a location-scale log-density with respect to its location grows as 1 / scale
+  (up to 1 / scale for a logistic, residual / scale^2 for a Gaussian). A channel the model
+  predicts almost exactly (G given R in a grey image, scale ~1e-3) then sends gradients ~100x
+  larger than a hard channel (scale ~0.2) into the features they share, and Adam's
+  per-parameter normalisation turns the hard channel's signal into noise: the model learns the
+  coupling and nothing about the hole (docs/results.md, "Learning structure"). Multiplied by
+  the scale, every location's gradient is bounded by 1 (logistic) or residual / scale
+  (Gaussian), as in beta-NLL with beta = 1/2 (Seitzer et al., ICLR 2022).
+
+  Every value, hence every log-likelihood reported, is exactly the same. The objective's
+  gradient is not: only the location terms are rescaled (not the log-scales, the mixture
+  weights or the KL), so this reweights the reconstruction against the KL and the pixels
+  against each other, and training converges to a different point than with exact gradients.
+  That is the intent for the coupled channels; measure it before using it elsewhere. With
+  `normalize`, the factor is scale / mean(scale) over the whole tensor: the same reweighting
+  between channels and pixels, but location gradients keep their average size against the
+  log-scales, the mixture weights and the KL.
   """
   scale = jax.lax.stop_gradient(scale)
+  if normalize:
+    scale = scale / jnp.mean(scale)
   return jax.lax.stop_gradient(mu) + scale * (mu - jax.lax.stop_gradient(mu))
+
+
+LOCATION_GRADS = ("exact", "scaled", "scaled_mean")
+
+
+def location(mu: jnp.ndarray, log_scale: jnp.ndarray, grad: str) -> jnp.ndarray:
+  """`mu` with the gradient mode `grad`: exact, scaled (`scale_location_grad`) or scaled_mean
+  (the same, its factor normalised by its mean)."""
+  if grad == "exact":
+    return mu
+  if grad not in LOCATION_GRADS:
+    raise ValueError(f"location gradients: {grad!r} is not one of {', '.join(LOCATION_GRADS)}")
+  return scale_location_grad(mu, jnp.exp(log_scale), normalize=grad == "scaled_mean")
 
 
 def _check_params(params: jnp.ndarray, num_params: int) -> jnp.ndarray:
@@ -158,7 +183,7 @@ class DiscretizedMixLogistic(Likelihood):
   """
 
   num_mixtures: int
-  scale_grad: bool = False  # `scale_location_grad` on every coupled mean (values unchanged)
+  location_grad: str = "exact"  # LOCATION_GRADS: gradients of the coupled means
 
   def __post_init__(self):
     if self.num_mixtures < 1:
@@ -201,8 +226,7 @@ class DiscretizedMixLogistic(Likelihood):
     x = _to_unit(pixels)
     # The coupling reads the true (data) values of the earlier channels.
     mu = self._coupled_means(means, coeffs, x[..., 0, :], x[..., 1, :])
-    if self.scale_grad:
-      mu = scale_location_grad(mu, jnp.exp(log_scales))
+    mu = location(mu, log_scales, self.location_grad)
     inv_s = jnp.exp(-log_scales)
     centred = x - mu
     plus_in = inv_s * (centred + _HALF_BIN)
@@ -302,7 +326,7 @@ class DiscretizedGaussian(Likelihood):
   [-1, 1] scale.
   """
 
-  scale_grad: bool = False  # `scale_location_grad` on the means (values unchanged)
+  location_grad: str = "exact"  # LOCATION_GRADS: gradients of the means
 
   @property
   def num_params(self) -> int:
@@ -327,8 +351,7 @@ class DiscretizedGaussian(Likelihood):
     """
     del rng
     mu, log_s = self._split(params)
-    if self.scale_grad:
-      mu = scale_location_grad(mu, jnp.exp(log_s))
+    mu = location(mu, log_s, self.location_grad)
     pixels = jnp.asarray(image, jnp.float32)
     x = _to_unit(pixels)
     inv_s = jnp.exp(-log_s)
@@ -380,7 +403,7 @@ class Gaussian(Likelihood):
   value, so E_u[-log p(x + u)] upper-bounds the discrete NLL in nats (Theis et al. 2016).
   """
 
-  scale_grad: bool = False  # `scale_location_grad` on the means (values unchanged)
+  location_grad: str = "exact"  # LOCATION_GRADS: gradients of the means
 
   @property
   def num_params(self) -> int:
@@ -404,8 +427,7 @@ class Gaussian(Likelihood):
       [..., 3] nats.
     """
     mu, log_s = self._split(params)
-    if self.scale_grad:
-      mu = scale_location_grad(mu, jnp.exp(log_s))
+    mu = location(mu, log_s, self.location_grad)
     pixels = jnp.asarray(image, jnp.float32)
     if rng is None:
       u = 0.5
@@ -436,22 +458,23 @@ class Gaussian(Likelihood):
     return jnp.clip((mu + 1.0) * 128.0 - 0.5, 0.0, 255.0)
 
 
-_REGISTRY: dict[str, Callable[[int, bool], Likelihood]] = {
-  "dmol": lambda num_mixtures, scale_grad: DiscretizedMixLogistic(num_mixtures, scale_grad),
-  "discretized_gaussian": lambda num_mixtures, scale_grad: DiscretizedGaussian(scale_grad),
-  "gaussian": lambda num_mixtures, scale_grad: Gaussian(scale_grad),
+_REGISTRY: dict[str, Callable[[int, str], Likelihood]] = {
+  "dmol": lambda num_mixtures, grad: DiscretizedMixLogistic(num_mixtures, grad),
+  "discretized_gaussian": lambda num_mixtures, grad: DiscretizedGaussian(grad),
+  "gaussian": lambda num_mixtures, grad: Gaussian(grad),
 }
 NAMES = tuple(_REGISTRY)
 
 
-def get(name: str, num_mixtures: int, scale_grad: bool = False) -> Likelihood:
+def get(name: str, num_mixtures: int, location_grad: str = "exact") -> Likelihood:
   """The likelihood called `name`.
 
   Args:
     name: one of NAMES ("dmol", "discretized_gaussian", "gaussian").
     num_mixtures: K, the number of mixture components (read by "dmol" only).
-    scale_grad: precondition the gradient reaching every location parameter by its scale
-      (`scale_location_grad`); log-likelihood values are unchanged.
+    location_grad: "exact", or "scaled" / "scaled_mean" to multiply the gradient reaching every
+      location parameter by its scale (`scale_location_grad`); log-likelihood values are
+      unchanged, gradients are not.
 
   Returns:
     A hashable `Likelihood`.
@@ -463,4 +486,4 @@ def get(name: str, num_mixtures: int, scale_grad: bool = False) -> Likelihood:
     factory = _REGISTRY[name]
   except KeyError:
     raise ValueError(f"unknown likelihood {name!r}; valid names: {', '.join(NAMES)}") from None
-  return factory(num_mixtures, scale_grad)
+  return factory(num_mixtures, location_grad)

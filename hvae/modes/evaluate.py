@@ -21,8 +21,9 @@ masks from --mask, default `data.eval_mask`):
   `psnr_of_mean`, `ssim`, `ssim_best`, `l1`, `l1_best`, `diversity`, `seam`.
 The prefix is `eval/` for the validation split and for --input, `test/` for the test split,
 `eval_train/` for the training split. Written to OUT/results.json, OUT/table.md (the methods
-table, also printed), TensorBoard and metrics.jsonl in OUT (at the checkpoint's step) and the
-grid OUT/grid.png; OUT is WORKDIR/eval, WORKDIR/eval/INPUT_NAME with --input, or --output.
+table, also printed), TensorBoard and metrics.jsonl in OUT (at the checkpoint's step; a re-run
+replaces that step's row) and the grid OUT/grid.png; OUT is WORKDIR/eval,
+WORKDIR/eval/INPUT_NAME with --input, or --output.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from absl import logging
 
 from hvae import api, atomic, baselines, data, evaluation, images, quality, sampling
 from hvae.data import masks as masks_lib
+from hvae.errors import ConfigError
 from hvae.train import latent_dims
 from hvae.writers import MetricWriter
 
@@ -222,23 +224,33 @@ def input_name(path: str) -> str:
   return (os.path.splitext(base)[0] if os.path.isfile(path) else base) or "input"
 
 
+def check_mask(mask: str | None, input_path: str | None = None) -> None:
+  """A --mask value checked: an evaluation mask (centre, boxes, freeform) for a split; with
+  --input also box:X,Y,W,H or a mask image (`inpaint.check_mask`).
+
+  Raises:
+    ConfigError: a value that does not apply; the message names the valid ones.
+  """
+  from hvae.modes import inpaint  # inpaint imports this module
+
+  if not mask:
+    return
+  if input_path:
+    inpaint.check_mask(mask)
+  elif mask not in masks_lib.MASKS:
+    raise ConfigError(f"--mask: {mask!r} is not one of {', '.join(masks_lib.MASKS)} (box:X,Y,W,H "
+                      "and mask images apply only with --input)")
+
+
 def input_batches(input_path: str, mask: str | None, config: ml_collections.ConfigDict,
                   batch_size: int) -> list[dict]:
   """Batches like `data.eval_batches` (image, mask, weight, index, plus name) of the images at
   `input_path`, loaded as `--mode=inpaint` loads them; the last batch padded with weight 0."""
   from hvae.modes import inpaint  # inpaint imports this module
 
-  names, pixels = [], []
-  for name, path in inpaint.list_inputs(input_path):
-    image = inpaint.load_image(path, config.data.get("small_images", "upscale"))
-    if image is not None:
-      names.append(name)
-      pixels.append(image)
-  if not pixels:
-    raise ValueError(f"--input: no readable image in {input_path}")
-  pixels = np.stack(pixels)
+  entries, pixels = inpaint.load_inputs(input_path, config.data.get("small_images", "upscale"))
   masks = inpaint.make_masks(mask or config.data.eval_mask, len(pixels), int(config.seed))
-  names = np.array(names)
+  names = np.array([name for name, _ in entries])
   batches = []
   for idx, real in inpaint.padded_batches(len(pixels), min(batch_size, len(pixels))):
     weight = (np.arange(len(idx)) < real).astype(np.float32)
@@ -253,7 +265,8 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
         num_samples: int | None = None, iw_samples: int | None = None,
         input_path: str | None = None, output: str | None = None,
         baseline_names: str | Sequence[str] = baselines.DEFAULT, likelihood: bool = True,
-        model: api.Inpainter | None = None, pixels: str | None = None) -> dict:
+        model: api.Inpainter | None = None, pixels: str | None = None,
+        rank: bool = True) -> dict:
   """Evaluates a trained run and writes OUT/{results.json, table.md, grid.png} and TensorBoard.
 
   Args:
@@ -278,30 +291,31 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
     model: an already loaded run (then workdir, config, checkpoint and ema are not read).
     pixels: pixels of the samples: "sample" (from p(x | z)) or "mean" (E[x | z]); None =
       eval.pixels, else `sampling.DEFAULT_PIXELS`.
+    rank: score every sample with the IW bound for the `ranked` method (K = min(8, K) passes
+      per sample: the costliest part of the table).
 
   Returns:
     The results dict written to results.json.
   """
   t0 = time.perf_counter()
   if split not in PREFIXES:
-    raise ValueError(f"--split: {split!r} is not one of {', '.join(PREFIXES)}")
+    raise ConfigError(f"--split: {split!r} is not one of {', '.join(PREFIXES)}")
   if input_path and split != "validation":
-    raise ValueError("--split does not apply with --input (the images given are scored)")
-  names = (baselines.parse(baseline_names) if isinstance(baseline_names, str | None)
-           else baselines.parse(",".join(baseline_names)))
+    raise ConfigError("--split does not apply with --input (the images given are scored)")
+  names = baselines.parse(baseline_names)
   reference = names[0] if names else None
+  check_mask(mask, input_path)  # a bad --mask fails before the model is loaded
   model = model or api.load(workdir, checkpoint, ema, config=config)
   cfg = copy.deepcopy(config if config is not None else model.config)
   temperature = resolve_temperature(temperature, cfg)
   model.temperatures(temperature)  # a per-level tuple of the wrong length fails here
   pixels = sampling.check_pixels(pixels) if pixels else sampling.default_pixels(cfg)
   if mask and not input_path:
-    masks_lib.get_maker(mask)  # fails with the valid names
     cfg.data.eval_mask = mask
   e = cfg.eval
   k = int(iw_samples or e.iw_samples)
   n = int(num_samples or e.num_samples)
-  rank_k = min(RANK_SAMPLES, k)
+  rank_k = min(RANK_SAMPLES, k) if rank else 0
   prefix = "eval" if input_path else PREFIXES[split]
   if input_path:
     batches = input_batches(input_path, mask, cfg, int(e.batch_size))
@@ -357,7 +371,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       "checkpoint_step": model.step, "ema": model.ema,
       "split": None if input_path else split,
       "input": os.path.abspath(input_path) if input_path else None, "mask": mask_name,
-      "iw_samples": k if likelihood else None, "num_samples": n, "rank_samples": rank_k,
+      "iw_samples": k if likelihood else None, "num_samples": n, "rank_samples": rank_k or None,
       "temperature": temperature, "pixels": pixels, "num_examples": num_examples,
       "seed": cfg.seed,
       "baselines": list(names), "reference": reference, "psnr_cap_db": quality.PSNR_CAP,
@@ -371,7 +385,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       f.write(text)
     images.save_png(os.path.join(out_dir, "grid.png"), grid)
     print(text, flush=True)
-  with MetricWriter(out_dir) as writer:
+  with MetricWriter(out_dir, replace_step=model.step) as writer:  # a re-run replaces its row
     writer.write_scalars(model.step, metrics)
     writer.write_images(model.step, {f"{prefix}/fill_ins": grid})
   logging.info("eval: %s", "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
@@ -384,7 +398,8 @@ def temperature_sweep(workdir: str, temperatures: Sequence[float] = SWEEP_TEMPER
                       input_path: str | None = None, output: str | None = None,
                       checkpoint: str | int = "best", config=None, **kwargs) -> tuple[dict, str]:
   """Runs the fill-in methods of `run` at every tau (no likelihood bound: it does not depend on
-  tau) and tabulates psnr / ssim / l1 / hf_ratio per method and tau.
+  tau; no likelihood ranking unless rank=True is passed: it costs K passes per sample) and
+  tabulates psnr / ssim / l1 / hf_ratio per method and tau.
 
   Args:
     workdir: the trained run.
@@ -406,7 +421,7 @@ def temperature_sweep(workdir: str, temperatures: Sequence[float] = SWEEP_TEMPER
   for tau in temperatures:
     r = run(workdir, config, checkpoint=checkpoint, temperature=float(tau), input_path=input_path,
             output=os.path.join(output, f"tau_{float(tau):g}"), likelihood=False, model=model,
-            **kwargs)
+            **{"rank": False, **kwargs})
     tables[float(tau)] = r["methods"]
   text = format_sweep(tables, f"Temperature sweep: {workdir} step {model.step}, "
                       f"{input_path or 'validation split'}")

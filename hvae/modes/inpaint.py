@@ -51,13 +51,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from hvae import api, atomic, baselines, images
+from hvae import api, atomic, baselines, images, sampling
 from hvae.data import images as image_io
 from hvae.data import masks as masks_lib
-from hvae.errors import MissingPathError
+from hvae.errors import ConfigError, MissingPathError
 from hvae.modes import evaluate
 from hvae.modes.evaluate import RANK_SAMPLES
-from hvae.objective import bits_per_dim
+from hvae.objective import bits_per_dim, missing_dims
 
 SIZE = 64
 MAX_BATCH = 16  # inputs per compiled call; a short last batch is padded (one compile)
@@ -111,13 +111,31 @@ def load_image(path: str, small_images: str = "upscale") -> np.ndarray | None:
   return image_io.centre_crop_resize(image, SIZE)
 
 
+def load_inputs(input_path: str, small_images: str = "upscale"
+                ) -> tuple[list[tuple[str, str]], np.ndarray]:
+  """The readable images of `list_inputs(input_path)`: ([(name, path)], uint8 [n, 64, 64, 3]).
+
+  Raises:
+    MissingPathError: `input_path` does not exist, or holds no image that can be read.
+  """
+  entries, pixels = [], []
+  for name, path in list_inputs(input_path):
+    image = load_image(path, small_images)
+    if image is not None:
+      entries.append((name, path))
+      pixels.append(image)
+  if not pixels:
+    raise MissingPathError(f"--input: no readable image in {input_path} (see the warnings)")
+  return entries, np.stack(pixels)
+
+
 def _box_mask(spec: str) -> np.ndarray:
   try:
     x, y, w, h = (int(v) for v in spec.split(":", 1)[1].split(","))
   except ValueError:
-    raise ValueError(f"--mask: {spec!r} is not box:X,Y,W,H (integers)") from None
+    raise ConfigError(f"--mask: {spec!r} is not box:X,Y,W,H (integers)") from None
   if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > SIZE or y + h > SIZE:
-    raise ValueError(f"--mask: box {spec!r} must lie inside the {SIZE}x{SIZE} image")
+    raise ConfigError(f"--mask: box {spec!r} must lie inside the {SIZE}x{SIZE} image")
   mask = np.ones((SIZE, SIZE, 1), np.float32)
   mask[y:y + h, x:x + w] = 0.0
   return mask
@@ -132,18 +150,37 @@ def mask_from_file(path: str) -> np.ndarray:
   return (np.asarray(square, np.float32) >= 128).astype(np.float32)[..., None]
 
 
-def make_masks(spec: str | None, count: int, seed: int) -> np.ndarray:
-  """[count, 64, 64, 1] masks for the inputs from a --mask value (see the module docstring)."""
+def check_mask(spec: str | None) -> np.ndarray | None:
+  """A --mask value checked: None for the evaluation masks, else its one [64, 64, 1] mask.
+
+  Raises:
+    ConfigError: not an evaluation mask, a box inside the image or a readable mask image.
+  """
   spec = spec or "centre"
   if spec in masks_lib.MASKS:
-    return np.stack([masks_lib.eval_mask(spec, seed, i, SIZE) for i in range(count)])
+    return None
   if spec.startswith("box:"):
-    mask = _box_mask(spec)
-  elif os.path.isfile(spec):
-    mask = mask_from_file(spec)
-  else:
-    raise ValueError(f"--mask: {spec!r} is not one of {', '.join(masks_lib.MASKS)}, "
-                     "box:X,Y,W,H or an existing mask image")
+    return _box_mask(spec)
+  if not os.path.isfile(spec):
+    raise ConfigError(f"--mask: {spec!r} is not one of {', '.join(masks_lib.MASKS)}, "
+                      "box:X,Y,W,H or an existing mask image")
+  try:
+    return mask_from_file(spec)
+  except Exception as e:  # pylint: disable=broad-except  (any decoder failure = a bad file)
+    raise ConfigError(f"--mask: cannot read the mask image {spec} ({type(e).__name__}: "
+                      f"{e})") from None
+
+
+def make_masks(spec: str | None, count: int, seed: int) -> np.ndarray:
+  """[count, 64, 64, 1] masks for the inputs from a --mask value (see the module docstring).
+
+  Raises:
+    ConfigError: a bad --mask value (`check_mask`).
+  """
+  spec = spec or "centre"
+  mask = check_mask(spec)
+  if mask is None:
+    return np.stack([masks_lib.eval_mask(spec, seed, i, SIZE) for i in range(count)])
   missing = 1.0 - mask.mean()
   if missing == 0.0:
     logging.warning("inpaint: the mask %s has no missing (black) pixel: nothing to fill", spec)
@@ -166,7 +203,7 @@ def parse_fill(text: str | Sequence[str] | None) -> tuple[str, ...]:
     return FILLS
   bad = [t for t in items if t not in FILLS]
   if bad or not items:
-    raise ValueError(f"--fill: {text!r} is not 'all' or a list of {', '.join(FILLS)}")
+    raise ConfigError(f"--fill: {text!r} is not 'all' or a list of {', '.join(FILLS)}")
   return tuple(f for f in FILLS if f in items)
 
 
@@ -218,27 +255,24 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     pixels: pixels of the samples, "sample" | "mean" (None: eval.pixels, else the default).
 
   Returns:
-    The results dict written to OUTPUT/results.json.
+    The results dict written to OUTPUT/results.json (with the temperature and pixels used).
+
+  Raises:
+    ConfigError: a bad --mask, --fill or --baselines value.
+    MissingPathError: `input_path` does not exist or holds no readable image.
   """
   t0 = time.perf_counter()
   fills_wanted = parse_fill(fill)
   rank = rank and "samples" in fills_wanted  # only samples are ranked
-  names = (baselines.parse(baseline_names) if isinstance(baseline_names, str | None)
-           else baselines.parse(",".join(baseline_names)))
+  names = baselines.parse(baseline_names)
   reference = names[0] if names else None
+  check_mask(mask)  # a bad --mask fails before the model is loaded
   model = api.load(workdir, checkpoint, ema, config=config)
   temperature = evaluate.resolve_temperature(temperature, model.config)
   model.temperatures(temperature)  # a per-level tuple of the wrong length fails here
-  pixel_mode = pixels  # "sample" | "mean" | None; `pixels` holds the input images below
-  entries, pixels = [], []
-  for name, path in list_inputs(input_path):
-    image = load_image(path, model.config.data.get("small_images", "upscale"))
-    if image is not None:
-      entries.append((name, path))
-      pixels.append(image)
-  if not pixels:
-    raise ValueError(f"--input: no readable image in {input_path}")
-  pixels = np.stack(pixels)
+  # "sample" | "mean"; `pixels` holds the input images below
+  pixel_mode = sampling.check_pixels(pixels) if pixels else sampling.default_pixels(model.config)
+  entries, pixels = load_inputs(input_path, model.config.data.get("small_images", "upscale"))
   masks = make_masks(mask, len(pixels), int(model.config.seed))
   scored = is_complete(mask)
   rng = jax.random.PRNGKey(int(model.config.seed))
@@ -275,7 +309,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
 
   os.makedirs(output, exist_ok=True)
   context = images.hole_overlay(pixels, masks)
-  num_dims = 3.0 * np.sum(masks[..., 0] < 0.5, axis=(1, 2))
+  num_dims = missing_dims(masks)
   singles = [k for k in ("mode", "mean", *names) if k in outputs]
   records = []
   for b, (name, path) in enumerate(entries):
@@ -301,7 +335,8 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
   images.save_png(os.path.join(output, "grid.png"), grid)
   results = {"workdir": os.path.abspath(workdir), "checkpoint": str(checkpoint),
              "checkpoint_step": model.step, "ema": ema, "mask": mask or "centre",
-             "num_samples": num_samples, "temperature": temperature, "ranked": rank,
+             "num_samples": num_samples, "temperature": temperature, "pixels": pixel_mode,
+             "ranked": rank,
              "rank_samples": RANK_SAMPLES if rank else None, "fill": list(fills_wanted),
              "baselines": list(names), "scored": scored, "images": records}
   if scored:
@@ -311,7 +346,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     text = evaluate.format_table(
         table, reference, len(entries),
         f"Fill-in methods: {workdir} step {model.step}, {input_path}, mask {mask or 'centre'}, "
-        f"N={num_samples}, tau {temperature}")
+        f"N={num_samples}, tau {temperature}, pixels {pixel_mode}")
     per_image = _per_image_table(records, list(table))
     with open(os.path.join(output, "table.md"), "w") as f:
       f.write(text + "\n" + per_image)
