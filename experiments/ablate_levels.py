@@ -42,6 +42,9 @@ def get_config(arg: str | None = None):
   _check(arg)
   c = quickstart.get_config()
   c.model.num_levels = BASELINE_LEVELS
+  # The model these sweeps measured (docs/results.md), before the faces recipe changed the
+  # quickstart: bottom-up posterior, nearest upsampling, exact likelihood gradients.
+  c.model.posterior, c.model.upsample, c.model.likelihood_grad = "bottom_up", "nearest", "exact"
   if arg == "cpu":
     c.train.num_steps = 500
     c.train.checkpoint_every_steps = 125

@@ -5,6 +5,7 @@
 * Tiny configs: every compile in the suite is of a model a few thousand parameters big.
 """
 
+import logging
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -24,3 +25,19 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 @pytest.fixture(scope="session")
 def rng():
   return jax.random.PRNGKey(0)
+
+
+@pytest.fixture(autouse=True)
+def _absl_records_reach_caplog(caplog):
+  """absl's logger may stop propagating once some test ran absl's app machinery in-process;
+  its records then never reach `caplog`, whose handler sits on the root logger. Attaching the
+  handler to the absl logger too keeps `caplog.text` complete, whatever ran before."""
+  logger = logging.getLogger("absl")
+  if logger.propagate:
+    yield
+    return
+  logger.addHandler(caplog.handler)
+  try:
+    yield
+  finally:
+    logger.removeHandler(caplog.handler)

@@ -12,6 +12,7 @@ def test_known_library_noise_is_dropped_and_other_warnings_kept(caplog):
   console.quiet_libraries()  # idempotent: one filter
   assert logging.getLogger("absl").filters.count(console._FILTER) == 1  # pylint: disable=protected-access
   caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # absl's own level
   for message in (
       "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.",
       "Given directory is read only=/runs/x/checkpoints",

@@ -149,6 +149,7 @@ def odd_tree(tmp_path_factory):
 def test_folder_loads_every_good_kind_and_names_the_bad(odd_tree, caplog):
   root, bad = odd_tree
   caplog.set_level(logging.WARNING)
+  caplog.set_level(logging.WARNING, logger="absl")  # absl's own level
   prepared = folder.prepare(_config(source="folder", path=root))
   report = prepared.report
   assert not report.reused
@@ -298,6 +299,7 @@ def test_split_by_prepared_folder_keeps_groups_together(tmp_path, caplog):
   names = [f"Name{p}_{k:04d}.png" for p in range(10) for k in range(1, 4)] + ["odd.png"]
   root = _tree(tmp_path / "faces", names)
   caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # absl's own level
   config = _config(source="folder", path=root, split_by=LFW_PATTERN, validation_fraction=0.3)
   prepared = folder.prepare(config)
   assert sum(prepared.report.split_sizes.values()) == len(names)
@@ -326,6 +328,7 @@ def test_split_by_bad_pattern_is_a_config_error(tmp_path, pattern, message):
 def test_split_by_that_matches_nothing_warns(tmp_path, caplog):
   root = _tree(tmp_path / "imgs", ["a.png", "b.png", "c.png"])
   caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # absl's own level
   folder.prepare(_config(source="folder", path=root, split_by=LFW_PATTERN))
   assert "matched no file name" in caplog.text
 
@@ -411,6 +414,7 @@ def test_read_only_photo_folder_prepares_without_a_flag(tmp_path, monkeypatch):
 def test_preparing_prints_hvae_lines_not_tfds_download_messages(tmp_path, capfd, caplog):
   root = _tree(tmp_path / "photos", [f"p{i}.png" for i in range(6)])
   caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # absl's own level
   config = _config(source="folder", path=root)
   folder.prepare(config)
   printed = capfd.readouterr()

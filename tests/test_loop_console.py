@@ -29,6 +29,7 @@ def test_tiny_folder_run_prints_summaries_and_keeps_every_metric_in_files(tmp_pa
   config.train.num_steps = 3  # one evaluation, at step 3
   workdir = tmp_path / "run"
   caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # absl's own level
   loop.train_and_evaluate(config, str(workdir))
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval step ")]
   assert [line.split(":")[0] for line in lines] == ["eval step 3"]
