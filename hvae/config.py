@@ -22,7 +22,7 @@ POSTERIORS = ("bottom_up", "top_down")
 TOP_PRIORS = ("conditional", "standard_normal")
 LIKELIHOODS = ("dmol", "discretized_gaussian", "gaussian")
 LIKELIHOOD_GRADS = ("exact", "scaled", "scaled_mean")  # hvae.model.likelihoods.LOCATION_GRADS
-UPSAMPLING = ("nearest", "bilinear")  # hvae.model.layers.upsample
+UPSAMPLING = ("nearest", "bilinear")  # methods of hvae.model.layers.upsample
 
 
 def per_level(field: str, value: Any, num_levels: int, cast=float) -> tuple:

@@ -21,6 +21,18 @@ def _init(cfg, seed=0):
   return ladder.init(HVAE(cfg), jax.random.PRNGKey(seed))
 
 
+def _abstract_init_and_apply(model):
+  """(params, output) of init + apply on a [B, 64, 64] batch, as shapes only (eval_shape)."""
+  image = jax.ShapeDtypeStruct((B, 64, 64, 3), jnp.uint8)
+  mask = jax.ShapeDtypeStruct((B, 64, 64, 1), jnp.float32)
+
+  def run(rng, image, mask):
+    params = model.init({"params": rng, "sample": rng}, image, mask)["params"]
+    return params, model.apply({"params": params}, image, mask, rngs={"sample": rng})
+
+  return jax.eval_shape(run, jax.random.PRNGKey(0), image, mask)
+
+
 # ---------------------------------------------------------------- shapes, through eval_shape
 
 
@@ -39,14 +51,7 @@ def test_shapes_of_every_level(L, posterior, skips, likelihood, kind):
   cfg = tiny_model_config(num_levels=L, posterior=posterior, context_skips=skips,
                           likelihood=likelihood, kind=kind, num_mixtures=3)
   model = HVAE(cfg)
-  image = jax.ShapeDtypeStruct((B, 64, 64, 3), jnp.uint8)
-  mask = jax.ShapeDtypeStruct((B, 64, 64, 1), jnp.float32)
-
-  def run(rng, image, mask):
-    params = model.init({"params": rng, "sample": rng}, image, mask)["params"]
-    return params, model.apply({"params": params}, image, mask, rngs={"sample": rng})
-
-  params, out = jax.eval_shape(run, jax.random.PRNGKey(0), image, mask)
+  params, out = _abstract_init_and_apply(model)
   assert out.px_params.shape == (B, 64, 64, model.likelihood.num_params)
   assert out.log_px.shape == (B, 64, 64)
   if kind == "deterministic":
@@ -274,14 +279,7 @@ def test_model_config_is_frozen_and_hashable():
 def test_level_widths_set_each_resolution_and_add_projections_only_where_they_change(posterior):
   cfg = tiny_model_config(num_levels=3, width=8, level_widths=(8, 16, 24), posterior=posterior)
   model = HVAE(cfg)
-  image = jax.ShapeDtypeStruct((B, 64, 64, 3), jnp.uint8)
-  mask = jax.ShapeDtypeStruct((B, 64, 64, 1), jnp.float32)
-
-  def run(rng, image, mask):
-    params = model.init({"params": rng, "sample": rng}, image, mask)["params"]
-    return params, model.apply({"params": params}, image, mask, rngs={"sample": rng})
-
-  params, out = jax.eval_shape(run, jax.random.PRNGKey(0), image, mask)
+  params, out = _abstract_init_and_apply(model)
   trunk = params["trunk"]
   assert "g1_proj" not in trunk  # 8 -> 8
   assert trunk["g2_proj"]["kernel"].shape == (1, 1, 8, 16)

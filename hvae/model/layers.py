@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hvae.config import UPSAMPLING
 from hvae.model.distributions import DiagGaussian
 
 # softplus(x + _SOFTPLUS_ONE) = 1 at x = 0: heads start at sigma = 1 (plus the floor).
@@ -19,9 +20,6 @@ def conv(features: int, kernel: int = 3, *, scale: float = 1.0, name: str | None
   """A SAME-padded convolution; `scale` shrinks the init of a layer that feeds a residual."""
   init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
   return nn.Conv(features, (kernel, kernel), padding="SAME", kernel_init=init, name=name)
-
-
-UPSAMPLING = ("nearest", "bilinear")
 
 
 def upsample(x: jnp.ndarray, method: str = "nearest") -> jnp.ndarray:
