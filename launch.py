@@ -1,4 +1,4 @@
-"""hvae's command line: train, evaluate, inpaint or report (DESIGN §7).
+"""hvae's command line: train, evaluate, inpaint or report (docs/design.md §7).
 
   python launch.py --config=experiments/quickstart.py
   python launch.py --config=experiments/celeba_l4.py --config.train.batch_size=256
@@ -43,6 +43,9 @@ _PIXELS = flags.DEFINE_enum(
     "pixels", None, ["sample", "mean"], "eval/inpaint: pixels of a fill-in sample, drawn from "
     "p(x|z) or its mean E[x|z] (default eval.pixels, else hvae.sampling.DEFAULT_PIXELS).")
 _RANK = flags.DEFINE_bool("rank", False, "inpaint: order fill-ins by the model's likelihood.")
+_REFINE_STEPS = flags.DEFINE_integer(
+    "refine_steps", None, "eval: S steps of per-example posterior refinement: the encoder/decoder "
+    "split of the held-out gap per level (default eval.refine_steps; 0 = off).", lower_bound=0)
 _FILL = flags.DEFINE_string(
     "fill", "all", "inpaint: all, or a comma-separated subset of samples, mode, mean.")
 _BASELINES = flags.DEFINE_string(
@@ -53,9 +56,23 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "train every point of the experiment'
 _SWEEP_INDEX = flags.DEFINE_integer(
     "sweep_index", None, "sweep: run only point I (e.g. $SLURM_ARRAY_TASK_ID); implies --sweep.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "sweep: print the points, run nothing.")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "train: write a profiler trace of a few steps to the workdir "
+    "(TensorBoard's profile tab).")
 _CACHE = flags.DEFINE_string(
     "jax_cache", os.path.expanduser("~/.cache/hvae/jax"),
     "JAX persistent compilation cache ('' = off); re-runs skip most compilation.")
+# Multi-host (README "Multi-device and multi-host"): passed to jax.distributed.initialize. On
+# SLURM, Open MPI and Cloud TPU pods JAX detects all three; elsewhere give them on every process.
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "multi-host: how many processes the job has (default: detected on "
+    "SLURM, Open MPI, Cloud TPU).", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "multi-host: this process's index, 0 .. num_processes-1 (default: "
+    "detected as for --num_processes).", lower_bound=0)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "multi-host: HOST:PORT of process 0, the same on every "
+    "process (default $JAX_COORDINATOR_ADDRESS, else detected as for --num_processes).")
 
 
 def _default_workdir() -> str:
@@ -66,17 +83,52 @@ def _default_workdir() -> str:
   return os.path.join("runs", name)
 
 
+def _multi_host_environment() -> str | None:
+  """The cluster environment that makes this a multi-host job, or None (one process)."""
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "SLURM"
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return "Open MPI"
+  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "Cloud TPU"
+  return None
+
+
 def _maybe_initialize_distributed() -> None:
-  """Multi-host: join the job when the environment names a coordinator (or a TPU pod slice)."""
+  """Joins the multi-host job named by the flags or the environment (one process: nothing).
+
+  Raises:
+    MultiHostError: the job cannot be joined (a missing process count or id, a bad address,
+      the coordinator not reachable); one line that says which flag to give.
+  """
   import jax
 
-  multi_host = (os.environ.get("JAX_COORDINATOR_ADDRESS")
-                or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-                or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-                or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
-  if multi_host:
-    jax.distributed.initialize()
-    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+  from hvae import errors
+
+  given = {"num_processes": _NUM_PROCESSES.value, "process_id": _PROCESS_ID.value,
+           "coordinator_address": _COORDINATOR.value}
+  given = {k: v for k, v in given.items() if v is not None}
+  source = "--" + ", --".join(given) if given else _multi_host_environment()
+  if source is None or given.get("num_processes") == 1:
+    return
+  if _PROCESS_ID.value is not None and _NUM_PROCESSES.value is not None and \
+      _PROCESS_ID.value >= _NUM_PROCESSES.value:
+    raise errors.MultiHostError(f"--process_id={_PROCESS_ID.value} must be below "
+                                f"--num_processes={_NUM_PROCESSES.value}")
+  try:
+    jax.distributed.initialize(**given)
+  except (ValueError, TypeError, RuntimeError) as e:
+    message = " ".join(str(e).split())
+    hint = ("give --num_processes, --process_id and --coordinator_address=HOST:PORT (process "
+            "0's address) on every process, or run under SLURM, Open MPI or a Cloud TPU pod, "
+            "where JAX detects them (README 'Multi-device and multi-host')")
+    raise errors.MultiHostError(
+        f"cannot join the multi-host job ({source}): {message[:300]}; {hint}") from e
+  logging.info("process %d of %d (%d of %d devices local)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def _setup_jax() -> None:
@@ -95,8 +147,13 @@ class _QuietLibraries:
   _NOISY = ("orbax", "jax/_src", "tensorflow_datasets", "grain")
 
   def filter(self, record) -> bool:
+    noisy = any(n in record.pathname for n in self._NOISY)
+    if noisy and record.exc_info and logging.get_verbosity() < logging.DEBUG:
+      # orbax's tracebacks of a failed background save: the error reaches the caller (one line,
+      # CheckpointWriteError); --verbosity=1 shows them.
+      return False
     # record.levelno is a Python level (INFO = 20), not absl's (INFO = 0).
-    return record.levelno > 20 or not any(n in record.pathname for n in self._NOISY)
+    return record.levelno > 20 or not noisy
 
 
 def main(argv):
@@ -144,7 +201,7 @@ def _main(argv):
   workdir = _WORKDIR.value[0] if _WORKDIR.value else _default_workdir()
   config = _CONFIG.value
   if config is None:
-    from hvae import configs
+    from hvae import config_file
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -153,14 +210,14 @@ def _main(argv):
       state = "has no config.json" if os.path.isdir(workdir) else "does not exist"
       raise errors.MissingPathError(
           f"--workdir: {workdir} {state} and --config is not given; {what}")
-    config = configs.load_config(path)
+    config = config_file.load_config(path)
 
   if _MODE.value in ("eval", "inpaint"):
     _check_fill_flags()
   if _MODE.value == "train":
     from hvae import loop
 
-    loop.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir, profile=_PROFILE.value)
   elif _MODE.value == "eval":
     from hvae.modes import evaluate
 
@@ -169,8 +226,8 @@ def _main(argv):
     evaluate.run(workdir, config, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
                  mask=_MASK.value, temperature=_TEMPERATURE.value, num_samples=_NUM_SAMPLES.value,
                  input_path=_INPUT.value, output=_OUTPUT.value, baseline_names=_BASELINES.value,
-                 pixels=_PIXELS.value)
-  elif _MODE.value == "inpaint":
+                 pixels=_PIXELS.value, refine_steps=_REFINE_STEPS.value)
+  else:  # inpaint: --mode is an enum, and report returned above
     from hvae.modes import inpaint
 
     if not _INPUT.value:
@@ -179,8 +236,6 @@ def _main(argv):
                 mask=_MASK.value, num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
                 temperature=_TEMPERATURE.value, rank=_RANK.value, checkpoint=_CHECKPOINT.value,
                 fill=_FILL.value, baseline_names=_BASELINES.value, pixels=_PIXELS.value)
-  else:
-    raise app.UsageError(f"--mode={_MODE.value} is not implemented yet (see the open issues)")
 
 
 def _check_fill_flags() -> None:

@@ -20,9 +20,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hvae import train
-from hvae.config import ModelConfig
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.model.ladder import HVAE
+from hvae.typed_config import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steady-state steps (median reported).")

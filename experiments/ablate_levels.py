@@ -45,6 +45,7 @@ def get_config(arg: str | None = None):
   # The model these sweeps measured (docs/results.md), before the faces recipe changed the
   # quickstart: bottom-up posterior, nearest upsampling, exact likelihood gradients.
   c.model.posterior, c.model.upsample, c.model.likelihood_grad = "bottom_up", "nearest", "exact"
+  c.model.likelihood_grad_anneal = ()
   if arg == "cpu":
     c.train.num_steps = 500
     c.train.checkpoint_every_steps = 125

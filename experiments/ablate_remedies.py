@@ -6,6 +6,8 @@
   python launch.py --config=experiments/ablate_remedies.py:cpu_dropout --sweep \
       --workdir=runs/ablate_remedies_cpu_dropout                        # 2-core CPU, ~60 min
   python launch.py --mode=report --workdir=runs/ablate_remedies_cpu
+  python launch.py --config=experiments/ablate_remedies.py:faces --sweep \
+      --workdir=runs/ablate_remedies_faces --config.data.path=/path/to/lfw_gray_64   # accelerator
 
 **The targeted level comes from docs/overfitting.md**: `OVERFIT_LEVELS` names the level(s) the
 per-level remedy targets. The quickstart run there flags level 3, the top vector
@@ -38,9 +40,19 @@ the other pairs (`:cpu_dropout` is the first one we ran and it did not help; a o
 of the KL-weight remedy did not either: docs/overfitting.md), the third seed, the budget (1000
 steps, not 4000) and the IW samples (16, not 64). The verdict needs `verdict.window` = 4
 evaluations, so it can flag a level only from the 4th evaluation (step 800) on.
+
+`:faces` (docs/overfitting.md "Encoder or decoder"; an accelerator): the faces recipe
+(experiments/faces_cpu.py, a person-disjoint split of an LFW-style folder given with
+`--config.data.path`) trained on a fixed subset of `FACES_SUBSET` training faces for
+`FACES_STEPS` steps, so that it overfits, with the encoder/decoder split of the gap at every
+evaluation (`eval.refine_steps`). Its points: no remedy, then each remedy of `FACES_REMEDIES` on
+`FACES_LEVELS` and on every level, seeds {0, 1}. Run the no-remedy points first (`--sweep_index=0`
+and the seed-1 baseline), read the split in their reports, then set `FACES_LEVELS` to the
+flagged level(s) and `FACES_REMEDIES` to remedies of the part the split names (`ENCODER_REMEDIES`
+for an encoder part, the others for a decoder/prior part) before running the rest.
 """
 
-from experiments import quickstart
+from experiments import faces_cpu, quickstart
 
 OVERFIT_LEVELS = (3,)  # the level(s) flagged in docs/overfitting.md (see the docstring)
 NUM_LEVELS = 3
@@ -51,21 +63,48 @@ REMEDIES = {
     "kl_weight": ("loss.kl_weight", 2.0, 1.0),
 }
 CPU_REMEDY = {"cpu": "sigma_floor", "cpu_dropout": "dropout"}  # the pair each :cpu* variant runs
+# Encoder-only remedies (hvae/remedies.py): they act on the posterior alone.
+ENCODER_REMEDIES = {
+    "posterior_noise": ("regularize.posterior_noise", 0.5, 0.0),
+    "posterior_dropout": ("regularize.posterior_dropout", 0.3, 0.0),
+    "posterior_head_wd": ("regularize.posterior_head_weight_decay", 1e-3, 0.0),
+    "sleep": ("regularize.sleep_weight", 1.0, 0.0),
+}
+FACES = "faces"
+FACES_SUBSET = 1000  # training faces (data.train_subset); to be set by the no-remedy runs
+FACES_STEPS = 4000
+FACES_LEVELS = (3,)  # to be set from the no-remedy runs' split
+FACES_REMEDIES = ("sleep", "sigma_floor")  # one encoder, one decoder/prior remedy until then
 
 
 def _check(arg: str | None) -> None:
-  if arg not in (None, "", *CPU_REMEDY):
+  if arg not in (None, "", *CPU_REMEDY, FACES):
     raise ValueError(f"experiments/ablate_remedies.py: unknown argument {arg!r} "
-                     f"(use one of {', '.join(CPU_REMEDY)})")
+                     f"(use one of {', '.join((*CPU_REMEDY, FACES))})")
+
+
+def _faces_config():
+  c = faces_cpu.get_config()
+  c.data.train_subset = FACES_SUBSET
+  c.train.num_steps = FACES_STEPS
+  c.train.checkpoint_every_steps = 500
+  c.eval.every_steps = 500
+  c.eval.iw_samples = 64
+  c.eval.refine_steps = 50
+  c.eval.refine_examples = 64
+  return c
 
 
 def get_config(arg: str | None = None):
   _check(arg)
+  if arg == FACES:
+    return _faces_config()
   c = quickstart.get_config()
   c.model.num_levels = NUM_LEVELS
   # The model these sweeps measured (docs/results.md), before the faces recipe changed the
   # quickstart: bottom-up posterior, nearest upsampling, exact likelihood gradients.
   c.model.posterior, c.model.upsample, c.model.likelihood_grad = "bottom_up", "nearest", "exact"
+  c.model.likelihood_grad_anneal = ()
   if arg in CPU_REMEDY:
     c.train.num_steps = 1000
     c.train.checkpoint_every_steps = 200
@@ -78,18 +117,24 @@ def get_config(arg: str | None = None):
   return c
 
 
-def _on_levels(value: float, elsewhere: float) -> tuple[float, ...]:
-  """A per-level tuple: `value` on OVERFIT_LEVELS, `elsewhere` on the other levels."""
-  return tuple(value if l in OVERFIT_LEVELS else elsewhere for l in range(1, NUM_LEVELS + 1))
+def _on_levels(value: float, elsewhere: float, levels=OVERFIT_LEVELS) -> tuple[float, ...]:
+  """A per-level tuple: `value` on `levels`, `elsewhere` on the other levels."""
+  return tuple(value if l in levels else elsewhere for l in range(1, NUM_LEVELS + 1))
 
 
 def sweep(arg: str | None = None) -> list[dict]:
   """The points (docs/sweeps.md): dotted config key -> value, one dict per run."""
   _check(arg)
-  names = [CPU_REMEDY[arg]] if arg in CPU_REMEDY else list(REMEDIES)
+  levels = FACES_LEVELS if arg == FACES else OVERFIT_LEVELS
+  if arg == FACES:
+    names = list(FACES_REMEDIES)
+  elif arg in CPU_REMEDY:
+    names = [CPU_REMEDY[arg]]
+  else:
+    names = list(REMEDIES)
   remedies = [{}]
   for name in names:
-    key, value, elsewhere = REMEDIES[name]
-    remedies += [{key: _on_levels(value, elsewhere)}, {key: (value,)}]
-  seeds = (0, 1) if arg in CPU_REMEDY else (0, 1, 2)
+    key, value, elsewhere = {**REMEDIES, **ENCODER_REMEDIES}[name]
+    remedies += [{key: _on_levels(value, elsewhere, levels)}, {key: (value,)}]
+  seeds = (0, 1) if arg in (*CPU_REMEDY, FACES) else (0, 1, 2)
   return [{**remedy, "seed": seed} for seed in seeds for remedy in remedies]

@@ -1,4 +1,4 @@
-"""Base experiment: every config key of DESIGN §7, each with a one-line comment.
+"""Base experiment: every config key of docs/design.md §7, each with a one-line comment.
 
 Variants import `get_config` from here and change a few fields; nothing else defines keys.
 Per-level fields are tuples: length 1 broadcasts to every level, otherwise the length must be
@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.small_images = "upscale"  # folder images under 64 px: upscale | skip
   d.validation_fraction = 0.1  # folder source: share held out by path (or split_by group) hash
   d.split_by = ""  # folder source: regex, 1st group = a file's group, e.g. '(.+)_\d+$' (LFW)
+  d.train_subset = 0  # train on a fixed random subset of this many examples (0 = all; finite)
   d.num_workers = 0  # grain worker processes (0 = in the main process)
 
   c.model = m = ml_collections.ConfigDict()
@@ -62,6 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.likelihood_grad = "exact"  # exact | scaled: likelihood locations' gradients x their scale,
   # so near-exact channels (G given R of grey photos) cannot swamp the features; values are
   # unchanged, the optimum is not (docs/results.md "Learning structure")
+  m.likelihood_grad_anneal = ()  # (start, end): scaled -> exact location gradients over these
+  # steps, so the coupling of near-exact channels is learned after the features (() = off)
 
   c.loss = lo = ml_collections.ConfigDict()
   lo.kl_weight = (1.0,)  # beta_l: per-level KL weight in the loss (reports stay unweighted)
@@ -74,6 +77,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   r.dropout = (0.0,)  # dropout rate on the features feeding level l's posterior and prior heads
   r.sigma_floor = (0.0,)  # lower bound on the posterior and prior sigma of level l
   r.head_weight_decay = (0.0,)  # extra L2 weight decay on level l's posterior and prior heads
+  # Encoder-only remedies (hvae/remedies.py; docs/overfitting.md "Encoder or decoder"):
+  r.posterior_dropout = (0.0,)  # dropout on the features feeding level l's posterior head only
+  r.posterior_noise = (0.0,)  # std of Gaussian noise added to those features (training only)
+  r.posterior_head_weight_decay = (0.0,)  # L2 weight decay on level l's posterior head only
+  r.sleep_weight = (0.0,)  # weight of -log q(z_l | dream) for dreams (x, z) drawn from the model
 
   c.optim = o = ml_collections.ConfigDict()
   o.name = "adamw"  # adam | adamw | adamax
@@ -85,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.grad_clip = 200.0  # global gradient-norm clipping (0 = off)
   o.skip_threshold = 0.0  # skip an update whose gradient norm exceeds this (0 = never by norm)
   o.max_consecutive_skips = 20  # stop with an error after this many skipped updates in a row
+  o.on_repeated_skips = "stop"  # stop | rollback: last checkpoint, learning rate x 0.5, <= 3 times
   o.ema_decay = 0.999  # EMA of parameters, used for evaluation (0 = no EMA)
 
   c.train = t = ml_collections.ConfigDict()
@@ -106,9 +115,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.num_swap_examples = 64  # examples of the posterior->prior swap (L + 1 forward passes each)
   e.diagnostics_every = 1  # diagnostic images (worst, resample, KL heatmaps) every N evaluations
   e.num_worst = 3  # held-out examples with the largest KL shown per level
+  # The encoder/decoder split of the held-out gap (hvae/amortisation.py, hvae/memorisation.py):
+  e.refine_steps = 0  # S: per-example posterior refinement steps at every evaluation (0 = off)
+  e.refine_examples = 64  # examples of each split refined (memorisation: all eval.num_examples)
+  e.refine_lr = 0.05  # Adam step size of the refinement (cosine-decayed to 0 over S steps)
 
   c.verdict = v = ml_collections.ConfigDict()  # verdict/overfit/level_l (rule: hvae/verdict.py)
   v.window = 4  # evaluations the trend is measured over (first vs last of them)
   v.gap_margin = 2.0  # nats/image gap/kl (or the swap gap) must grow by over the window
   v.train_margin = 0.5  # nats/image eval_train/kl may rise by and still count as "has not"
+  v.material_share = 0.1  # warn only if the flagged level's part is >= this share of gap/bpd
   return c

@@ -5,7 +5,8 @@
 
 Three levels: z_1 32x32x4, z_2 16x16x4 and a 32-d top vector computed from 8x8 features. It
 shares the choices of the faces recipe (experiments/faces_cpu.py, docs/results.md "Learning
-structure"): top-down inference, bilinear upsampling and scaled likelihood gradients.
+structure"): top-down inference, bilinear upsampling, and scaled likelihood gradients
+annealed to exact ones over steps 500-700.
 """
 
 from experiments import base
@@ -23,6 +24,7 @@ def get_config(arg: str | None = None):
   c.model.posterior = "top_down"
   c.model.upsample = "bilinear"
   c.model.likelihood_grad = "scaled"
+  c.model.likelihood_grad_anneal = (500, 700)
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 100
   c.optim.ema_decay = 0.995

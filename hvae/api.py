@@ -29,13 +29,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from hvae import baselines, configs, evaluation, iw, sampling
+from hvae import baselines, config_file, evaluation, iw, sampling
 from hvae.checkpoint import Checkpointer
-from hvae.config import ModelConfig, per_level
 from hvae.errors import CheckpointUnavailableError
 from hvae.model.ladder import HVAE
 from hvae.objective import bits_per_dim, missing_dims
 from hvae.train import create_optimizer, create_train_state
+from hvae.typed_config import ModelConfig, per_level
 
 
 def _images_and_masks(images, masks) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +104,7 @@ class Inpainter:
     run's eval.temperature, else `sampling.DEFAULT_TEMPERATURE`).
 
     Raises:
-      hvae.config.ConfigError (a ValueError): a sequence of another length than 1 or L.
+      hvae.typed_config.ConfigError (a ValueError): a sequence of another length than 1 or L.
     """
     if temperature is None:
       temperature = sampling.default_temperature(self.config)
@@ -286,7 +286,7 @@ def load(workdir: str, checkpoint: str | int = "best", ema: bool = True, *,
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} does not exist: is {workdir} a training run directory?")
-    config = configs.load_config(path)
+    config = config_file.load_config(path)
   model = HVAE(ModelConfig.from_config(config))
   if isinstance(checkpoint, str) and checkpoint.isdigit():
     checkpoint = int(checkpoint)

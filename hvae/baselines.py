@@ -47,15 +47,8 @@ def _finish(image: np.ndarray, fill: np.ndarray, missing: np.ndarray) -> np.ndar
 
 
 def biharmonic(image, mask) -> np.ndarray:
-  """Biharmonic inpainting (scikit-image) of the missing pixels.
-
-  Args:
-    image: [H, W, 3] uint8 or floats in 0..255.
-    mask: [H, W, 1] or [H, W], 1 = given, 0 = missing.
-
-  Returns:
-    uint8 [H, W, 3], the given pixels exactly the input's.
-  """
+  """Biharmonic inpainting (scikit-image) of the missing pixels; arguments and result as every
+  baseline's (module docstring)."""
   from skimage.restoration import inpaint_biharmonic  # imported on first use (slow to import)
 
   image, missing = _prepare(image, mask)
@@ -78,15 +71,8 @@ def border_ring(missing: np.ndarray) -> np.ndarray:
 
 
 def ring_mean(image, mask) -> np.ndarray:
-  """The hole filled with the mean colour of its border ring of given pixels.
-
-  Args:
-    image: [H, W, 3] uint8 or floats in 0..255.
-    mask: [H, W, 1] or [H, W], 1 = given, 0 = missing.
-
-  Returns:
-    uint8 [H, W, 3], the given pixels exactly the input's.
-  """
+  """The hole filled with the mean colour of its border ring of given pixels; arguments and
+  result as every baseline's (module docstring)."""
   image, missing = _prepare(image, mask)
   ring = border_ring(missing)
   if not ring.any():  # no pixel is missing, or none is given

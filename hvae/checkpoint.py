@@ -1,12 +1,16 @@
 """Orbax checkpoints of the training state and the data-iterator position (WORKDIR/checkpoints).
 
+Why one file past ~350 lines: saving, retention, restore and the fallback past damaged steps
+are one protocol over one orbax manager (and agreed on across processes); split, each half
+would need the other's invariants.
+
 One `Checkpointer` owns an orbax `CheckpointManager` with two items per step:
 
 * `state`: any pytree of arrays (the flax `TrainState`), saved with `StandardSave`;
 * `data_state`: a JSON object `{"data_state": <dict or null>}` with the input pipeline's position,
   so resuming continues the data stream where the crashed run left it.
 
-Retention (DESIGN §7 "Workdir"): the latest `keep` checkpoints *and* the best one by
+Retention (docs/design.md §7 "Workdir"): the latest `keep` checkpoints *and* the best one by
 `best_metric` (lower is better) survive, through orbax's
 `AnyPreservationPolicy([LatestN(keep), BestN(n=1)])`. Checkpoints saved without metrics count
 towards the latest ones only; they can never push the best one out.
@@ -14,9 +18,11 @@ towards the latest ones only; they can never push the best one out.
 Atomicity: orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>`
 only after every file (and `commit_success.txt`) is written. Step discovery ignores the tmp names,
 so a process killed mid-save leaves the previous checkpoint as the latest usable one; the leftover
-tmp directory is deleted when the next `Checkpointer` opens the directory
-(`cleanup_tmp_directories`). This protects against a killed *process*; it does not fsync, so it
-makes no promise about a machine losing power mid-write.
+tmp directory is deleted by the next writing `Checkpointer` (`cleanup_tmp_directories`: started
+when it opens the directory, finished before its first save). This protects against a killed
+*process*; it does not fsync, so it makes no promise about a machine losing power mid-write. A
+save that cannot be written (a full disk) raises `CheckpointWriteError` at the next save or
+`wait()`, naming the step and the newest intact one.
 
 Fallback (docs/reliability.md): a committed step that cannot be read back (a truncated or deleted
 array file, a deleted `data_state/`, an empty step directory, bad JSON, ...) is skipped with a
@@ -44,7 +50,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from hvae.errors import CheckpointUnavailableError, ConfigError
+from hvae.errors import CheckpointUnavailableError, CheckpointWriteError, ConfigError
 
 _STATE = "state"
 _DATA = "data_state"
@@ -81,12 +87,13 @@ def _reason(error: BaseException) -> str:
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """Silences the late callbacks of a failed orbax read (installed at the first failure).
+  """Silences the late callbacks of a failed orbax read or write (installed at the first one).
 
-  After a restore fails, tensorstore still completes the step's other reads and their callbacks
-  try to wake orbax's event loop, already closed: each prints a bare "RuntimeError: Event loop
-  is closed" traceback through `sys.unraisablehook`, dozens of them around the one warning that
-  matters. Exactly those are dropped; every other unraisable exception reaches the old hook.
+  After a restore (or a save) fails, tensorstore still completes the step's other reads (or
+  writes) and their callbacks try to wake orbax's event loop, already closed: each prints a bare
+  "RuntimeError: Event loop is closed" traceback through `sys.unraisablehook`, dozens of them
+  around the one message that matters. Exactly those are dropped; every other unraisable
+  exception reaches the old hook.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_hvae_quiet", False):
@@ -159,6 +166,7 @@ class Checkpointer:
     self._directory = os.path.abspath(os.fspath(directory))
     self._best_metric = best_metric
     self._read_only = read_only
+    self._unfinished: list[int] = []  # steps whose save may still be in flight
     get_metric = lambda m: _metric_value(m, best_metric)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
@@ -239,14 +247,40 @@ class Checkpointer:
         _STATE: ocp.args.StandardSave(state),
         _DATA: ocp.args.JsonSave({_DATA: _to_json(data_state)}),
     })
-    saved = self._manager.save(step, args=args, metrics=metrics, force=force)
+    # orbax first finishes the previous save: its failure (a full disk) is raised here too.
+    saved = self._finishing(
+        lambda: self._manager.save(step, args=args, metrics=metrics, force=force), step)
     if saved:
       logging.info("Saving checkpoint for step %d to %s.", step, self._directory)
+      self._unfinished = [step]
     return bool(saved)
 
   def wait(self) -> None:
-    """Blocks until every started save is committed (call before exiting or reading back)."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is committed (call before exiting or reading back).
+
+    Raises:
+      CheckpointWriteError: a save could not be written (a full disk, a quota or file-size
+        limit); the steps committed before it are intact.
+    """
+    self._finishing(self._manager.wait_until_finished)
+    self._unfinished = []
+
+  def _finishing(self, call, step: int | None = None):
+    """`call()`, a manager call that finishes the saves in flight (and starts `step`'s); any
+    failure of it is a save that could not be written: `CheckpointWriteError`, one line."""
+    try:
+      return call()
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises ValueError, OSError...)
+      _quiet_closed_loop_callbacks()  # the failed write's other callbacks, as after a bad read
+      failed = sorted(set(self._unfinished + ([step] if step is not None else [])))
+      intact = [s for s in self._manager.all_steps() if s not in failed]
+      then = (f"the previous checkpoint (step {max(intact)}) is intact: free some space and run "
+              "the same command to resume from it" if intact else
+              "no earlier checkpoint exists: free some space and run the same command again")
+      raise CheckpointWriteError(
+          f"Checkpoint step {', '.join(map(str, failed)) or '?'} could not be written to "
+          f"{self._directory} ({_reason(e)}): is the disk full, or a quota or file-size limit "
+          f"reached? Nothing of it is used; {then}.") from e
 
   def _candidates(self, step: int | str | None) -> tuple[list[int], str]:
     """The steps to try, in order, for None/"latest"/"best"/int, and a name for messages.
@@ -382,8 +416,10 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager's resources."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -20,8 +20,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hvae import images, objective, sampling
-from hvae.mesh import prepare, shardings
+from hvae import grids, metric_names, objective, sampling
+from hvae.mesh import prepare, shardings, take_rows
 from hvae.model.ladder import HVAE, POSTERIOR, PRIOR
 
 
@@ -57,7 +57,8 @@ def swap_metrics(swap_step, params, batches: list[dict], rng, mesh: Mesh) -> dic
     g = multihost_utils.process_allgather({"s": out, "w": arrays["weight"]}, tiled=True)
     rows.append(np.asarray(g["s"])[np.asarray(g["w"]) > 0])
   swaps = np.concatenate(rows)
-  return {f"swap/level_{l + 1}": float(swaps[:, l].mean()) for l in range(swaps.shape[1])}
+  return {metric_names.name("swap", level=l + 1): float(swaps[:, l].mean())
+          for l in range(swaps.shape[1])}
 
 
 def _resample_step(params, image, mask, rng, *, model: HVAE, num_samples: int):
@@ -92,7 +93,7 @@ def resample_grid(resampled: np.ndarray, image: np.ndarray, mask: np.ndarray) ->
   """One row per (context, level): context, then the samples varying only that level."""
   resampled = np.asarray(resampled)  # [L, S, C, 64, 64, 3]
   L, _, C = resampled.shape[:3]
-  context = images.hole_overlay(np.asarray(image), np.asarray(mask))
+  context = grids.hole_overlay(np.asarray(image), np.asarray(mask))
   rows, row_labels = [], []
   for c in range(C):
     for l in range(L):
@@ -100,29 +101,35 @@ def resample_grid(resampled: np.ndarray, image: np.ndarray, mask: np.ndarray) ->
       row_labels.append(f"level {l + 1}")  # the level whose noise varies along the row
   # Rows: context 1 with level 1, 2, ..., L varied, then context 2, ...
   labels = ["context"] + [f"sample {s + 1}" for s in range(resampled.shape[1])]
-  return images.make_grid(rows, labels=labels, scale=2, row_labels=row_labels)
+  return grids.make_grid(rows, labels=labels, scale=2, row_labels=row_labels)
 
 
-def worst_examples(kl: np.ndarray, batches: list[dict], per_level: int) -> dict[int, dict]:
+def worst_examples(kl: np.ndarray, batches: list[dict], per_level: int,
+                   where: np.ndarray | None = None) -> dict[int, dict]:
   """The held-out examples with the largest KL at each level.
 
   Args:
     kl: [N, L] per-example KL of the pass over `batches` (real examples, in order).
     batches: the pass's host batches (padding rows have weight 0).
     per_level: how many examples per level.
+    where: [N, 3] (process, batch, row) of each example, from `hvae.evaluation.run_pass`:
+      with several processes each holds only its rows of `batches`, and the chosen ones are
+      gathered from their holders (a collective: every process calls this). None: `batches`
+      hold every example (one process).
 
   Returns:
     {level: {"image", "mask", "kl"}} with `per_level` examples each, largest KL first.
   """
-  real = []
-  for b in batches:
-    weight = b.get("weight", np.ones(b["image"].shape[0]))
-    real += [(b["image"][i], b["mask"][i]) for i in range(b["image"].shape[0]) if weight[i] > 0]
-  out = {}
-  for l in range(kl.shape[1]):
-    idx = np.argsort(-kl[:, l])[:per_level]
-    out[l + 1] = {"image": np.stack([real[i][0] for i in idx]),
-                  "mask": np.stack([real[i][1] for i in idx]), "kl": kl[idx, l]}
+  picks = {l + 1: np.argsort(-kl[:, l])[:per_level] for l in range(kl.shape[1])}
+  if where is None:  # this process's real rows, in order
+    where = np.asarray([(jax.process_index(), i, r) for i, b in enumerate(batches)
+                        for r in np.flatnonzero(b.get("weight", np.ones(len(b["image"]))) > 0)])
+  taken = take_rows(batches, where, np.concatenate(list(picks.values())))  # one collective
+  out, start = {}, 0
+  for level, idx in picks.items():
+    out[level] = {"image": taken["image"][start:start + len(idx)],
+                  "mask": taken["mask"][start:start + len(idx)], "kl": kl[idx, level - 1]}
+    start += len(idx)
   return out
 
 
@@ -136,9 +143,9 @@ def kl_heatmap_grid(eval_sums: dict, train_sums: dict, eval_count: int, train_co
       continue
     held, train = eval_sums[key] / max(eval_count, 1), train_sums[key] / max(train_count, 1)
     vmax = float(max(held.max(), train.max(), 1e-8))
-    rows.append(np.stack([images.heatmap(held, 64, vmax), images.heatmap(train, 64, vmax)]))
+    rows.append(np.stack([grids.heatmap(held, 64, vmax), grids.heatmap(train, 64, vmax)]))
     row_labels.append(f"level {l}")
   if not rows:
     return None
-  return images.make_grid(rows, labels=["held-out KL", "train-split KL"], scale=2,
+  return grids.make_grid(rows, labels=["held-out KL", "train-split KL"], scale=2,
                           row_labels=row_labels)

@@ -4,8 +4,8 @@ A user's mistake, a missing path, data or checkpoint, a workdir another training
 that cannot usefully continue: launch.py turns these into one line on stderr and exit status 2,
 for every mode (each message says what to do): `--mode=report`
 included, which must not import JAX, so they cannot live next to the code that raises them.
-Each is re-exported where it belongs (`hvae.config.ConfigError`, `hvae.sweep.SweepError`,
-`hvae.data.DataUnavailableError`, `hvae.loop.TrainingError`).
+Each is re-exported where it belongs (`hvae.typed_config.ConfigError`,
+`hvae.sweep_points.SweepError`, `hvae.data.DataUnavailableError`, `hvae.loop.TrainingError`).
 """
 
 
@@ -33,6 +33,11 @@ class CheckpointUnavailableError(FileNotFoundError):
   """No checkpoint can be restored: none saved, the one asked for is absent, or none loads."""
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a quota or file-size limit); the message
+  names the step and the newest intact one."""
+
+
 class WorkdirLockedError(RuntimeError):
   """Another live `train` holds the workdir (the message names its pid and host)."""
 
@@ -42,5 +47,11 @@ class TrainingError(RuntimeError):
   last good state is written first, and the message says what to try."""
 
 
+class MultiHostError(RuntimeError):
+  """The multi-host job cannot be joined (launch.py's --num_processes, --process_id,
+  --coordinator_address or the cluster's environment); the message says which flag to give."""
+
+
 USER_ERRORS = (ConfigError, SweepError, DataUnavailableError, MissingPathError,
-               CheckpointUnavailableError, WorkdirLockedError, TrainingError)
+               CheckpointUnavailableError, CheckpointWriteError, WorkdirLockedError, TrainingError,
+               MultiHostError)

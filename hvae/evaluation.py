@@ -1,5 +1,9 @@
 """Evaluation: the unweighted bound and its per-level parts over a fixed set of examples.
 
+Why one file past ~350 lines: the per-example terms, their dataset summary and the
+`Evaluator` that runs them at an evaluation step must agree name by name; splitting the
+Evaluator out is part of the issue "Score any held-out images" (the evaluation branch).
+
 `eval/` runs over held-out examples and `eval_train/` over the same number of training-split
 examples with the same masks, both with the EMA parameters and no dropout; `gap/` is their
 difference. Per-example terms are gathered to the host and reduced there, so dataset bits/dim
@@ -30,7 +34,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hvae import diagnostics, images, objective, sampling, verdict
+from hvae import amortisation, diagnostics, grids, metric_names, objective, sampling, verdict
 from hvae.mesh import prepare, shardings
 from hvae.model.ladder import HVAE
 from hvae.train import latent_dims
@@ -101,14 +105,37 @@ def make_eval_step(model: HVAE, mesh: Mesh):
                  out_shardings={"per_example": data, "sums": replicated})
 
 
-def run_pass(eval_step, params, batches: list[dict], rng, mesh: Mesh) -> dict:
-  """Runs `eval_step` over `batches`.
+def _row_holders(mesh: Mesh, size: int, batch: int) -> np.ndarray:
+  """[size, 3]: (process, batch, row of that process's host batch) of each row of a global
+  batch split over the `data` axis (each process's rows lie on its devices, in mesh order)."""
+  owner = np.repeat([d.process_index for d in mesh.devices.flat], size // mesh.devices.size)
+  row = np.zeros(size, int)
+  for p in np.unique(owner):
+    row[owner == p] = np.arange(np.sum(owner == p))
+  return np.stack([owner, np.full(size, batch), row], -1)
+
+
+class Interrupted(Exception):
+  """An evaluation stopped between batches because its `interrupt()` said so (a stop request);
+  nothing of it is kept."""
+
+
+def _check(interrupt) -> None:
+  if interrupt is not None and interrupt():
+    raise Interrupted
+
+
+def run_pass(eval_step, params, batches: list[dict], rng, mesh: Mesh, interrupt=None) -> dict:
+  """Runs `eval_step` over `batches`; `interrupt()`, if given, is asked before every batch
+  (`Interrupted` when it says True; with several processes it must agree on all of them).
 
   Returns:
-    {"per_example": numpy arrays over the real examples, "sums": numpy sums, "count": N}.
+    {"per_example": numpy arrays over the real examples, "sums": numpy sums, "count": N,
+    "where": [N, 3] int, the (process, batch, row) holding each example (`mesh.take_rows`)}.
   """
-  per_example, sums, count = [], {}, 0
+  per_example, sums, count, where = [], {}, 0, []
   for i, batch in enumerate(batches):
+    _check(interrupt)
     arrays, _ = prepare(batch, mesh)
     out = eval_step(params, arrays, jax.random.fold_in(rng, i))
     gathered = multihost_utils.process_allgather(
@@ -116,11 +143,12 @@ def run_pass(eval_step, params, batches: list[dict], rng, mesh: Mesh) -> dict:
     keep = np.asarray(gathered["w"]) > 0
     per_example.append({k: np.asarray(v)[keep] for k, v in gathered["x"].items()})
     count += int(keep.sum())
+    where.append(_row_holders(mesh, keep.size, i)[keep])
     for k, v in jax.device_get(out["sums"]).items():
       sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
   return {"per_example": {k: np.concatenate([r[k] for r in per_example])
                           for k in per_example[0]},
-          "sums": sums, "count": count}
+          "sums": sums, "count": count, "where": np.concatenate(where)}
 
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
@@ -128,7 +156,7 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z_u]) > 0.01
 
 def summarize(terms: Mapping[str, np.ndarray], dims: Sequence[int], sums: dict | None = None,
               count: int = 0) -> dict[str, float]:
-  """Dataset metrics of per-example terms (names of DESIGN §7 without the split prefix).
+  """Dataset metrics of per-example terms (names of docs/design.md §7 without the split prefix).
 
   The one summary of every evaluation: the training-time passes (`run_pass`) and
   `--mode=eval` (`Inpainter.evaluate`'s figures) both reduce their examples here.
@@ -151,19 +179,19 @@ def summarize(terms: Mapping[str, np.ndarray], dims: Sequence[int], sums: dict |
     for c, channel in enumerate(CHANNELS):
       metrics[f"recon_bpd/{channel}"] = to_bpd(terms["recon_channels"][:, c].sum())
   for l in range(kl.shape[1]):
-    name = f"level_{l + 1}"
-    metrics[f"kl/{name}"] = float(kl[:, l].mean())
-    metrics[f"kl_bpd/{name}"] = to_bpd(kl[:, l].sum())
-    metrics[f"kl_per_dim/{name}"] = float(kl[:, l].mean() / dims[l])
+    name = functools.partial(metric_names.name, level=l + 1)  # quantity -> QUANTITY/level_l
+    metrics[name("kl")] = float(kl[:, l].mean())
+    metrics[name("kl_bpd")] = to_bpd(kl[:, l].sum())
+    metrics[name("kl_per_dim")] = float(kl[:, l].mean() / dims[l])
     for key, q in QUANTILES.items():
-      metrics[f"{key}/{name}"] = float(np.percentile(kl[:, l], q))
+      metrics[name(key)] = float(np.percentile(kl[:, l], q))
     if "q_log_sigma" in terms:
-      metrics[f"q_log_sigma/{name}"] = float(terms["q_log_sigma"][:, l].mean())
-      metrics[f"p_log_sigma/{name}"] = float(terms["p_log_sigma"][:, l].mean())
+      metrics[name("q_log_sigma")] = float(terms["q_log_sigma"][:, l].mean())
+      metrics[name("p_log_sigma")] = float(terms["p_log_sigma"][:, l].mean())
     if sums and count > 1 and f"q_mean/{l + 1}" in sums:
       mean = sums[f"q_mean/{l + 1}"] / count
       var = sums[f"q_mean_sq/{l + 1}"] / count - np.square(mean)
-      metrics[f"active_units/{name}"] = float(np.mean(var > ACTIVE_UNIT_THRESHOLD))
+      metrics[name("active_units")] = float(np.mean(var > ACTIVE_UNIT_THRESHOLD))
   if "iw_log_px" in terms:
     metrics["iw_bpd"] = to_bpd(-terms["iw_log_px"].sum())
     metrics["iw_ess"] = float(terms["iw_ess"].mean())
@@ -171,23 +199,22 @@ def summarize(terms: Mapping[str, np.ndarray], dims: Sequence[int], sums: dict |
 
 
 def evaluate_passes(eval_step, params, eval_sets: dict[str, list[dict]], rng, mesh: Mesh,
-                    model: HVAE) -> tuple[dict[str, float], dict[str, dict]]:
+                    model: HVAE, interrupt=None) -> tuple[dict[str, float], dict[str, dict]]:
   """Runs every pass (e.g. {"eval": ..., "eval_train": ...}) and adds the `gap/` metrics.
 
   Returns:
-    (metrics, passes): DESIGN §7 names, and each pass's `run_pass` results (for diagnostics).
+    (metrics, passes): docs/design.md §7 names, and each pass's `run_pass` results (for
+    diagnostics).
   """
   dims = latent_dims(model.config)
   metrics, passes = {}, {}
   for split, batches in eval_sets.items():
-    passes[split] = r = run_pass(eval_step, params, batches, rng, mesh)
+    passes[split] = r = run_pass(eval_step, params, batches, rng, mesh, interrupt)
     m = summarize(r["per_example"], dims, r["sums"], r["count"])
-    metrics.update({f"{split}/{k}": v for k, v in m.items()})
+    metrics.update(metric_names.prefixed(split, m))
   if "eval" in eval_sets and "eval_train" in eval_sets:
-    metrics["gap/bpd"] = metrics["eval/bpd"] - metrics["eval_train/bpd"]
-    for l in range(1, len(dims) + 1):
-      metrics[f"gap/kl/level_{l}"] = metrics[f"eval/kl/level_{l}"] - metrics[
-          f"eval_train/kl/level_{l}"]
+    metrics.update(metric_names.gaps(metrics, "bpd"))
+    metrics.update(metric_names.gaps(metrics, "kl", range(1, len(dims) + 1)))
   return metrics, passes
 
 
@@ -208,14 +235,11 @@ def make_mode_fn(model: HVAE):
   return jax.jit(functools.partial(sampling.mode_fill_in, model))
 
 
-GRID_EXTRA_COLUMNS = ("mean", "mode")
-
-
 def fill_in_grid_rows(samples: np.ndarray, image: np.ndarray, mask: np.ndarray,
                       mode: np.ndarray | None = None) -> list:
   """Rows of an image grid, one per example: context | truth | samples ... | mean | [mode]."""
   samples = np.asarray(samples)  # [N, B, 64, 64, 3]
-  context = images.hole_overlay(np.asarray(image), np.asarray(mask))
+  context = grids.hole_overlay(np.asarray(image), np.asarray(mask))
   mean = np.asarray(sampling.mean_fill_in(jnp.asarray(samples)))
   cols = [context, np.asarray(image)] + list(samples) + [mean]
   if mode is not None:
@@ -249,16 +273,20 @@ class Evaluator:
   * The passes over `eval_sets` (held-out `eval/` and training-split `eval_train/`) and `gap/`.
   * The per-level diagnostics of hvae/diagnostics.py (models with latents): `{split}/swap/
     level_l` and `gap/swap/level_l`; every `eval.diagnostics_every`-th evaluation (counted from
-    this process's start) also the images `worst` (one process only), `resample` and
+    this process's start) also the images `worst`, `resample` and
     `kl_heatmap` (2-D levels only).
   * The fill-in grid of the fixed `grid_batch` (`FILL_INS`): context | truth | samples | mean |
     mode.
+  * With `eval.refine_steps` > 0, the encoder/decoder split of the gap (hvae/amortisation.py,
+    hvae/memorisation.py): refinement on the first `eval.refine_examples` examples of both
+    splits, `{split}/refine/...` and `gap/refine/...`; memorisation on all, `{split}/mi/...`.
   * The overfitting verdict (hvae/verdict.py) over every evaluation so far, those before a
     restart included (`history`): `verdict/overfit/level_l`; a level newly flagged is explained
-    once on the console (`logging.warning`), and `flagged` lists the levels flagged now.
+    once on the console (`logging.warning` when its part of the gap is material, else
+    `logging.info`), and `flagged` lists the levels flagged now.
 
   `evaluator(params, step)` returns (metrics, images) and writes nothing: the metrics by their
-  DESIGN §7 names, `eval/wall_time` included; the images uint8 [H, W, 3] by name (see
+  docs/design.md §7 names, `eval/wall_time` included; the images uint8 [H, W, 3] by name (see
   `image_filename`). Every process must call it (the passes are collective).
   """
 
@@ -293,22 +321,37 @@ class Evaluator:
       self.resample = diagnostics.make_resample_fn(model, max(e.num_samples, 4))
       self.fill_one = make_fill_in_fn(model, 1, pixels, tau)
     self.verdict_settings = verdict.settings(config)
+    refine = amortisation.settings(config)
+    self.split = None  # the encoder/decoder split of the gap (hvae/amortisation.py), if asked
+    if self.has_latents and refine.steps > 0:
+      self.split = amortisation.Split(model, mesh, eval_sets, rng, refine)
     self.history = [dict(r) for r in history if "eval/bpd" in r]
     self.flagged: list[int] = []  # levels the verdict flags at the latest evaluation
     self._evaluations = 0
 
-  def __call__(self, params, step: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Evaluates `params` (the EMA parameters) at training step `step`."""
+  def __call__(self, params, step: int,
+               interrupt=None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Evaluates `params` (the EMA parameters) at training step `step`.
+
+    `interrupt()` (a stop request; the same answer on every process) is asked before every
+    batch of the passes and between the other parts; when it says True the evaluation raises
+    `Interrupted` before anything of it is recorded here.
+    """
     t0 = time.perf_counter()
     metrics, passes = evaluate_passes(self.eval_step, params, self.eval_sets, self.rng,
-                                      self.mesh, self.model)
+                                      self.mesh, self.model, interrupt)
     pictures = {}
     if self.has_latents:
+      _check(interrupt)
       metrics.update(self._swap_metrics(params))
+      _check(interrupt)
       if self._evaluations % self.diagnostics_every == 0:
         pictures.update(self._diagnostic_images(params, passes))
+    _check(interrupt)
     self._evaluations += 1
     pictures[FILL_INS] = self._fill_in_grid(params)
+    if self.split is not None:
+      metrics.update(self.split(params))
     self.history.append({"step": step, **metrics})
     if self.has_latents:
       metrics.update(self._verdict())
@@ -319,33 +362,32 @@ class Evaluator:
     metrics = {}
     for split, batches in self.swap_sets.items():
       m = diagnostics.swap_metrics(self.swap_step, params, batches, self.rng, self.mesh)
-      metrics.update({f"{split}/{k}": v for k, v in m.items()})
+      metrics.update(metric_names.prefixed(split, m))
     if "eval" in self.swap_sets and "eval_train" in self.swap_sets:
-      for l in range(1, self.model.config.num_levels + 1):
-        metrics[f"gap/swap/level_{l}"] = (metrics[f"eval/swap/level_{l}"]
-                                          - metrics[f"eval_train/swap/level_{l}"])
+      levels = range(1, self.model.config.num_levels + 1)
+      metrics.update(metric_names.gaps(metrics, "swap", levels))
     return metrics
 
   def _diagnostic_images(self, params, passes: dict) -> dict[str, np.ndarray]:
     """worst, resample, kl_heatmap (jitted calls on every process)."""
     out = {}
-    # Worst examples need the images behind the gathered per-example KLs; the host batches hold
-    # only this process's rows, so with several processes this grid is skipped.
-    if jax.process_count() == 1:
-      worst = diagnostics.worst_examples(passes["eval"]["per_example"]["kl"],
-                                         self.eval_sets["eval"], self.num_worst)
-      rows = []
-      for ex in worst.values():
-        fills = self.fill_one(params, jnp.asarray(ex["image"]), jnp.asarray(ex["mask"]),
-                              self.rng)[0]
-        ctx = images.hole_overlay(ex["image"], ex["mask"])
-        rows.append(np.stack([x for i in range(len(ex["kl"]))
-                              for x in (ctx[i], ex["image"][i], np.asarray(fills[i]))]))
-      shown = max(len(ex["kl"]) for ex in worst.values())  # fewer when the split is small
-      labels = [f"{name} #{i + 1}" for i in range(shown)
-                for name in ("context", "truth", "fill-in")]
-      out["worst"] = images.make_grid(rows, labels=labels, scale=2,
-                                      row_labels=[f"level {l}" for l in worst])
+    # Worst examples: the images behind the gathered per-example KLs come from the processes
+    # that hold them (`where`), so every process draws the same grid.
+    worst = diagnostics.worst_examples(passes["eval"]["per_example"]["kl"],
+                                       self.eval_sets["eval"], self.num_worst,
+                                       where=passes["eval"]["where"])
+    rows = []
+    for ex in worst.values():
+      fills = self.fill_one(params, jnp.asarray(ex["image"]), jnp.asarray(ex["mask"]),
+                            self.rng)[0]
+      ctx = grids.hole_overlay(ex["image"], ex["mask"])
+      rows.append(np.stack([x for i in range(len(ex["kl"]))
+                            for x in (ctx[i], ex["image"][i], np.asarray(fills[i]))]))
+    shown = max(len(ex["kl"]) for ex in worst.values())  # fewer when the split is small
+    labels = [f"{name} #{i + 1}" for i in range(shown)
+              for name in ("context", "truth", "fill-in")]
+    out["worst"] = grids.make_grid(rows, labels=labels, scale=2,
+                                   row_labels=[f"level {l}" for l in worst])
     grid = {k: v[:2] for k, v in self.grid_batch.items()}
     resampled = jax.device_get(self.resample(params, jnp.asarray(grid["image"]),
                                              jnp.asarray(grid["mask"]), self.rng))
@@ -364,7 +406,7 @@ class Evaluator:
     rows = fill_in_grid_rows(jax.device_get(samples), image, mask, jax.device_get(mode))
     labels = (["context", "truth"] + [f"sample {i + 1}" for i in range(self.num_samples)]
               + ["mean", "mode"])
-    return images.make_grid(rows, labels=labels, scale=2)
+    return grids.make_grid(rows, labels=labels, scale=2)
 
   def _verdict(self) -> dict[str, float]:
     verdicts = verdict.explain(self.history, self.model.config.num_levels,
@@ -373,5 +415,8 @@ class Evaluator:
     self.flagged = [v.level for v in verdicts.values() if v.flagged]
     for v in verdicts.values():
       if v.flagged and v.level not in warned:  # the why once; the summary says it after
-        logging.warning("Level %d looks like it overfits: %s", v.level, v.why)
-    return verdict.verdict_metrics({l: v.flagged for l, v in verdicts.items()})
+        # A warning only when the level's part of the gap is material (hvae/verdict.py).
+        (logging.warning if v.material else logging.info)(
+            "Level %d looks like it overfits: %s", v.level, v.why)
+    return {**verdict.verdict_metrics({l: v.flagged for l, v in verdicts.items()}),
+            **verdict.part_metrics(verdicts)}

@@ -114,16 +114,6 @@ def effective_sample_size(log_w: np.ndarray) -> np.ndarray:
                 - np.asarray(logsumexp(2.0 * log_w, axis=0)))
 
 
-def log_mean_std(log_w: np.ndarray) -> np.ndarray:
-  """Delta-method standard error of IW_K (nats) per example: std(w) / (sqrt(K) mean(w)).
-
-  Useful as the statistical tolerance of a single K-sample estimate. log_w: [K, B] -> [B].
-  """
-  log_w = np.asarray(log_w, np.float64)
-  w = np.exp(log_w - log_w.max(axis=0, keepdims=True))
-  return w.std(axis=0) / (math.sqrt(log_w.shape[0]) * w.mean(axis=0))
-
-
 def estimate(model: HVAE, params, image, mask, rng, num_samples: int, **kwargs) -> dict:
   """The IW bound and ESS of a batch.
 

@@ -1,23 +1,32 @@
 """`train_and_evaluate(config, workdir)`: the training run behind `launch.py --mode=train`.
 
+Why one file past ~350 lines: the loop and what it must do between two steps (skip
+counting, preemption, the lock and its agreement across processes, the dropped-evaluation
+redo) share its state; each helper is a module-level function a test can call.
+
 Resumes by default: params, optimiser, EMA, step, RNG (derived from the step) and the data
 iterator position all come back from the latest checkpoint that loads (a damaged newer one is
 moved to checkpoints/corrupt/, see hvae/checkpoint.py). Metrics are fetched from the devices
 only at logging and evaluation steps (and one scalar a step, below); SIGTERM / SIGINT save a
-checkpoint and exit cleanly. One training at a time holds the workdir (hvae/lock.py).
+checkpoint and exit cleanly, also during an evaluation (it stops between two batches and is
+dropped; the resumed run evaluates that step first). One training at a time holds the workdir
+(hvae/lock.py).
 
 Repeated skipped updates: every step's count of skipped updates in a row is read one step late
 (after the next step is dispatched, when it is computed or about to be; its copy to the host
 starts as soon as its step is dispatched), so the check runs at every step without making the
 host wait for the step it has just dispatched. At
 `optim.max_consecutive_skips` the run writes a checkpoint (skipped updates change no parameter,
-so it holds the last good state) and stops with `TrainingError` (one line, exit 2 in launch.py).
+so it holds the last good state) and stops with `TrainingError` (one line, exit 2 in launch.py),
+or, with `optim.on_repeated_skips = "rollback"`, restores the last checkpoint and trains on at a
+lower learning rate (hvae/rollback.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import platform
 import signal
@@ -32,16 +41,16 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from hvae import atomic, configs, data, evaluation, images, sampling
+from hvae import atomic, config_file, data, evaluation, grids, metric_names, rollback, sampling
 from hvae import lock as workdir_lock
 from hvae.checkpoint import Checkpointer
-from hvae.config import LossConfig, ModelConfig, per_level
 from hvae.errors import ConfigError, TrainingError, WorkdirLockedError  # TrainingError: re-exported
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.metrics_file import read_metrics
 from hvae.model.ladder import HVAE
 from hvae.train import create_optimizer, create_train_state, make_train_step
-from hvae.writers import MetricWriter, eval_summary
+from hvae.typed_config import LossConfig, ModelConfig, per_level
+from hvae.writers import MetricWriter, eval_summary, periodic_actions
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
              "ml-collections", "clu", "numpy")
@@ -83,6 +92,9 @@ def validate(config) -> tuple[ModelConfig, LossConfig]:
     raise ValueError("model.posterior_sees_mask: must be True when data.train_mask is "
                      f"{config.data.train_mask!r} (the posterior cannot see the hole otherwise)")
   create_optimizer(config)
+  if rollback.mode(config) not in rollback.MODES:
+    raise ConfigError(f"optim.on_repeated_skips: {rollback.mode(config)!r} is not one of "
+                      f"{', '.join(rollback.MODES)}")
   schedule_steps = config.optim.get("schedule_steps", 0)
   if config.optim.schedule == "cosine" and 0 < schedule_steps < config.train.num_steps:
     logging.warning("optim.schedule_steps = %d < train.num_steps = %d: the learning rate is 0 "
@@ -155,15 +167,18 @@ def _write_run_info(workdir: str) -> None:
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
   """One device->host transfer for a whole logging window."""
   stacked = jax.device_get({k: jnp.stack([h[k] for h in history]) for k in history[0]})
-  out = {f"train/{k}": float(np.mean(v)) for k, v in stacked.items()
-         if k not in ("skipped", "consecutive_skips")}
+  out = metric_names.prefixed("train", {k: float(np.mean(v)) for k, v in stacked.items()
+                                        if k not in ("skipped", "consecutive_skips")})
   out["train/skipped"] = float(np.sum(stacked["skipped"]))
   out["train/max_consecutive_skips"] = float(np.max(stacked["consecutive_skips"]))
   return out
 
 
-def train_and_evaluate(config, workdir: str) -> None:
+def train_and_evaluate(config, workdir: str, *, profile: bool = False) -> None:
   """Trains (or resumes) the run in `workdir` to `config.train.num_steps`.
+
+  With `profile`, process 0 also writes a profiler trace of a few steps to the workdir
+  (`launch.py --profile`; `hvae.writers.periodic_actions`).
 
   Raises:
     WorkdirLockedError: another live training holds `workdir` (before anything is written).
@@ -175,7 +190,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   try:
     with _hold_lock(workdir):
-      _train(config, workdir, model_cfg)
+      _train(config, workdir, model_cfg, profile=profile)
   finally:
     if created and not os.listdir(workdir):
       os.rmdir(workdir)  # failed before writing anything (e.g. missing data): leave no trace
@@ -215,45 +230,67 @@ def _hold_lock(workdir: str):
     yield
 
 
-def _train(config, workdir: str, model_cfg: ModelConfig) -> None:
+def _train(config, workdir: str, model_cfg: ModelConfig, *, profile: bool = False) -> None:
   """`train_and_evaluate` once the workdir is locked."""
   train_iter = data.create_train_iterator(config)  # missing data fails here, before any state
   if jax.process_index() == 0:
-    configs.save_config(config, os.path.join(workdir, "config.json"))
+    config_file.save_config(config, os.path.join(workdir, "config.json"))
     _write_run_info(workdir)
 
   model = HVAE(model_cfg)
-  tx = create_optimizer(config)
+  rollbacks = rollback.read(workdir)  # earlier roll-backs lowered the learning rate for good
+  run_config = rollback.lowered(config, len(rollbacks))
+  if rollbacks:
+    logging.warning("optim.learning_rate is %g after %d roll-back(s) (%s).",
+                    run_config.optim.learning_rate, len(rollbacks),
+                    os.path.join(workdir, rollback.FILE))
+  tx = create_optimizer(run_config)
   mesh = make_mesh()
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng, eval_rng, grid_rng = jax.random.split(rng, 4)
   state = replicate(create_train_state(model, tx, init_rng), mesh)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-  start = 0
+  start, first_data = 0, train_iter.get_state()  # a roll-back with no checkpoint goes back here
   if ckpt.latest_step() is not None:
     state, data_state, start = ckpt.restore(state)
     state = replicate(state, mesh)
     if data_state is not None:
       train_iter.set_state(data_state)
     logging.info("Resumed from step %d.", start)
-  writer = MetricWriter(workdir, resume_step=start)
   num_steps = config.train.num_steps
+  rows = [r for r in read_metrics(workdir) if r["step"] <= start]  # before the writer drops any
+  # An evaluation that a stop request interrupted was dropped: it is done first now, and its row
+  # replaces the step's row of training metrics (merged into it).
+  redo = _dropped_evaluation(config, start, rows)
+  writer = MetricWriter(workdir, resume_step=start, replace_step=start if redo else None)
   done_path = os.path.join(workdir, "DONE")
   if start < num_steps and os.path.exists(done_path) and jax.process_index() == 0:
     os.remove(done_path)  # train.num_steps was raised: the run is not done any more
-  if start >= num_steps:
+  if start >= num_steps and redo is None:
     logging.info("Nothing to do: step %d >= train.num_steps = %d.", start, num_steps)
     _finish(workdir)
     return
 
-  p_train_step = make_train_step(config, model, tx, mesh)
-  evaluator = _evaluator(config, model, mesh, eval_rng, grid_rng, history=read_metrics(workdir))
+  writer.write_hparams(config.to_dict())  # TensorBoard's hparams tab (process 0 writes)
+  # Progress (steps/s, % done, ETA, the evaluations' share of the time) and the optional trace.
+  actions = periodic_actions(num_steps, config.train.log_every_steps, start,
+                             profile_dir=workdir if profile and jax.process_index() == 0 else None)
+  progress = actions[0]
+  p_train_step = make_train_step(run_config, model, tx, mesh)
+  evaluator = _evaluator(config, model, mesh, eval_rng, grid_rng, history=rows)
   train_rng = replicate(train_rng, mesh)
 
   history, window_start, t_start = [], time.perf_counter(), time.perf_counter()
   max_skips = config.optim.max_consecutive_skips
   previous = None  # the last step's metrics: its skip count is read one step late
   with _Preemption() as preemption:
+    interrupt = functools.partial(_stop_agreed, preemption)
+    if redo is not None:
+      logging.info("Evaluating step %d first: its evaluation was interrupted.", start)
+      if _evaluate(evaluator, workdir, writer, state, start, redo, interrupt) is None:
+        writer.close()
+        return
+      writer.write_scalars(start, redo)
     step = start
     while step < num_steps:
       batch = shard_batch(next(train_iter), mesh)
@@ -262,38 +299,50 @@ def _train(config, workdir: str, model_cfg: ModelConfig) -> None:
       metrics["consecutive_skips"].copy_to_host_async()
       history.append(metrics)
       step += 1
+      for action in actions:
+        action(step)
       # The previous step's count is computed by now (or about to be): reading it keeps one step
       # in flight, where reading this step's would wait for it (module docstring).
       lagged, previous = previous, metrics
       too_many = lagged is not None and float(lagged["consecutive_skips"]) >= max_skips
       is_last = step == num_steps
       stop = _stop_requested(preemption, step, config.train.log_every_steps)
-      row = {}  # everything logged at this step: one metrics.jsonl row (DESIGN §7)
+      row = {}  # everything logged at this step: one metrics.jsonl row (docs/design.md §7)
       if step % config.train.log_every_steps == 0 or is_last or stop or too_many:
         scalars = _mean_metrics(history)
         now = time.perf_counter()
         rate = len(history) / max(now - window_start, 1e-9)
         scalars.update({"train/steps_per_sec": rate, "train/wall_time": now - t_start})
         row.update(scalars)
-        eta = datetime.timedelta(seconds=int((num_steps - step) / max(rate, 1e-9)))
-        logging.info("step %d/%d  loss %.4f  bpd %.4f  %.2f steps/s  %.0f img/s  ETA %s", step,
-                     num_steps, scalars["train/loss"], scalars["train/bpd"], rate,
-                     rate * config.train.batch_size, eta)
+        logging.info("step %d/%d  loss %.4f  bpd %.4f  %.0f img/s", step, num_steps,
+                     scalars["train/loss"], scalars["train/bpd"], rate * config.train.batch_size)
         if too_many or scalars["train/max_consecutive_skips"] >= max_skips:
           writer.write_scalars(step, row)
-          _stop_after_skips(config, ckpt, writer, step, state, train_iter.get_state(),
-                            jax.device_get(metrics),
-                            None if lagged is None else jax.device_get(lagged))
+          streak = _streak(step, jax.device_get(metrics),
+                           None if lagged is None else jax.device_get(lagged))
+          if rollback.mode(config) == "rollback" and len(rollbacks) < rollback.MAX_ROLLBACKS:
+            state, step, rollbacks = _roll_back(
+                config, workdir, ckpt, state, train_iter, step, streak, rollbacks,
+                initial=lambda tx=tx: (create_train_state(model, tx, init_rng), first_data))
+            run_config = rollback.lowered(config, len(rollbacks))
+            tx = create_optimizer(run_config)
+            p_train_step = make_train_step(run_config, model, tx, mesh)
+            state = replicate(state, mesh)
+            writer.close()  # the rows after the restored step go (trained again, differently)
+            writer = MetricWriter(workdir, resume_step=step)
+            evaluator.history = [r for r in evaluator.history if r["step"] <= step]
+            actions = periodic_actions(num_steps, config.train.log_every_steps, step)
+            progress, previous = actions[0], None
+            history, window_start = [], time.perf_counter()
+            continue
+          _stop_after_skips(config, ckpt, writer, step, state, train_iter.get_state(), streak,
+                            rollbacks)
         history, window_start = [], time.perf_counter()
       eval_metrics = None
-      if step % config.eval.every_steps == 0 or is_last:
-        eval_metrics, eval_images = evaluator(state.ema_params, step)
-        if jax.process_index() == 0:
-          _write_images(workdir, writer, step, eval_images)
-        row.update(eval_metrics)
-        # A short line; every metric goes to metrics.jsonl and TensorBoard (writer, below).
-        logging.info("%s", eval_summary(step, eval_metrics, evaluator.flagged,
-                                        eval_metrics["eval/wall_time"]))
+      if _is_eval_step(config, step):
+        with progress.timed("eval", wait_jax_async_dispatch=False):
+          eval_metrics = _evaluate(evaluator, workdir, writer, state, step, row, interrupt)
+        stop = stop or eval_metrics is None  # interrupted: checkpoint and stop, below
       if row:
         writer.write_scalars(step, row)
       if (step % config.train.checkpoint_every_steps == 0 or is_last or stop
@@ -310,25 +359,105 @@ def _train(config, workdir: str, model_cfg: ModelConfig) -> None:
   _finish(workdir)
 
 
+def _is_eval_step(config, step: int) -> bool:
+  return step % config.eval.every_steps == 0 or step == config.train.num_steps
+
+
+def _dropped_evaluation(config, start: int, rows: list[dict]) -> dict | None:
+  """The row to complete when the evaluation of the restored step `start` was dropped (a stop
+  request interrupted it): that step's training metrics, if logged ({} if not); else None."""
+  if start == 0 or not _is_eval_step(config, start):
+    return None
+  here = [r for r in rows if r["step"] == start]
+  if any("eval/bpd" in r for r in here):
+    return None
+  return {k: v for r in here for k, v in r.items() if k != "step"}
+
+
+def _evaluate(evaluator: evaluation.Evaluator, workdir: str, writer: MetricWriter, state,
+              step: int, row: dict, interrupt) -> dict | None:
+  """The evaluation of `step`: its images written, its metrics added to `row` and returned.
+
+  Returns None, recording nothing, when a stop request interrupts it (between batches).
+  """
+  try:
+    eval_metrics, eval_images = evaluator(state.ema_params, step, interrupt=interrupt)
+  except evaluation.Interrupted:
+    logging.warning("Stop requested during the evaluation of step %d: it is dropped (not "
+                    "logged); the next run evaluates step %d first.", step, step)
+    return None
+  if jax.process_index() == 0:
+    _write_images(workdir, writer, step, eval_images)
+  row.update(eval_metrics)
+  # A short line; every metric goes to metrics.jsonl and TensorBoard.
+  logging.info("%s", eval_summary(step, eval_metrics, evaluator.flagged,
+                                  eval_metrics["eval/wall_time"]))
+  return eval_metrics
+
+
+def _streak(step: int, last: dict, before: dict | None) -> tuple[int, dict]:
+  """(the step the streak of skipped updates ends at, that step's metrics): `step`, or (read one
+  step late) the one before it."""
+  if last["consecutive_skips"] >= 1 or before is None:
+    return step, last
+  return step - 1, before
+
+
+def _streak_text(config, streak: tuple[int, dict]) -> str:
+  end, info = streak
+  count = int(info["consecutive_skips"])
+  o = config.optim
+  return (f"{count} updates in a row were skipped (steps {end - count + 1}-{end}, "
+          f"optim.max_consecutive_skips = {o.max_consecutive_skips}; at step {end} the gradient "
+          f"norm was {float(info['grad_norm']):.4g} and the loss {float(info['loss']):.4g}, "
+          f"optim.skip_threshold = {o.skip_threshold})")
+
+
+def _roll_back(config, workdir: str, ckpt: Checkpointer, state, train_iter, step: int,
+               streak: tuple[int, dict], rollbacks: list[dict], initial):
+  """Restores the newest checkpoint (`initial()`'s state and data position when there is none)
+  and records the roll-back (hvae/rollback.py).
+
+  Returns:
+    (the restored state, not yet placed; its step; every roll-back so far, this one last).
+  """
+  ckpt.wait()
+  if ckpt.latest_step() is None:
+    restored, data_state = initial()
+    restored_step = 0
+  else:
+    restored, data_state, restored_step = ckpt.restore(state)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  learning_rate = rollback.lowered(config, len(rollbacks) + 1).optim.learning_rate
+  entry = {"step": step, "restored_step": restored_step, "learning_rate": learning_rate,
+           "skipped": int(streak[1]["consecutive_skips"])}
+  if jax.process_index() == 0:
+    rollback.record(workdir, entry)
+  logging.warning("%s: rolled back to step %d and lowered the learning rate to %g (roll-back %d "
+                  "of %d, optim.on_repeated_skips = rollback; recorded in %s).",
+                  _streak_text(config, streak), restored_step, learning_rate,
+                  len(rollbacks) + 1, rollback.MAX_ROLLBACKS, os.path.join(workdir, rollback.FILE))
+  return restored, restored_step, rollbacks + [entry]
+
+
 def _stop_after_skips(config, ckpt: Checkpointer, writer: MetricWriter, step: int, state,
-                      data_state, last: dict, before: dict | None) -> None:
+                      data_state, streak: tuple[int, dict], rollbacks: list[dict]) -> None:
   """Checkpoints the state (skipped updates leave it at the last good one) and raises."""
   ckpt.save(step, state, data_state=data_state, force=True)
   ckpt.wait()
   writer.close()
-  # The streak ends at this step, or (read one step late) at the previous one.
-  end, info = (step, last) if last["consecutive_skips"] >= 1 or before is None else (step - 1,
-                                                                                     before)
-  count = int(info["consecutive_skips"])
   o = config.optim
+  tried, other = "", ", or set optim.on_repeated_skips = rollback"
+  if rollbacks:
+    tried = (f" It had rolled back {len(rollbacks)} time(s) already (optim.on_repeated_skips = "
+             f"rollback; the learning rate is now {rollbacks[-1]['learning_rate']:g}).")
+    other = ""
   raise TrainingError(
-      f"{count} updates in a row were skipped (steps {end - count + 1}-{end}, "
-      f"optim.max_consecutive_skips = {o.max_consecutive_skips}; at step {end} the gradient "
-      f"norm was {float(info['grad_norm']):.4g} and the loss {float(info['loss']):.4g}, "
-      f"optim.skip_threshold = {o.skip_threshold}): stopped at step {step} with a checkpoint "
-      "of the last good state (skipped updates change no parameter). Try a lower "
+      f"{_streak_text(config, streak)}: stopped at step {step} with a checkpoint of the last "
+      f"good state (skipped updates change no parameter).{tried} Try a lower "
       f"optim.learning_rate (now {o.learning_rate}), or raise optim.skip_threshold / "
-      f"optim.grad_clip (now {o.grad_clip}), then run the same command to resume.")
+      f"optim.grad_clip (now {o.grad_clip}){other}, then run the same command to resume.")
 
 
 def _evaluator(config, model: HVAE, mesh, rng, grid_rng, history) -> evaluation.Evaluator:
@@ -347,8 +476,8 @@ def _evaluator(config, model: HVAE, mesh, rng, grid_rng, history) -> evaluation.
 def _write_images(workdir: str, writer: MetricWriter, step: int, pictures: dict) -> None:
   """WORKDIR/images/*.png of one evaluation; the fill-in grid also to TensorBoard."""
   for name, picture in pictures.items():
-    images.save_png(os.path.join(workdir, "images", evaluation.image_filename(name, step)),
-                    picture)
+    grids.save_png(os.path.join(workdir, "images", evaluation.image_filename(name, step)),
+                   picture)
   writer.write_images(step, {evaluation.FILL_INS: pictures[evaluation.FILL_INS]})
 
 
@@ -359,6 +488,15 @@ def _stop_requested(preemption: _Preemption, step: int, log_every: int) -> bool:
     return preemption.requested
   if step % log_every:
     return False
+  flags = multihost_utils.process_allgather(np.asarray(preemption.requested))
+  return bool(np.any(flags))
+
+
+def _stop_agreed(preemption: _Preemption) -> bool:
+  """Whether a stop was requested on any process (a collective with several): asked between
+  evaluation batches, where every process is."""
+  if jax.process_count() == 1:
+    return preemption.requested
   flags = multihost_utils.process_allgather(np.asarray(preemption.requested))
   return bool(np.any(flags))
 

@@ -62,3 +62,53 @@ def prepare(batch: dict, mesh: Mesh) -> tuple[dict, np.ndarray]:
   padded["weight"] = padded["weight"].copy()
   padded["weight"][n:] = 0.0
   return shard_batch(padded, mesh), padded["weight"]
+
+
+def allgather_rows(tree):
+  """Every process's host arrays, concatenated along axis 0 in process order.
+
+  Bit-exact for any dtype (float64 included, which a plain `process_allgather` would narrow to
+  float32 without x64): the rows travel as bytes. A collective: every process calls it with the
+  same structure, shapes and dtypes.
+
+  Args:
+    tree: a pytree of numpy arrays [n, ...] (n may differ between leaves, not between processes).
+
+  Returns:
+    The same pytree of numpy arrays [P * n, ...], process 0's rows first.
+  """
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  leaves, treedef = jax.tree.flatten(jax.tree.map(np.ascontiguousarray, tree))
+  raw = [x.reshape(x.shape[0], -1).view(np.uint8) for x in leaves]
+  gathered = multihost_utils.process_allgather(raw, tiled=True)
+  return treedef.unflatten([np.ascontiguousarray(g).view(x.dtype).reshape(-1, *x.shape[1:])
+                            for g, x in zip(gathered, leaves)])
+
+
+def take_rows(batches: list[dict], where: np.ndarray, picks: np.ndarray,
+              keys: tuple[str, ...] = ("image", "mask")) -> dict[str, np.ndarray]:
+  """Rows of host batches that may live on other processes, on every process.
+
+  Args:
+    batches: this process's host batches (its rows of each global batch).
+    where: [N, 3] int, (process, batch, row in that process's batch) of each gathered example,
+      as `hvae.evaluation.run_pass` returns it.
+    picks: [K] positions into `where`.
+    keys: the batch entries to take.
+
+  Returns:
+    {key: [K, ...]} in the order of `picks`. With several processes a collective: each
+    process fills the rows it holds, and every process receives each row from its holder.
+  """
+  owner, batch, row = np.asarray(where)[np.asarray(picks, int)].reshape(-1, 3).T
+  me = jax.process_index()
+  blank = {k: np.zeros_like(batches[0][k][0]) for k in keys}  # a row another process holds
+  local = {k: np.stack([batches[b][k][r] if p == me else blank[k]
+                        for p, b, r in zip(owner, batch, row)]) for k in keys}
+  if jax.process_count() == 1:
+    return local
+  gathered = allgather_rows({k: v[None] for k, v in local.items()})  # [P, K, ...]
+  return {k: v[owner, np.arange(len(owner))] for k, v in gathered.items()}

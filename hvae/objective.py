@@ -1,4 +1,4 @@
-"""The objective of DESIGN §2: per-example negative ELBO terms, bits/dim, and the training loss.
+"""The objective of docs/design.md §2: per-example negative ELBO terms, bits/dim, training loss.
 
 Reported figures always use the *unweighted* bound (`ElboTerms`); the training loss
 (`training_loss`) may weight (beta_l), clamp (free bits) and anneal (warm-up) the KL terms.
@@ -73,7 +73,7 @@ def to_bpd(nats: jnp.ndarray, num_dims: jnp.ndarray):
 
 
 def bpd_metrics(terms: ElboTerms) -> dict[str, jnp.ndarray]:
-  """bpd, recon_bpd and every level's kl / kl_bpd (names of DESIGN §7, without the split).
+  """bpd, recon_bpd and every level's kl / kl_bpd (names of docs/design.md §7, without the split).
 
   Per-latent-dim KL needs the latent sizes and is added by the caller (`kl_per_dim`).
   """

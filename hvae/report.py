@@ -1,11 +1,16 @@
 """`launch.py --mode=report`: plots, the latest image grids and report.md for one or more runs.
 
+Why one file past ~350 lines: a run's report and the side-by-side comparison of runs share
+its formatting (`_fmt`, `_status`, `latest_images`); the sweep table is hvae/sweep_report.py,
+the drawing hvae/figures.py.
+
   python launch.py --mode=report --workdir=runs/a [--workdir=runs/b ...]
 
-Each workdir gets WORKDIR/report/ (DESIGN §7 "Workdir"): PNG plots of the metrics over steps,
-the newest image grid of every kind in WORKDIR/images/ (copied to report/images/), and report.md
-with the final figures per level and the overfitting verdict (hvae/verdict.py). With several
-workdirs, a side-by-side comparison goes to FIRST/report/compare/ (compare.md and its plots).
+Each workdir gets WORKDIR/report/ (docs/design.md §7 "Workdir"): PNG plots of the metrics over
+steps, the newest image grid of every kind in WORKDIR/images/ (copied to report/images/), and
+report.md with the final figures per level and the overfitting verdict (hvae/verdict.py). With
+several workdirs, a side-by-side comparison goes to FIRST/report/compare/ (compare.md and its
+plots).
 
 Reads only metrics.jsonl, config.json and images/*.png, with numpy and matplotlib (Agg, through
 `matplotlib.figure.Figure`, no pyplot): no JAX, no TensorFlow, so it runs on a laptop, on runs
@@ -15,87 +20,25 @@ does not log (a deterministic run has no levels; older runs no swaps) are left o
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
-import math
 import os
 import re
 import shutil
-import textwrap
 from collections.abc import Sequence
-from typing import Any
 
 from absl import logging
-from matplotlib.figure import Figure
 
-from hvae import metrics_file, verdict
+from hvae import metrics_file, split_report, sweep_report, verdict
 from hvae.errors import MissingPathError
+from hvae.figures import REPORT_DIR, line_plot, markdown_table
+from hvae.metric_names import name as metric
+from hvae.metrics_file import Run, finite, load_run  # noqa: F401  (re-exported for callers)
 
-REPORT_DIR = "report"
 COMPARE_DIR = "compare"
 _IMAGE_RE = re.compile(r"^(?P<prefix>.*?)step_(?P<step>\d+)\.png$")
-_LEVEL_RE = re.compile(r"/level_(\d+)$")
 SPLITS = ("train", "eval_train", "eval")
 _STYLE = dict(train=dict(color="0.6", lw=1), eval_train=dict(color="C0"), eval=dict(color="C3"))
-
-
-read_rows = metrics_file.read_metrics  # the JAX-free reader (hvae/metrics_file.py)
-
-
-@dataclasses.dataclass
-class Run:
-  """What the report knows about one workdir."""
-
-  workdir: str
-  name: str
-  config: dict  # config.json as plain dicts and lists ({} when missing)
-  rows: list[dict]
-  num_levels: int  # 0 for a deterministic run
-  done: bool
-
-  def last(self, name: str) -> tuple[int | None, Any]:
-    """(step, value) of the newest row holding `name`; (None, None) when never logged."""
-    for row in reversed(self.rows):
-      if name in row:
-        return row["step"], row[name]
-    return None, None
-
-  def series(self, name: str) -> tuple[list[int], list[float]]:
-    """Steps and values (non-finite as NaN) of every row holding `name`."""
-    pairs = [(r["step"], math.nan if r[name] is None else r[name]) for r in self.rows if name in r]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-  def has(self, name: str) -> bool:
-    return any(name in r for r in self.rows)
-
-
-def load_run(workdir: str, name: str | None = None) -> Run:
-  """Reads a workdir's config.json and metrics.jsonl (either may be missing).
-
-  Args:
-    workdir: the run's directory.
-    name: a display name (default: the directory's base name).
-
-  Returns:
-    The Run. Its level count comes from config.json (0 for model.kind = deterministic), else from
-    the largest `level_l` among the logged metric names.
-  """
-  config, path = {}, os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
-  rows = read_rows(workdir)
-  model = config.get("model", {})
-  if model.get("kind") == "deterministic":
-    num_levels = 0
-  elif "num_levels" in model:
-    num_levels = int(model["num_levels"])
-  else:
-    found = [int(m.group(1)) for r in rows for k in r if (m := _LEVEL_RE.search(k))]
-    num_levels = max(found, default=0)
-  name = name or os.path.basename(os.path.normpath(workdir))
-  return Run(workdir, name, config, rows, num_levels, os.path.exists(os.path.join(workdir, "DONE")))
 
 
 def resolution(run: Run, level: int) -> str:
@@ -130,65 +73,41 @@ def latest_images(workdir: str) -> dict[str, str]:
 # --- plots -------------------------------------------------------------------------------------
 
 
-def _plot(path: str, title: str, ylabel: str, panels: Sequence[tuple[str, list]],
-          zero_line: bool = False) -> str | None:
-  """Saves one figure of (panel title, curves) panels; a curve is (run, metric, label, style).
-
-  Returns:
-    The file's base name, or None (nothing saved) when no curve of any panel was ever logged.
-  """
-  if not panels:
-    return None
-  cols = min(len(panels), 3)
-  rows = math.ceil(len(panels) / cols)
-  fig = Figure(figsize=(4.5 * cols, 3.2 * rows + 0.4), layout="constrained")
-  axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
-  fig.suptitle(textwrap.fill(title, width=int(11 * 4.5 * cols)))  # ~11 characters per inch
-  drawn = False
-  for ax, (panel_title, curves) in zip(axes, panels):
-    for run, name, label, style in curves:
-      steps, values = run.series(name)
-      if steps:
-        ax.plot(steps, values, label=label, marker="." if len(steps) < 30 else None, **style)
-        drawn = True
-    if zero_line:
-      ax.axhline(0, color="k", lw=0.5)
-    ax.set(title=panel_title, xlabel="step", ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
-  for ax in axes[len(panels):]:
-    ax.set_visible(False)
-  if not drawn:
-    return None
-  fig.savefig(path, dpi=90)
-  return os.path.basename(path)
-
-
 def _run_plots(run: Run, out: str) -> list[str]:
   """Writes the per-run plots into `out`; returns the file names written."""
   levels = range(1, run.num_levels + 1)
-  splits = lambda kind: [(f"level {l}", [(run, f"{s}/{kind}/level_{l}", s, _STYLE[s])  # noqa: E731
+  splits = lambda kind: [(f"level {l}", [(run, metric(s, kind, level=l), s, _STYLE[s])  # noqa: E731
                                          for s in SPLITS]) for l in levels]
-  bpd = [(run, f"{s}/bpd", f"{s}/bpd", _STYLE[s]) for s in SPLITS]
+  bpd = [(run, metric(s, "bpd"), metric(s, "bpd"), _STYLE[s]) for s in SPLITS]
   bpd.append((run, "eval/iw_bpd", "eval/iw_bpd", dict(color="C2", ls="--")))
-  gap = [(run, f"gap/kl/level_{l}", f"level {l}", dict(color=f"C{l - 1}")) for l in levels]
-  quantiles = [(f"level {l}", [(run, f"eval/kl/level_{l}", "mean", dict(color="k"))] + [
-      (run, f"eval/kl_{q}/level_{l}", q, dict(color=f"C{i}", ls="--"))
+  gap = [(run, metric("gap", "kl", level=l), f"level {l}", dict(color=f"C{l - 1}"))
+         for l in levels]
+  quantiles = [(f"level {l}", [(run, metric("eval", "kl", level=l), "mean", dict(color="k"))] + [
+      (run, metric("eval", f"kl_{q}", level=l), q, dict(color=f"C{i}", ls="--"))
       for i, q in enumerate(("p50", "p90", "p99", "max"))]) for l in levels]
   path = lambda name: os.path.join(out, name)  # noqa: E731
   files = [
-      _plot(path("bpd.png"), f"{run.name}: negative ELBO", "bits per missing dim",
-            [("bpd", bpd)]),
-      _plot(path("kl.png"), f"{run.name}: KL per level", "nats / image", splits("kl")),
-      _plot(path("gap.png"), f"{run.name}: held-out minus train-split KL", "nats / image",
-            [("gap/kl/level_l", gap)] if gap else [], zero_line=True),
-      _plot(path("swap.png"), f"{run.name}: posterior→prior swap",
-            "nats (drop in recon. log-lik.)", splits("swap")),
-      _plot(path("active_units.png"), f"{run.name}: active units", "fraction",
-            splits("active_units")),
-      _plot(path("kl_quantiles.png"), f"{run.name}: held-out per-example KL", "nats / image",
-            quantiles)]
+      line_plot(path("bpd.png"), f"{run.name}: negative ELBO", "bits per missing dim",
+                [("bpd", bpd)]),
+      line_plot(path("kl.png"), f"{run.name}: KL per level", "nats / image", splits("kl")),
+      line_plot(path("gap.png"), f"{run.name}: held-out minus train-split KL", "nats / image",
+                [("gap/kl/level_l", gap)] if gap else [], zero_line=True),
+      line_plot(path("swap.png"), f"{run.name}: posterior→prior swap",
+                "nats (drop in recon. log-lik.)", splits("swap")),
+      line_plot(path("active_units.png"), f"{run.name}: active units", "fraction",
+                splits("active_units")),
+      line_plot(path("kl_quantiles.png"), f"{run.name}: held-out per-example KL",
+                "nats / image", quantiles)]
+  # The encoder/decoder split and the memorisation signal, when eval.refine_steps > 0.
+  parts = [(f"level {l}", [
+      (run, metric("gap", "refine", "encoder_bpd", level=l), "encoder", dict(color="C3")),
+      (run, metric("gap", "refine", "decoder_bpd", level=l), "decoder/prior", dict(color="C0"))])
+      for l in levels]
+  files += [line_plot(path("encoder_decoder.png"), f"{run.name}: held-out gap per level, "
+                      "encoder vs decoder/prior part (refinement)", "bits per missing dim",
+                      parts, zero_line=True),
+            line_plot(path("mi.png"), f"{run.name}: memorisation I(n; z_l) (at most log N)",
+                      "nats", splits("mi"))]
   return [f for f in files if f]
 
 
@@ -202,11 +121,6 @@ def _fmt(run: Run, name: str, digits: int = 3) -> str:
   return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def _status(run: Run) -> str:
   total = run.config.get("train", {}).get("num_steps")
   state = (f" of {total}" if total else "") + (", done" if run.done else ", in progress (no DONE)")
@@ -215,17 +129,19 @@ def _status(run: Run) -> str:
 
 def _level_rows(run: Run, verdicts: dict[int, verdict.LevelVerdict]) -> tuple[list, list]:
   """Header and rows of the per-level table; optional columns only when logged."""
-  cols = [("kl", "eval/kl/level_{l}", 2), ("kl_bpd", "eval/kl_bpd/level_{l}", 4),
-          ("kl_per_dim", "eval/kl_per_dim/level_{l}", 4),
-          ("train-split kl", "eval_train/kl/level_{l}", 2), ("gap", "gap/kl/level_{l}", 2)]
-  optional = [(q, f"eval/kl_{q}/level_{{l}}", 2) for q in ("p50", "p90", "p99", "max")] + [
-      ("active units", "eval/active_units/level_{l}", 3),
-      ("train-split active", "eval_train/active_units/level_{l}", 3),
-      ("swap", "eval/swap/level_{l}", 2), ("train-split swap", "eval_train/swap/level_{l}", 2)]
+  # (column header, split, quantity, digits)
+  cols = [("kl", "eval", "kl", 2), ("kl_bpd", "eval", "kl_bpd", 4),
+          ("kl_per_dim", "eval", "kl_per_dim", 4), ("train-split kl", "eval_train", "kl", 2),
+          ("gap", "gap", "kl", 2)]
+  optional = [(q, "eval", f"kl_{q}", 2) for q in ("p50", "p90", "p99", "max")] + [
+      ("active units", "eval", "active_units", 3),
+      ("train-split active", "eval_train", "active_units", 3),
+      ("swap", "eval", "swap", 2), ("train-split swap", "eval_train", "swap", 2)]
   levels = range(1, run.num_levels + 1)
-  cols += [c for c in optional if any(run.has(c[1].format(l=l)) for l in levels)]
+  cols += [c for c in optional if any(run.has(metric(c[1], c[2], level=l)) for l in levels)]
   header = ["level", "resolution"] + [c[0] for c in cols] + ["overfit"]
-  rows = [[str(l), resolution(run, l)] + [_fmt(run, c[1].format(l=l), c[2]) for c in cols]
+  rows = [[str(l), resolution(run, l)] + [_fmt(run, metric(c[1], c[2], level=l), c[3])
+                                          for c in cols]
           + ["**yes**" if verdicts[l].flagged else "no"] for l in levels]
   return header, rows
 
@@ -233,18 +149,19 @@ def _level_rows(run: Run, verdicts: dict[int, verdict.LevelVerdict]) -> tuple[li
 def gap_decomposition(run: Run) -> list[tuple[str, float, float, float]] | None:
   """Where the held-out gap is: [(part, eval, eval_train, gap)] in bits per missing dim.
 
-  Since bpd = recon_bpd + Σ_l kl_bpd/level_l on each split (DESIGN §7), gap/bpd splits exactly
-  into the likelihood's gap (`recon`) and each level's KL gap. Uses the newest evaluation row
-  that logged both splits; None when there is none, or a part of it is missing or non-finite.
+  Since bpd = recon_bpd + Σ_l kl_bpd/level_l on each split (docs/design.md §2), gap/bpd splits
+  exactly into the likelihood's gap (`recon`) and each level's KL gap. Uses the newest evaluation
+  row that logged both splits; None when there is none, or a part of it is missing or non-finite.
   """
   row = _last_two_split_row(run)
   if row is None:
     return None
-  parts = [("recon", "recon_bpd")] + [(f"level {l}", f"kl_bpd/level_{l}")
-                                      for l in range(1, run.num_levels + 1)]
+  parts = [("recon", "recon_bpd", None)] + [(f"level {l}", "kl_bpd", l)
+                                            for l in range(1, run.num_levels + 1)]
   out = []
-  for label, name in parts:
-    held, train = row.get(f"eval/{name}"), row.get(f"eval_train/{name}")
+  for label, quantity, level in parts:
+    held = row.get(metric("eval", quantity, level=level))
+    train = row.get(metric("eval_train", quantity, level=level))
     if not (finite(held) and finite(train)):
       return None
     out.append((label, held, train, held - train))
@@ -254,11 +171,6 @@ def gap_decomposition(run: Run) -> list[tuple[str, float, float, float]] | None:
 def _last_two_split_row(run: Run) -> dict | None:
   """The newest metrics row holding both `eval/bpd` and `eval_train/bpd`."""
   return next((r for r in reversed(run.rows) if "eval/bpd" in r and "eval_train/bpd" in r), None)
-
-
-def finite(v) -> bool:
-  """A logged number that is not NaN or inf (`null` in metrics.jsonl reads as None)."""
-  return isinstance(v, int | float) and math.isfinite(v)
 
 
 def _gap_lines(run: Run) -> list[str]:
@@ -277,7 +189,7 @@ def _gap_lines(run: Run) -> list[str]:
   rows.append(["logged `bpd`", *(f"{v:.4f}" if finite(v) else "n/a" for v in logged),
                f"{logged[0] - logged[1]:+.4f}" if all(map(finite, logged)) else "n/a", ""])
   lines = (["## Where the held-out gap is (bits per missing dim)", ""]
-           + _table(["part", "eval", "eval_train", "gap", "share of gap"], rows) + [""])
+           + markdown_table(["part", "eval", "eval_train", "gap", "share of gap"], rows) + [""])
   if not all(map(finite, logged)) or max(abs(held - logged[0]), abs(train - logged[1])) > 1e-4:
     lines += ["**The parts do not add up to the logged bpd** (bpd = recon_bpd + Σ kl_bpd is "
               "broken in this run's metrics): read the shares with care.", ""]
@@ -345,11 +257,12 @@ def _markdown(run: Run, plots: list[str], images: dict[str, str], s: verdict.Set
   split_rows.append(["gap"] + [_fmt(run, "gap/bpd", 4), "—"])
   if run.has("eval/iw_bpd"):
     split_rows.append(["eval (importance-weighted)", _fmt(run, "eval/iw_bpd", 4), "—"])
-  lines += _table(["split", "bpd", "recon_bpd"], split_rows) + [""]
+  lines += markdown_table(["split", "bpd", "recon_bpd"], split_rows) + [""]
   lines += _gap_lines(run)
+  lines += _split_lines(run)
   if run.num_levels:
     lines += ["## Per level (held-out `eval/` unless named; KL in nats per image)", ""]
-    lines += _table(*_level_rows(run, verdicts)) + [""]
+    lines += markdown_table(*_level_rows(run, verdicts)) + [""]
     lines += ["## Verdict", ""] + verdict.markdown(verdicts, s) + [""]
   else:
     lines += ["No latent levels (deterministic model): no per-level figures or verdict.", ""]
@@ -359,6 +272,29 @@ def _markdown(run: Run, plots: list[str], images: dict[str, str], s: verdict.Set
     lines += ["## Latest images", ""]
     lines += [f"**{name}**\n\n![{name}](images/{name})\n" for name in images.values()]
   return "\n".join(lines)
+
+
+def split_row(run: Run) -> tuple[dict | None, str]:
+  """The newest figures of the encoder/decoder split (hvae/amortisation.py) and where they
+  come from: the training evaluations' (eval.refine_steps > 0), else `--mode=eval
+  --refine_steps=S`'s in WORKDIR/eval; (None, "") when neither logged them."""
+  row = next((r for r in reversed(run.rows) if split_report.KEY in r), None)
+  if row is not None:
+    return row, f"training evaluation at step {row['step']}"
+  rows = metrics_file.read_metrics(os.path.join(run.workdir, "eval"))
+  row = next((r for r in reversed(rows) if split_report.KEY in r), None)
+  if row is not None:
+    return row, f"`--mode=eval --refine_steps`, checkpoint step {row['step']} (WORKDIR/eval)"
+  return None, ""
+
+
+def _split_lines(run: Run) -> list[str]:
+  row, source = split_row(run)
+  if row is None or not run.num_levels:
+    return []
+  return split_report.markdown(row, run.num_levels,
+                               f"## Encoder or decoder: the held-out gap split by refinement "
+                               f"({source})")
 
 
 def _remove_pngs(directory: str, pattern: re.Pattern) -> None:
@@ -389,7 +325,7 @@ def write_report(workdir: str, output: str | None = None) -> str:
     os.makedirs(image_dir, exist_ok=True)
     shutil.copyfile(os.path.join(workdir, "images", name), os.path.join(image_dir, name))
   s = verdict.settings(run.config)
-  verdicts = verdict.explain(run.rows, run.num_levels, s)
+  verdicts = verdict.explain(run.rows, run.num_levels, s, split_row=split_row(run)[0])
   with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
     f.write(_markdown(run, plots, images, s, verdicts))
   logging.info("Report of %s: %s", workdir, out)
@@ -416,18 +352,20 @@ def write_comparison(workdirs: Sequence[str], output: str) -> str:
   runs = [load_run(w, n) for w, n in zip(workdirs, _names(workdirs))]
   os.makedirs(output, exist_ok=True)
   colour = {r.name: dict(color=f"C{i % 10}") for i, r in enumerate(runs)}
-  pair = lambda name: [c for r in runs for c in (  # noqa: E731  held-out solid, train dashed
-      (r, f"eval/{name}", r.name, colour[r.name]),
-      (r, f"eval_train/{name}", None, dict(colour[r.name], ls="--")))]
+  pair = lambda *name, level=None: [c for r in runs for c in (  # noqa: E731  held-out solid
+      (r, metric("eval", *name, level=level), r.name, colour[r.name]),
+      (r, metric("eval_train", *name, level=level), None, dict(colour[r.name], ls="--")))]
   levels = range(1, max(r.num_levels for r in runs) + 1)
   plots = [
-      _plot(os.path.join(output, "compare_bpd.png"), "held-out (solid) and train-split "
-            "(dashed) negative ELBO", "bits per missing dim", [("bpd", pair("bpd"))]),
-      _plot(os.path.join(output, "compare_kl.png"), "held-out (solid) and train-split (dashed) "
-            "KL", "nats / image", [(f"level {l}", pair(f"kl/level_{l}")) for l in levels]),
-      _plot(os.path.join(output, "compare_gap.png"), "held-out minus train-split KL",
-            "nats / image", [(f"level {l}", [(r, f"gap/kl/level_{l}", r.name, colour[r.name])
-                                             for r in runs]) for l in levels], zero_line=True)]
+      line_plot(os.path.join(output, "compare_bpd.png"), "held-out (solid) and train-split "
+                "(dashed) negative ELBO", "bits per missing dim", [("bpd", pair("bpd"))]),
+      line_plot(os.path.join(output, "compare_kl.png"), "held-out (solid) and train-split "
+                "(dashed) KL", "nats / image",
+                [(f"level {l}", pair("kl", level=l)) for l in levels]),
+      line_plot(os.path.join(output, "compare_gap.png"), "held-out minus train-split KL",
+                "nats / image",
+                [(f"level {l}", [(r, metric("gap", "kl", level=l), r.name, colour[r.name])
+                                 for r in runs]) for l in levels], zero_line=True)]
   plots = [p for p in plots if p]
   flags = {r.name: verdict.explain(r.rows, r.num_levels, verdict.settings(r.config)) for r in runs}
   header = ["run", "kind", "levels", "status", "train/bpd", "eval_train/bpd", "eval/bpd",
@@ -437,11 +375,12 @@ def write_comparison(workdirs: Sequence[str], output: str) -> str:
           + [", ".join(str(l) for l, v in flags[r.name].items() if v.flagged) or "none"]
           for r in runs]
   lines = ["# Comparison", ""] + [f"- **{r.name}**: `{os.path.abspath(r.workdir)}`" for r in runs]
-  lines += [""] + _table(header, rows) + [""]
+  lines += [""] + markdown_table(header, rows) + [""]
   if levels:
     lines += ["Per level: held-out KL / gap (nats per image).", ""]
-    lines += _table(["level"] + [r.name for r in runs], [
-        [str(l)] + [f"{_fmt(r, f'eval/kl/level_{l}', 2)} / {_fmt(r, f'gap/kl/level_{l}', 2)}"
+    lines += markdown_table(["level"] + [r.name for r in runs], [
+        [str(l)] + [f"{_fmt(r, metric('eval', 'kl', level=l), 2)} / "
+                    f"{_fmt(r, metric('gap', 'kl', level=l), 2)}"
                     if l <= r.num_levels else "—" for r in runs] for l in levels]) + [""]
   lines += [f"![{p}]({p})" for p in plots] + [""]
   _remove_pngs(output, re.compile(r"^\d+_.*\.png$"))  # an older comparison's grids
@@ -454,7 +393,8 @@ def write_comparison(workdirs: Sequence[str], output: str) -> str:
       grids.append((r.name, name, copy))
   if grids:
     lines += ["## Latest fill-in grids", ""]
-    lines += _table([f"{n} ({src})" for n, src, _ in grids], [[f"![]({c})" for *_, c in grids]])
+    lines += markdown_table([f"{n} ({src})" for n, src, _ in grids],
+                            [[f"![]({c})" for *_, c in grids]])
   with open(os.path.join(output, "compare.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   logging.info("Comparison of %d runs: %s", len(runs), output)
@@ -473,8 +413,6 @@ def main(workdirs: Sequence[str]) -> list[str]:
   Returns:
     The directories written (sweeps' reports, each run's report, then the comparison's if any).
   """
-  from hvae import sweep_report  # imported here: it imports this module
-
   missing = [w for w in workdirs if not os.path.isdir(w)]
   if missing:
     raise MissingPathError(f"no such workdir: {', '.join(missing)}")

@@ -1,4 +1,4 @@
-"""Fill-ins (DESIGN §2 "Fill-ins"): samples, the mean fill-in and the mode fill-in.
+"""Fill-ins (docs/design.md §2 "Fill-ins"): samples, the mean fill-in and the mode fill-in.
 
 A sample draws every latent from the conditional prior (temperature tau scales the prior
 sigma, globally or per level) and then the pixels: `pixels="sample"` draws them from the

@@ -2,9 +2,9 @@
 
   python launch.py --mode=report --workdir=runs/ablate_levels_cpu
 
-A sweep directory holds `sweep.json` (written by `launch.py --sweep`, see hvae/sweep.py) or, for
-sweeps run some other way, subdirectories with a `config.json` each (the overrides are then the
-config keys that differ between them). SWEEP_DIR/report/ gets
+A sweep directory holds `sweep.json` (written by `launch.py --sweep`, see hvae/sweep_points.py)
+or, for sweeps run some other way, subdirectories with a `config.json` each (the overrides are
+then the config keys that differ between them). SWEEP_DIR/report/ gets
 
 * `sweep.md` — per point: its overrides, status, steps, batch, final and best held-out
   `eval/bpd`, `eval/iw_bpd` (the point's eval/results.json), `gap/bpd`, per-level held-out KL and
@@ -16,7 +16,8 @@ config keys that differ between them). SWEEP_DIR/report/ gets
   (`eval/bpd` over steps, one colour per group) and `sweep_levels.png` (held-out KL and gap per
   level and group).
 
-Reads files only, like hvae/report.py (whose run loader, table and plot helpers it uses): no JAX.
+Reads files only, like hvae/report.py (the run loader of hvae/metrics_file.py, the tables and
+plots of hvae/figures.py): no JAX.
 """
 
 from __future__ import annotations
@@ -32,18 +33,24 @@ from typing import Any
 from absl import logging
 from matplotlib.figure import Figure
 
-from hvae import report, sweep, verdict
+from hvae import sweep_points, verdict
+from hvae.figures import REPORT_DIR, line_plot, markdown_table
+from hvae.metric_names import name as metric
+from hvae.metrics_file import Run, finite, load_run
 
 OUT_FILES = ("sweep.md", "sweep.csv", "sweep_groups.csv")
 # Numeric columns of both tables: (key, markdown header, digits).
 _METRICS = [("eval/bpd", "eval/bpd final", 4), ("eval/bpd_best", "eval/bpd best", 4),
             ("eval/iw_bpd", "eval/iw_bpd", 4), ("eval_train/bpd", "eval_train/bpd", 4),
-            ("gap/bpd", "gap/bpd", 4)]
+            ("gap/bpd", "gap/bpd", 4),
+            # The gap's encoder and decoder/prior parts (hvae/amortisation.py), when measured.
+            ("gap/refine/encoder_bpd", "gap: encoder", 4),
+            ("gap/refine/decoder_bpd", "gap: decoder/prior", 4)]
 
 
 def is_sweep_dir(workdir: str) -> bool:
   """True for a directory with sweep.json, or with run subdirectories but no run of its own."""
-  if os.path.exists(os.path.join(workdir, sweep.MANIFEST)):
+  if os.path.exists(os.path.join(workdir, sweep_points.MANIFEST)):
     return True
   if os.path.exists(os.path.join(workdir, "config.json")) or not os.path.isdir(workdir):
     return False
@@ -57,25 +64,25 @@ def _run_subdirs(workdir: str) -> list[str]:
 
 def _points(workdir: str) -> tuple[str, list[dict]]:
   """(experiment, [{"index", "name", "group", "overrides"}]) from sweep.json, else inferred."""
-  manifest = sweep.read_manifest(workdir)
+  manifest = sweep_points.read_manifest(workdir)
   if manifest is not None:
     return manifest.get("experiment", "?"), manifest["points"]
   names = _run_subdirs(workdir)
   flat = {}
   for n in names:
     with open(os.path.join(workdir, n, "config.json"), encoding="utf-8") as f:
-      flat[n] = sweep.flatten(json.load(f))
+      flat[n] = sweep_points.flatten(json.load(f))
   keys = sorted({k for f in flat.values() for k in f})
   varying = [k for k in keys if len({json.dumps(f.get(k)) for f in flat.values()}) > 1]
   points = []
   for i, n in enumerate(names):
     overrides = {k: flat[n].get(k) for k in varying}
-    points.append({"index": i, "name": n, "group": sweep.group_name(overrides),
+    points.append({"index": i, "name": n, "group": sweep_points.group_name(overrides),
                    "overrides": overrides})
   return "(no sweep.json: overrides are the config keys that differ)", points
 
 
-def _wall_time(run: report.Run) -> float | None:
+def _wall_time(run: Run) -> float | None:
   """Training wall time summed over restarts (`train/wall_time` restarts at 0 on resume)."""
   _, values = run.series("train/wall_time")
   values = [v for v in values if math.isfinite(v)]
@@ -88,9 +95,9 @@ def _wall_time(run: report.Run) -> float | None:
 def point_figures(workdir: str, point: dict) -> dict[str, Any]:
   """Everything the tables show about one point, as numbers (None where unknown)."""
   d = os.path.join(workdir, point["name"])
-  run = report.load_run(d, point["name"])
+  run = load_run(d, point["name"])
   f = {"index": point["index"], "name": point["name"], "group": point["group"],
-       "overrides": point["overrides"], "status": sweep.status(d), "run": run,
+       "overrides": point["overrides"], "status": sweep_points.status(d), "run": run,
        "num_levels": run.num_levels}
   f["steps"] = run.rows[-1]["step"] if run.rows else None
   f["num_steps"] = run.config.get("train", {}).get("num_steps")
@@ -106,13 +113,18 @@ def point_figures(workdir: str, point: dict) -> dict[str, Any]:
     with open(results_path, encoding="utf-8") as fh:
       results = json.load(fh)
     f["eval/iw_bpd"] = results.get("metrics", {}).get("eval/iw_bpd")
+    for name in ("gap/refine/encoder_bpd", "gap/refine/decoder_bpd"):  # at that checkpoint
+      f[name] = results.get("metrics", {}).get(name)
     f["iw_checkpoint_step"] = results.get("checkpoint_step")
+  for name in ("gap/refine/encoder_bpd", "gap/refine/decoder_bpd"):
+    if f.get(name) is None:  # no closing evaluation's split: the last training evaluation's
+      f[name] = run.last(name)[1]
   for l in range(1, run.num_levels + 1):
-    f[f"eval/kl/level_{l}"] = run.last(f"eval/kl/level_{l}")[1]
-    f[f"gap/kl/level_{l}"] = run.last(f"gap/kl/level_{l}")[1]
+    for split in ("eval", "gap"):
+      f[metric(split, "kl", level=l)] = run.last(metric(split, "kl", level=l))[1]
   verdicts = verdict.explain(run.rows, run.num_levels, verdict.settings(run.config))
   f["overfit_levels"] = [l for l, v in verdicts.items() if v.flagged]
-  flops_path = os.path.join(d, sweep.FLOPS_FILE)
+  flops_path = os.path.join(d, sweep_points.FLOPS_FILE)
   f["flops_per_step"] = None
   if os.path.exists(flops_path):
     with open(flops_path, encoding="utf-8") as fh:
@@ -123,14 +135,14 @@ def point_figures(workdir: str, point: dict) -> dict[str, Any]:
 
 def _stats(values: Sequence) -> tuple[float | None, float | None, int]:
   """Mean, sample standard deviation (None for n < 2) and n of the finite values."""
-  v = [x for x in values if report.finite(x)]
+  v = [x for x in values if finite(x)]
   if not v:
     return None, None, 0
   return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None), len(v)
 
 
 def _num(v, digits: int = 4) -> str:
-  if not report.finite(v):
+  if not finite(v):
     return "—"
   return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"
 
@@ -160,9 +172,10 @@ def _markdown(workdir: str, experiment: str, figures: list[dict], levels: range,
            f"`{os.path.abspath(workdir)}` — `{experiment}`, {len(figures)} point(s). Bits per "
            "missing dim; KL and gap (held-out minus train-split KL) in nats per image, at the "
            "last evaluation; `eval/bpd best` is the lowest held-out value logged (at step); "
-           f"`eval/iw_bpd` is the point's `eval/results.json` (checkpoint `{sweep.EVAL_CHECKPOINT}`"
-           ", at step). FLOPs: XLA cost analysis of one train step on the global batch. Wall "
-           "time: the training loop (with its evaluations), summed over restarts.", ""]
+           "`eval/iw_bpd` is the point's `eval/results.json` (checkpoint "
+           f"`{sweep_points.EVAL_CHECKPOINT}`, at step). FLOPs: XLA cost analysis of one train "
+           "step on the global batch. Wall time: the training loop (with its evaluations), "
+           "summed over restarts.", ""]
   level_cols = [f"L{l} kl / gap" for l in levels]
   header = (["#", "point", "overrides", "status", "steps", "batch"] + [m[1] for m in _METRICS]
             + level_cols + ["overfit levels", "GFLOPs/step", "wall min"])
@@ -176,14 +189,15 @@ def _markdown(workdir: str, experiment: str, figures: list[dict], levels: range,
              _num(f["eval/iw_bpd"]) + (f" ({f['iw_checkpoint_step']})"
                                        if f["eval/iw_bpd"] is not None else ""),
              _num(f["eval_train/bpd"]), _num(f["gap/bpd"])]
-    per_level = [f"{_num(f.get(f'eval/kl/level_{l}'), 2)} / {_num(f.get(f'gap/kl/level_{l}'), 2)}"
+    per_level = [f"{_num(f.get(metric('eval', 'kl', level=l)), 2)} / "
+                 f"{_num(f.get(metric('gap', 'kl', level=l)), 2)}"
                  if l <= f["num_levels"] else "—" for l in levels]
     rows.append([str(f["index"]), f["name"], _overrides_text(f["overrides"]), f["status"], steps,
                  str(f["batch_size"] or "—")] + cells + per_level
                 + [", ".join(map(str, f["overfit_levels"])) or "none",
                    _num((f["flops_per_step"] or math.nan) / 1e9, 3),
                    _num((f["wall_time_s"] or math.nan) / 60, 1)])
-  lines += ["## Points", ""] + report._table(header, rows) + [""]
+  lines += ["## Points", ""] + markdown_table(header, rows) + [""]
 
   groups = _groups(figures)
   header = (["group", "overrides (seed aside)", "n", "seeds"] + [m[1] for m in _METRICS]
@@ -196,26 +210,27 @@ def _markdown(workdir: str, experiment: str, figures: list[dict], levels: range,
     for f in fs:
       for l in f["overfit_levels"]:
         flagged[l] = flagged.get(l, 0) + 1
-    n = sum(report.finite(f["eval/bpd"]) for f in fs)  # points with an evaluation so far
+    n = sum(finite(f["eval/bpd"]) for f in fs)  # points with an evaluation so far
     rows.append(
         [g, _overrides_text(fs[0]["overrides"], drop_seed=True),
          str(n) if n == len(fs) else f"{n} of {len(fs)}", seeds]
         + [_pm([f[m] for f in fs], d) for m, _, d in _METRICS]
-        + [_pm([f.get(f"eval/kl/level_{l}") for f in fs], 2) for l in levels]
-        + [_pm([f.get(f"gap/kl/level_{l}") for f in fs], 2) for l in levels]
+        + [_pm([f.get(metric("eval", "kl", level=l)) for f in fs], 2) for l in levels]
+        + [_pm([f.get(metric("gap", "kl", level=l)) for f in fs], 2) for l in levels]
         + [", ".join(f"{l} ({c}/{len(fs)})" for l, c in sorted(flagged.items())) or "none",
            _pm([(f["flops_per_step"] or math.nan) / 1e9 for f in fs], 3),
            _pm([(f["wall_time_s"] or math.nan) / 60 for f in fs], 1)])
   lines += ["## Groups (points differing only in `seed`: mean ± sample std over n)", ""]
-  lines += report._table(header, rows) + [""]
+  lines += markdown_table(header, rows) + [""]
   lines += [f"![{p}]({p})" for p in plots] + [""]
   return "\n".join(lines)
 
 
 def _csv_rows(figures: list[dict], levels: range) -> tuple[list[dict], list[dict]]:
   keys = sorted({k for f in figures for k in f["overrides"]})
-  metric_names = ([m[0] for m in _METRICS] + [f"eval/kl/level_{l}" for l in levels]
-                  + [f"gap/kl/level_{l}" for l in levels] + ["flops_per_step", "wall_time_s"])
+  metric_names = ([m[0] for m in _METRICS] + [metric("eval", "kl", level=l) for l in levels]
+                  + [metric("gap", "kl", level=l) for l in levels]
+                  + ["flops_per_step", "wall_time_s"])
   point_rows = []
   for f in figures:
     row = {"index": f["index"], "name": f["name"], "group": f["group"], "status": f["status"],
@@ -252,7 +267,7 @@ def _dot_plot(path: str, figures: list[dict]) -> str | None:
   groups = _groups(figures)
   metrics = [("eval/bpd", "final eval/bpd"), ("eval/bpd_best", "best eval/bpd"),
              ("eval/iw_bpd", "eval/iw_bpd")]
-  metrics = [m for m in metrics if any(report.finite(f[m[0]]) for f in figures)]
+  metrics = [m for m in metrics if any(finite(f[m[0]]) for f in figures)]
   if not metrics:
     return None
   fig = Figure(figsize=(max(5.0, 0.9 * len(groups) + 2), 4.2), layout="constrained")
@@ -261,7 +276,7 @@ def _dot_plot(path: str, figures: list[dict]) -> str | None:
   for j, (m, label) in enumerate(metrics):
     for i, fs in enumerate(groups.values()):
       x = i - 0.4 + width * (j + 0.5)
-      values = [f[m] for f in fs if report.finite(f[m])]
+      values = [f[m] for f in fs if finite(f[m])]
       mean, std, n = _stats(values)
       if not n:
         continue
@@ -284,8 +299,8 @@ def _levels_plot(path: str, figures: list[dict], levels: range) -> str | None:
   axes = fig.subplots(1, 2)
   drawn = False
   for i, (g, fs) in enumerate(_groups(figures).items()):
-    for ax, kind in zip(axes, ("eval/kl", "gap/kl")):
-      stats = [(l, *_stats([f.get(f"{kind}/level_{l}") for f in fs])) for l in levels]
+    for ax, split in zip(axes, ("eval", "gap")):
+      stats = [(l, *_stats([f.get(metric(split, "kl", level=l)) for f in fs])) for l in levels]
       stats = [s for s in stats if s[3]]
       if stats:
         ax.errorbar([s[0] for s in stats], [s[1] for s in stats],
@@ -314,7 +329,7 @@ def write(workdir: str, output: str | None = None) -> str:
     The output directory.
   """
   experiment, points = _points(workdir)
-  out = output or os.path.join(workdir, report.REPORT_DIR)
+  out = output or os.path.join(workdir, REPORT_DIR)
   os.makedirs(out, exist_ok=True)
   figures = [point_figures(workdir, p) for p in points]
   levels = range(1, max((f["num_levels"] for f in figures), default=0) + 1)
@@ -323,7 +338,7 @@ def write(workdir: str, output: str | None = None) -> str:
   curves = [(f["run"], "eval/bpd", f["group"] if labelled[f["group"]] == f["name"] else None,
              colour[f["group"]]) for f in figures]
   plots = [_dot_plot(os.path.join(out, "sweep_bpd.png"), figures),
-           report._plot(os.path.join(out, "sweep_curves.png"),
+           line_plot(os.path.join(out, "sweep_curves.png"),
                         "held-out negative ELBO (one colour per group)", "bits per missing dim",
                         [("eval/bpd", curves)]),
            _levels_plot(os.path.join(out, "sweep_levels.png"), figures, levels)]

@@ -19,11 +19,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from hvae import objective
-from hvae.config import ConfigError, LossConfig, ModelConfig
+from hvae import objective, remedies
 from hvae.mesh import shardings
-from hvae.model import ladder
+from hvae.model import ladder, likelihoods
 from hvae.model.ladder import HVAE
+from hvae.typed_config import ConfigError, LossConfig, ModelConfig
 
 
 @flax.struct.dataclass
@@ -103,12 +103,17 @@ def kl_beta(step, warmup_steps: int):
 HEADS = ("q_head", "p_head")  # the per-level parameters that per-level remedies address
 
 
-def head_weight_penalty(params, head_weight_decay) -> jnp.ndarray:
-  """sum_l wd_l * ||level l's posterior and prior head kernels||^2 (biases are not decayed)."""
+def head_weight_penalty(params, head_weight_decay, heads=HEADS) -> jnp.ndarray:
+  """sum_l wd_l * ||level l's head kernels||^2 (biases are not decayed).
+
+  `heads` names the heads decayed: the posterior and prior heads (`HEADS`, for
+  `regularize.head_weight_decay`) or the posterior's alone (`hvae.remedies.POSTERIOR_HEADS`,
+  for `regularize.posterior_head_weight_decay`).
+  """
   total = jnp.zeros((), jnp.float32)
   for l, wd in enumerate(head_weight_decay, start=1):
     level = params.get(f"level_{l}", {}) if wd > 0 else {}
-    for name in HEADS:
+    for name in heads:
       for path, x in jax.tree_util.tree_leaves_with_path(level.get(name, {})):
         if "kernel" in jax.tree_util.keystr(path):
           total += wd * jnp.sum(jnp.square(x))
@@ -134,7 +139,7 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
       `make_train_step`.
 
   Returns:
-    (new state, metrics): scalars named as DESIGN §7 without the `train/` prefix. An update
+    (new state, metrics): scalars named as docs/design.md §7 without the `train/` prefix. An update
     whose gradient is non-finite or whose norm exceeds `skip_threshold` (> 0) is skipped:
     parameters, optimiser state and EMA stay as they were.
   """
@@ -144,8 +149,13 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
 
   dims = jnp.asarray(latent_dims(model.config), jnp.float32)
 
+  anneal = model.config.likelihood_grad_anneal
+  # None keeps the default step's graph as it was; the power changes gradients, not values.
+  grad_power = likelihoods.location_grad_power(state.step, anneal) if anneal else None
+
   def loss_fn(params):
     out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
+                      location_grad_power=grad_power,
                       rngs={"sample": sample_rng, "dropout": dropout_rng})
     terms = objective.elbo_terms(out, batch["mask"])
     kl_channels = None
@@ -160,7 +170,15 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
     loss, _ = objective.training_loss(terms, kl_weight=loss_cfg.kl_weight,
                                       free_bits=loss_cfg.free_bits, beta=beta,
                                       kl_channels=kl_channels, kl_coeffs=coeffs)
-    return loss + head_weight_penalty(params, loss_cfg.head_weight_decay), terms
+    loss = loss + head_weight_penalty(params, loss_cfg.head_weight_decay)
+    if any(loss_cfg.posterior_head_weight_decay):
+      loss = loss + head_weight_penalty(params, loss_cfg.posterior_head_weight_decay,
+                                        remedies.POSTERIOR_HEADS)
+    if any(loss_cfg.sleep_weight):  # its own key: the default run's streams stay as they were
+      sleep, _ = remedies.sleep_loss(model, params, batch["image"], batch["mask"],
+                                     jax.random.fold_in(step_rng, 2), loss_cfg.sleep_weight)
+      loss = loss + sleep
+    return loss, terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
@@ -187,6 +205,8 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
              # The optimiser's own count: skipped updates do not advance the schedule.
              "lr": lr_schedule(state.step - state.total_skips), "beta": beta,
              "consecutive_skips": consecutive.astype(jnp.float32)}
+  if anneal:
+    metrics["likelihood_grad_power"] = grad_power
   metrics.update(objective.bpd_metrics(terms))
   for l in range(1, dims.size + 1):
     heads = {k: v for k, v in grads.get(f"level_{l}", {}).items() if k in HEADS}

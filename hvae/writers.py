@@ -1,4 +1,4 @@
-"""Metrics to TensorBoard and WORKDIR/metrics.jsonl (DESIGN §7 "Workdir", "Metric names").
+"""Metrics to TensorBoard and WORKDIR/metrics.jsonl (docs/design.md §7 "Workdir", "Metric names").
 
 `MetricWriter` writes every scalar twice, under the same names: TensorBoard event files (through
 `clu.metric_writers`) for browsing, and one JSON object per logged step in `metrics.jsonl`
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from hvae import atomic, console
+from hvae import atomic, console, metric_names
 from hvae.metrics_file import METRICS_FILE, parse_lines, read_metrics  # noqa: F401  (re-exported)
 
 
@@ -126,7 +125,7 @@ class MetricWriter:
 
     Args:
       step: the training step.
-      scalars: name -> Python/numpy/jax scalar. Names follow DESIGN §7 "Metric names".
+      scalars: name -> Python/numpy/jax scalar. Names follow docs/design.md §7 "Metric names".
     """
     if "step" in scalars:
       raise ValueError("'step' is reserved for the row's step in metrics.jsonl.")
@@ -194,13 +193,50 @@ class MetricWriter:
     self.close()
 
 
+PROFILE_FIRST, PROFILE_STEPS = 5, 5  # --profile traces steps start+5 .. start+10 (compiled by then)
+
+
+def periodic_actions(num_steps: int, every_steps: int, start: int, *,
+                     profile_dir: str | None = None) -> list:
+  """clu's periodic actions of a training run; call each with the step after every step.
+
+  Args:
+    num_steps: the run's last step.
+    every_steps: how often the progress line is written (train.log_every_steps).
+    start: the step the run (re)starts from.
+    profile_dir: where a profiler trace goes (`DIR/plugins/profile/`, TensorBoard's profile
+      tab), or None for none.
+
+  Returns:
+    [`ReportProgress`, then `Profile` with `profile_dir`]. ReportProgress logs steps/s, the share
+    of steps done and the ETA every `every_steps` steps, and the share of the time spent in
+    parts run under its `timed(name)` (the evaluations). Profile traces `PROFILE_STEPS` steps
+    from step `start + PROFILE_FIRST`; a run too short for that gets no trace (a warning says so).
+  """
+  console.import_tensorflow()  # clu's periodic actions import it: without its banner
+  from clu import periodic_actions as clu_actions  # pylint: disable=g-import-not-at-top
+
+  actions = [clu_actions.ReportProgress(num_train_steps=num_steps, every_steps=every_steps,
+                                        every_secs=None)]
+  if profile_dir is not None:
+    first = start + PROFILE_FIRST
+    if first + PROFILE_STEPS > num_steps:
+      logging.warning("--profile: the run ends at step %d, before steps %d..%d can be traced.",
+                      num_steps, first, first + PROFILE_STEPS)
+    else:
+      actions.append(clu_actions.Profile(logdir=profile_dir, num_profile_steps=PROFILE_STEPS,
+                                         profile_duration_ms=None, first_profile=first,
+                                         every_secs=None))
+  return actions
+
+
 def eval_summary(step: int, metrics: Mapping[str, Any], overfitting: Sequence[int] = (),
                  seconds: float | None = None) -> str:
   """The console line of one evaluation; the full set of metrics goes to the files.
 
   Args:
     step: the training step.
-    metrics: the evaluation's metrics (DESIGN §7 names: `eval/bpd`, `eval_train/bpd`,
+    metrics: the evaluation's metrics (docs/design.md §7 names: `eval/bpd`, `eval_train/bpd`,
       `gap/bpd`, `eval/kl/level_l`); missing ones are left out of the line.
     overfitting: the levels the verdict flags (hvae/verdict.py); None-like when it did not run.
     seconds: how long the evaluation took.
@@ -218,11 +254,11 @@ def eval_summary(step: int, metrics: Mapping[str, Any], overfitting: Sequence[in
     extra = [f"{label} {num(name)}" for label, name in
              (("train-split", "eval_train/bpd"), ("gap", "gap/bpd")) if name in metrics]
     parts.append(f"bpd {num('eval/bpd')}" + (f" ({', '.join(extra)})" if extra else ""))
-  levels = sorted(int(m.group(1)) for name in metrics
-                  if (m := re.fullmatch(r"eval/kl/level_(\d+)", name)))
+  levels = metric_names.levels(metrics, metric_names.EVAL, "kl")
   if levels:
     parts.append(" held-out KL " + " ".join(
-        f"L{l} {_short(_scalar(metrics[f'eval/kl/level_{l}']))}" for l in levels))
+        f"L{l} {_short(_scalar(metrics[metric_names.name('eval', 'kl', level=l)]))}"
+        for l in levels))
     flagged = sorted(overfitting)
     verdict = ("no level overfits" if not flagged else
                f"level{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))} "

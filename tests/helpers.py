@@ -1,8 +1,70 @@
-"""Small factories shared by tests (tiny model configs, fake batches)."""
+"""Small factories shared by tests: tiny model configs, fake batches, running launch.py."""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 
-from hvae.config import ModelConfig
+from hvae.typed_config import ModelConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# JAX's persistent compilation cache of the test suite (conftest.py) and of the launch.py runs it
+# starts: every tiny model compiles once per machine, not once per run.
+JAX_CACHE = os.environ.get("HVAE_TEST_JAX_CACHE", str(ROOT / ".jax_cache"))
+
+
+def launch(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+  """Runs `python launch.py ARGS` on one CPU device with the suite's compilation cache.
+
+  Args:
+    *args: command-line arguments (a `--jax_cache=` among them overrides the suite's cache).
+    timeout: seconds.
+    check: raise AssertionError (with the end of stderr) on a non-zero exit status.
+  """
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)  # one device: the multi-device path is covered in test_train
+  argv = [sys.executable, "launch.py", f"--jax_cache={JAX_CACHE}", *args]
+  proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode:
+    raise AssertionError(proc.stderr[-4000:])
+  return proc
+
+
+def launch_module():
+  """launch.py as a module (it is a script, not part of the package), imported once."""
+  if "launch" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["launch"] = module
+    spec.loader.exec_module(module)
+  return sys.modules["launch"]
+
+
+def launch_in_process(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+  """Runs launch.py's main in this process, flags parsed as on the command line: (exit status,
+  stderr). No interpreter start-up, which is most of the cost of a failing command line."""
+  from absl import flags
+
+  launch = launch_module()
+  argv = ["launch.py", *args, "--jax_cache="]  # the suite's own cache is already on
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads --config.a.b overrides there
+  flags.FLAGS.unparse_flags()
+  capsys.readouterr()
+  try:
+    launch.main(launch._parse_flags(argv))  # pylint: disable=protected-access
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  finally:
+    flags.FLAGS.unparse_flags()
+    # ml_collections defines a flag per `--config.a.b=` override on parsing; a second run with
+    # the same override in this process would define it again (DuplicateFlagError).
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)
+  return code, capsys.readouterr().err
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -33,10 +95,7 @@ def random_images(batch: int, seed: int = 0) -> np.ndarray:
 
 def load_experiment(name: str, arg: str | None = None):
   """Loads experiments/NAME.py's get_config(arg) without making `experiments` a package."""
-  import importlib.util
-  import pathlib
-
-  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+  path = ROOT / "experiments" / f"{name}.py"
   spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -1,41 +1,30 @@
 """`hvae.load`, `--mode=eval` and `--mode=inpaint` end to end on a workdir of experiments/tiny.py.
 
-The workdir is trained once per module through launch.py (as tests/test_launch.py does); the
-modes run through launch.py in subprocesses, `hvae.load` in-process.
+The workdir is trained once per module, in-process (tests/test_launch.py trains through
+launch.py itself); the modes run through launch.py in subprocesses, `hvae.load` in-process.
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import centre_mask, load_experiment, random_images
+from helpers import centre_mask, launch, load_experiment, random_images
 from PIL import Image
 
 import hvae
-from hvae import baselines, quality, sampling
-from hvae.data import images as image_io
+from hvae import baselines, loop, quality, sampling
+from hvae.data import image_files
 from hvae.data import masks as masks_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _launch(*args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "launch.py", *args, "--jax_cache="], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc
+  return launch(*args, timeout=timeout, check=True)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   w = tmp_path_factory.mktemp("tiny_api")
-  _launch("--config=experiments/tiny.py", f"--workdir={w}")
+  loop.train_and_evaluate(load_experiment("tiny"), str(w))
   return w
 
 
@@ -116,7 +105,7 @@ def test_eval_scores_exactly_the_input_images(workdir, photos, model):
   assert "psnr_vs_ring_mean_wins" in r["methods"]["mode"]
   assert np.isfinite(r["metrics"]["eval/iw_bpd"])
   # The same figures as scoring those 64x64 images by hand.
-  truth = np.stack([image_io.centre_crop_resize(image_io.decode_file(photos / f), 64)
+  truth = np.stack([image_files.centre_crop_resize(image_files.decode_file(photos / f), 64)
                     for f in ("a.png", "b.png", "sub/c.png")])
   mask = centre_mask(3)
   mode = model.mode(truth, mask)
@@ -225,7 +214,7 @@ def test_inpaint_mode_keeps_the_given_pixels_exactly(workdir, tmp_path):
   results = json.loads((out / "results.json").read_text())
   assert [r["name"] for r in results["images"]] == ["a.png", "b.png", "sub__c.jpg"]
   for r in results["images"]:
-    expected = image_io.centre_crop_resize(image_io.decode_file(r["source"]), 64)
+    expected = image_files.centre_crop_resize(image_files.decode_file(r["source"]), 64)
     given = np.broadcast_to(mask, expected.shape)
     np.testing.assert_array_equal(_read(out / r["files"]["input"]), expected)
     context = _read(out / r["files"]["context"])

@@ -189,3 +189,17 @@ def test_celeb_a_through_the_pipeline_fails_fast(tmp_path):
 def test_data_seed_is_32_bit():
   for seed in itertools.chain(range(5), [-1, 2**40]):
     assert 0 <= pipeline.data_seed(seed) < 2**32
+
+
+def test_train_subset_is_fixed_nested_and_all_that_training_sees():
+  config = _config(source="synthetic", flip=False, train_subset=8)
+  evals = data.eval_batches(config, "train", 100, 8)
+  assert sum(b["weight"].sum() for b in evals) == 8 and data.num_examples(config, "train") == 8
+  subset = set(_hashes(evals[0]["image"]))
+  seen = set(_hashes(np.concatenate([b["image"] for b in _take(
+      data.create_train_iterator(config), 3)])))
+  assert seen == subset  # 3 batches of 8 cover the 8 examples and nothing else
+  config.data.train_subset, config.seed = 4, 1
+  smaller = data.eval_batches(config, "train", 100, 4)[0]["image"]
+  assert set(_hashes(smaller)) < subset  # the same order for every seed: 4 of the 8
+  assert data.num_examples(config, "validation") == synthetic.SIZES["validation"]

@@ -89,8 +89,8 @@ def test_worst_examples_are_those_with_the_largest_kl():
 
 def test_resample_and_heatmap_grids_label_their_rows_by_level(monkeypatch):
   calls = []
-  make_grid = diagnostics.images.make_grid
-  monkeypatch.setattr(diagnostics.images, "make_grid",
+  make_grid = diagnostics.grids.make_grid
+  monkeypatch.setattr(diagnostics.grids, "make_grid",
                       lambda rows, **kw: calls.append(kw) or make_grid(rows, **kw))
   L, S, C = 3, 2, 2
   resampled = np.zeros((L, S, C, 64, 64, 3), np.uint8)

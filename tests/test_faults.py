@@ -1,4 +1,7 @@
 """Fault tests (issue 14): damaged checkpoints, two trainers, repeated skipped updates, one-line
+
+Why one file past ~350 lines: docs/reliability.md tabulates these faults from this one file;
+the checkpoint, lock and launch tests of the happy path are in their own modules.
 user errors, unique inpaint names, PNM inputs, the schedule's length. docs/reliability.md
 tabulates what these tests try.
 
@@ -8,7 +11,6 @@ and exit status are those of the command line).
 """
 
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -23,20 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import app, flags
-from helpers import load_experiment
+from absl import app
+from helpers import launch_in_process, load_experiment
 from PIL import Image
 
-from hvae import api, checkpoint, configs, errors, lock, loop
+from hvae import api, checkpoint, config_file, errors, lock, loop
 from hvae.checkpoint import CORRUPT_DIR, Checkpointer
-from hvae.config import ModelConfig
-from hvae.data import folder
-from hvae.data import images as image_io
+from hvae.data import folder, image_files
 from hvae.errors import CheckpointUnavailableError, WorkdirLockedError
 from hvae.metrics_file import read_metrics
 from hvae.model.ladder import HVAE
 from hvae.modes import evaluate, inpaint
 from hvae.train import create_optimizer, create_train_state, learning_rate_schedule
+from hvae.typed_config import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A failed orbax read leaves tensorstore callbacks that hit a closed event loop, and unclosed
@@ -320,30 +321,7 @@ def test_the_lock_is_released_on_errors_and_sigterm(tmp_path):
 
 # --- launch.py: one line, exit status 2 -----------------------------------------------------
 
-def _launch_module():
-  if "launch" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["launch"] = module
-    spec.loader.exec_module(module)
-  return sys.modules["launch"]
-
-
-def _main(capsys, monkeypatch, *args) -> tuple[int, str]:
-  """Runs launch.py's main in this process: (exit status, stderr)."""
-  launch = _launch_module()
-  argv = ["launch.py", *args, "--jax_cache="]
-  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads --config.a.b overrides there
-  flags.FLAGS.unparse_flags()
-  capsys.readouterr()
-  try:
-    launch.main(launch._parse_flags(argv))
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  finally:
-    flags.FLAGS.unparse_flags()
-  return code, capsys.readouterr().err
+_main = launch_in_process  # launch.py's main in this process: (exit status, stderr)
 
 
 def _error_line(stderr: str) -> str:
@@ -358,7 +336,7 @@ def _error_line(stderr: str) -> str:
 def test_user_facing_failures_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, case):
   run = tmp_path / "run"  # a run's config.json, no checkpoint
   run.mkdir()
-  configs.save_config(load_experiment("tiny"), str(run / "config.json"))
+  config_file.save_config(load_experiment("tiny"), str(run / "config.json"))
   empty = tmp_path / "empty"
   empty.mkdir()
   args, expected = {
@@ -399,7 +377,7 @@ def test_bad_mask_and_checkpoint_flags_are_usage_errors_before_loading(tmp_path,
   the message, no traceback."""
   run = tmp_path / "run"
   run.mkdir()
-  configs.save_config(load_experiment("tiny"), str(run / "config.json"))
+  config_file.save_config(load_experiment("tiny"), str(run / "config.json"))
   Image.fromarray(_photo(0)).save(tmp_path / "photo.png")
   (tmp_path / "mask.png").write_text("not an image")
   inpaint_args = ["--mode=inpaint", f"--workdir={run}", f"--input={tmp_path / 'photo.png'}"]
@@ -484,7 +462,7 @@ def test_repeated_skips_stop_at_once_with_a_checkpoint_and_one_line(tmp_path, ca
   assert [r["step"] for r in rows] == [3] and rows[0]["train/skipped"] == 3.0
   assert not (workdir / "DONE").exists() and not (workdir / lock.LOCK_FILE).exists()
   # The checkpoint holds the last good state: no update was applied, params are the initial.
-  config = configs.load_config(str(workdir / "config.json"))
+  config = config_file.load_config(str(workdir / "config.json"))
   model = HVAE(ModelConfig.from_config(config))
   params, step = api._restore_params(str(workdir), config, model, "latest", ema=False)
   init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 4)[0]  # as hvae.loop draws it
@@ -531,8 +509,8 @@ def test_pnm_files_are_read_by_the_folder_source_and_inpaint(tmp_path):
       image = inpaint.load_image(path)
       assert image is not None and image.shape == (64, 64, 3), name
   # 8-bit and 16-bit grey decode to the same picture.
-  np.testing.assert_array_equal(np.asarray(image_io.decode_file(src / "g.pgm")),
-                                np.asarray(image_io.decode_file(src / "deep.pgm")))
+  np.testing.assert_array_equal(np.asarray(image_files.decode_file(src / "g.pgm")),
+                                np.asarray(image_files.decode_file(src / "deep.pgm")))
 
 
 # --- the schedule's length ------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""Each per-level remedy does what it says (issue 5): free bits, weight decay, balancing."""
+"""Each per-level remedy does what it says (issues 5, 15): free bits, weight decay, balancing,
+and the encoder-only remedies (posterior dropout and noise, posterior head decay, sleep)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import load_experiment, tiny_model_config
+from helpers import centre_mask, load_experiment, random_images, tiny_model_config
 
-from hvae import objective, train
+from hvae import objective, remedies, train
 from hvae.mesh import make_mesh, shard_batch
 from hvae.model import ladder
 from hvae.model.ladder import HVAE
@@ -48,7 +49,12 @@ def test_train_step_logs_per_level_head_gradient_norms_and_uses_remedies():
   config.loss.free_bits_per = "channel"
   config.loss.free_bits = (0.5,)
   config.regularize.head_weight_decay = (0.0, 1e-3)
-  from hvae.config import ModelConfig
+  # The encoder-only remedies too (their properties: the tests below).
+  config.regularize.posterior_dropout = (0.1, 0.0)
+  config.regularize.posterior_noise = (0.0, 0.1)
+  config.regularize.posterior_head_weight_decay = (1e-3,)
+  config.regularize.sleep_weight = (0.5, 1.0)
+  from hvae.typed_config import ModelConfig
 
   mesh = make_mesh(jax.devices()[:1])
   model = HVAE(ModelConfig.from_config(config))
@@ -63,3 +69,58 @@ def test_train_step_logs_per_level_head_gradient_norms_and_uses_remedies():
   for l in (1, 2):
     assert float(metrics[f"grad_norm/level_{l}"]) > 0
   assert np.isfinite(float(metrics["loss"]))
+
+
+# ------------------------------------------------------------- encoder-only remedies (issue 15)
+
+
+def test_posterior_dropout_and_noise_act_on_the_posterior_in_training_only():
+  plain = ladder.Level(tiny_model_config(num_levels=2), 1)
+  noisy = ladder.Level(tiny_model_config(num_levels=2, posterior_dropout=(0.5, 0.0),
+                                         posterior_noise=(0.3, 0.0)), 1)
+  h = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 8))
+  rngs = {"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}
+  variables = plain.init(rngs, h, True, method=ladder.Level.posterior)
+  variables = {"params": {**variables["params"], **plain.init(
+      rngs, h, True, method=ladder.Level.prior)["params"]}}
+
+  def run(level, method, training):
+    return level.apply(variables, h, training, method=method, rngs={"dropout": rngs["dropout"]})
+
+  for training in (False, True):
+    np.testing.assert_array_equal(run(plain, ladder.Level.prior, training).mean,
+                                  run(noisy, ladder.Level.prior, training).mean)  # never
+    same = np.array_equal(run(plain, ladder.Level.posterior, training).mean,
+                          run(noisy, ladder.Level.posterior, training).mean)
+    assert same == (not training)  # the posterior's input, in training only
+
+
+def test_posterior_head_weight_decay_touches_only_the_posterior_heads():
+  params = ladder.init(HVAE(tiny_model_config()), jax.random.PRNGKey(0))
+  g = jax.grad(train.head_weight_penalty)(params, (0.1, 0.0, 0.0), remedies.POSTERIOR_HEADS)
+  for path, x in jax.tree_util.tree_leaves_with_path(g):
+    key = jax.tree_util.keystr(path)
+    touched = "level_1" in key and "q_head" in key and "kernel" in key
+    assert bool(np.any(np.asarray(x) != 0)) == touched, key
+
+
+def test_sleep_term_fits_only_the_posterior_to_the_latents_of_its_dreams():
+  model = HVAE(tiny_model_config(num_levels=1, posterior="top_down"))
+  params = ladder.init(model, jax.random.PRNGKey(0))
+  image, mask, rng = random_images(2), centre_mask(2), jax.random.PRNGKey(3)
+
+  @jax.jit
+  def value_and_grad(p):
+    return jax.value_and_grad(lambda q: remedies.sleep_loss(
+        model, q, image, mask, rng, (1.0,), train=False)[0])(p)
+
+  loss, g = value_and_grad(params)
+  for path, x in jax.tree_util.tree_leaves_with_path(g):
+    key = jax.tree_util.keystr(path)
+    moved = bool(np.any(np.asarray(x) != 0))
+    assert moved == ("q_head" in key), key  # no mask projection in this model
+  step = jax.tree_util.tree_map(lambda p, d: p - 1e-3 * d, params, g)
+  assert float(value_and_grad(step)[0]) < float(loss)  # same dreams, better fit of q
+  x, zs = remedies.dream(model, params, image, mask, rng)
+  np.testing.assert_array_equal(np.asarray(x) * mask, image * mask)  # the context is kept
+  assert [z.shape[1:] for z in zs] == [model.config.latent_shape(1)]

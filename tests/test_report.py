@@ -1,8 +1,8 @@
 """Tests of hvae/verdict.py and hvae/report.py (`launch.py --mode=report`) on synthetic workdirs.
 
-No model is trained here: each workdir is a config.json, a metrics.jsonl with the DESIGN §7 names
-and a few PNGs, written by the helpers below. Level 2 of `_hvae_rows` overfits (its held-out minus
-train-split KL grows while its train-split KL falls); levels 1 and 3 do not.
+No model is trained here: each workdir is a config.json, a metrics.jsonl with the docs/design.md §7
+names and a few PNGs, written by the helpers below. Level 2 of `_hvae_rows` overfits (its held-out
+minus train-split KL grows while its train-split KL falls); levels 1 and 3 do not.
 """
 
 import json
@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from hvae import images, report, verdict
+from hvae import grids, report, verdict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 L = 3
@@ -52,7 +52,7 @@ def _write_workdir(path: pathlib.Path, rows: list[dict], *, kind: str = "hvae",
   (path / "config.json").write_text(json.dumps(config))
   (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   for i, name in enumerate(pngs):
-    images.save_png(path / "images" / name, np.full((8, 8, 3), 40 * i, np.uint8))
+    grids.save_png(path / "images" / name, np.full((8, 8, 3), 40 * i, np.uint8))
   if done:
     (path / "DONE").write_text("done\n")
   return path
@@ -61,9 +61,13 @@ def _write_workdir(path: pathlib.Path, rows: list[dict], *, kind: str = "hvae",
 # --- verdict -----------------------------------------------------------------------------------
 
 
+def _flags(rows, s=None) -> dict[int, bool]:
+  return {l: v.flagged for l, v in verdict.explain(rows, L, s).items()}
+
+
 def test_only_the_level_whose_gap_grows_while_train_kl_falls_is_flagged():
-  assert verdict.overfit_levels(_hvae_rows(), L, k=4, gap_margin=2.0, train_margin=0.5) == {
-      1: False, 2: True, 3: False}
+  s = verdict.Settings(window=4, gap_margin=2.0, train_margin=0.5)
+  assert _flags(_hvae_rows(), s) == {1: False, 2: True, 3: False}
   why = verdict.explain(_hvae_rows(), L)[2].why
   assert "gap/kl grew 6.0 → 10.5 nats over the last 4 evaluations" in why
   assert "eval_train/kl fell 37.0 → 34.0" in why
@@ -83,7 +87,7 @@ def test_a_gap_that_grows_but_stays_negative_is_not_flagged():
   for row in rows:
     if "gap/kl/level_2" in row:
       row["gap/kl/level_2"] -= 50.0
-  assert not verdict.overfit_levels(rows, L)[2]
+  assert not _flags(rows)[2]
 
 
 def test_too_few_or_non_finite_evaluations_are_not_judged():
@@ -109,7 +113,7 @@ def test_the_swap_gap_alone_can_flag_a_level():
 
 def test_the_gap_is_computed_when_only_the_splits_are_logged():
   rows = [{k: v for k, v in r.items() if not k.startswith("gap/")} for r in _hvae_rows()]
-  assert verdict.overfit_levels(rows, L) == {1: False, 2: True, 3: False}
+  assert _flags(rows) == {1: False, 2: True, 3: False}
 
 
 def test_settings_come_from_the_config_with_defaults():

@@ -1,5 +1,6 @@
 """Tests of hvae/train.py: the jitted, sharded train step."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +8,9 @@ import pytest
 from helpers import centre_mask, load_experiment, random_images
 
 from hvae import train
-from hvae.config import ModelConfig
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.model.ladder import HVAE
+from hvae.typed_config import ModelConfig
 
 
 def _config(**optim):
@@ -40,17 +41,12 @@ def _run(config, devices, steps=2, count_traces=None):
 
 def test_eight_devices_match_one_device_and_trace_once(monkeypatch):
   assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
-  traces = []
-  original = train.train_step
-
-  def counting(*args, **kwargs):
-    traces.append(1)
-    return original(*args, **kwargs)
-
-  monkeypatch.setattr(train, "train_step", counting)
+  chex.clear_trace_counter()
+  # A second trace of the sharded step (a silent recompile every step) raises AssertionError.
+  monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
   config = _config()
   state8, loss8 = _run(config, jax.devices(), steps=3)
-  assert len(traces) == 1, "the sharded step was traced more than once"
+  monkeypatch.undo()  # the one-device run below is a second, legitimate compilation
   state1, loss1 = _run(config, jax.devices()[:1], steps=3)
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   # Adam divides by sqrt(v): for a parameter with a near-zero gradient, the reduction-order
@@ -141,3 +137,33 @@ def test_deterministic_baseline_trains_with_per_level_loss_fields():
   np.testing.assert_allclose(float(metrics["loss"]), float(metrics["bpd"]), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["bpd"]), float(metrics["recon_bpd"]), rtol=1e-6)
   assert not any(k.startswith("kl") for k in metrics)
+
+
+def test_annealed_location_gradients_change_gradients_not_losses():
+  """`model.likelihood_grad_anneal`: the step logs p (1 before the anneal, 0 after) and every
+  loss equals the un-annealed run's (only gradients differ, and those only once p < 1)."""
+  config = _config()
+  config.model.likelihood_grad = "scaled"
+  annealed = _config()
+  annealed.model.likelihood_grad = "scaled"
+  annealed.model.likelihood_grad_anneal = (1, 2)  # p = 1, 1, 0 at steps 0, 1, 2
+  mesh = make_mesh(jax.devices()[:1])
+  powers, runs = [], []
+  for cfg in (config, annealed):
+    model = HVAE(ModelConfig.from_config(cfg))
+    tx = train.create_optimizer(cfg)
+    state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
+    step_fn = train.make_train_step(cfg, model, tx, mesh)
+    losses = []
+    for i in range(3):
+      state, metrics = step_fn(state, shard_batch(_batch(seed=i), mesh), jax.random.PRNGKey(1))
+      losses.append(float(metrics["loss"]))
+      if cfg is annealed:
+        powers.append(float(metrics["likelihood_grad_power"]))
+    runs.append((losses, jax.device_get(state.params)))
+  assert powers == [1.0, 1.0, 0.0]
+  # Steps 0-1 took identical updates, so step 2's loss (before its own update) agrees too.
+  np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6)
+  diff = [np.max(np.abs(a - b)) for a, b in zip(jax.tree_util.tree_leaves(runs[0][1]),
+                                                 jax.tree_util.tree_leaves(runs[1][1]))]
+  assert max(diff) > 0  # step 2's update used exact gradients

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from hvae import atomic
-from hvae.writers import MetricWriter, eval_summary, read_metrics
+from hvae.writers import MetricWriter, eval_summary, periodic_actions, read_metrics
 
 
 def _tensorboard_scalars(workdir: str) -> dict[str, dict[int, float]]:
@@ -154,3 +154,21 @@ def test_atomic_json_writes_replace_the_file_and_leave_no_temporary(tmp_path):
     atomic.write_json(str(path), {"x": object()})
   assert json.loads(path.read_text()) == {"a": [2], "b": 1}
   assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_periodic_actions_report_progress_and_trace_a_few_steps(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")
+  actions = periodic_actions(20, 5, 0, profile_dir=str(tmp_path))
+  assert len(actions) == 2  # ReportProgress, Profile
+  x = jnp.ones(4)
+  for step in range(1, 21):
+    x = x * 1.0001  # something for the trace to hold
+    for action in actions:
+      action(step)
+  x.block_until_ready()
+  assert "(20/20)" in caplog.text and "ETA" in caplog.text
+  assert glob.glob(str(tmp_path / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  # A run too short to reach the traced steps gets no trace, and says so.
+  assert len(periodic_actions(8, 5, 0, profile_dir=str(tmp_path / "short"))) == 1
+  assert "before steps 5..10 can be traced" in caplog.text

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from hvae import console
-from hvae.data import images
+from hvae.data import image_files
 from hvae.data import source as source_lib
 
 NAME = "celeb_a"
@@ -117,7 +117,7 @@ def ensure_prepared(config):
 
 def crop_resize(image: np.ndarray, crop: int, size: int) -> np.ndarray:
   """Centre crop of `crop` px, then antialiased resize: uint8 [H, W, 3] -> [size, size, 3]."""
-  return images.centre_crop_resize(Image.fromarray(image), size, crop)
+  return image_files.centre_crop_resize(Image.fromarray(image), size, crop)
 
 
 def _record_image(record: dict, rng: np.random.Generator, *, crop: int, size: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import functools
 import numpy as np
 from PIL import Image
 
-from hvae.data import images
+from hvae.data import image_files
 from hvae.data import source as source_lib
 
 PHOTOS_BY_SPLIT = {
@@ -102,7 +102,7 @@ def photo(name: str) -> Image.Image:
   loaded = LOADERS[name]()
   if isinstance(loaded, np.ndarray):
     loaded = Image.fromarray(loaded)
-  rgb = images.to_rgb(loaded)
+  rgb = image_files.to_rgb(loaded)
   # Cropping a 1411 px photo costs 2-3x a 512 px one; even the smallest crop (8 % of the area)
   # of a 512 px photo still covers over 64 px, so the reduction loses nothing the model sees.
   rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
@@ -122,7 +122,8 @@ def random_crop(name: str, rng: np.random.Generator, size: int = 64) -> np.ndarr
     uint8 [size, size, 3].
   """
   image = photo(name)
-  return images.resize_box(image, images.random_resized_box(image.width, image.height, rng), size)
+  box = image_files.random_resized_box(image.width, image.height, rng)
+  return image_files.resize_box(image, box, size)
 
 
 class _EvalImages:

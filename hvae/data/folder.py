@@ -1,5 +1,9 @@
 """Data source `folder`: any directory tree of images, prepared once as a TFDS array_record set.
 
+Why one file past ~350 lines: preparation is one pipeline (scan, fingerprint, decode, split,
+write, report) whose steps share the fingerprint and the `Report`; decoding itself is
+hvae/data/image_files.py.
+
 Preparation (`prepare(config)`; `prepare(config, "eval_path")` for the held-out folder):
 1. Scan `config.data.path` recursively (hidden directories are skipped, symlinked directories
    are not followed) for files whose extension is one of `EXTENSIONS` (every extension Pillow
@@ -11,7 +15,7 @@ Preparation (`prepare(config)`; `prepare(config, "eval_path")` for the held-out 
    change (a file added, removed, touched or resized, a setting changed) rebuilds it and deletes
    the previous build of the same folder.
 3. Decode every candidate BY CONTENT (a WEBP named .jpg is fine), in threads, convert it to RGB
-   (see `hvae.data.images`: EXIF orientation, 16-bit scaling, alpha composited on white),
+   (see `hvae.data.image_files`: EXIF orientation, 16-bit scaling, alpha composited on white),
    centre-crop the largest square and resize it to 64×64. Images whose short side is under 64 px
    are upscaled or skipped (`config.data.small_images`). A file that fails is skipped and NAMED
    in a warning, with a count at the end; preparation never stops on a bad file.
@@ -52,7 +56,7 @@ import numpy as np
 from absl import logging
 
 from hvae import console
-from hvae.data import images
+from hvae.data import image_files
 from hvae.data import source as source_lib
 from hvae.errors import ConfigError
 
@@ -222,12 +226,12 @@ def split_of(rel_path: str, validation_fraction: float, split_by: str = "") -> s
 def _preprocess(full_path: str, size: int, small_images: str) -> np.ndarray | str:
   """Returns uint8 [size, size, 3], or the reason the file is skipped."""
   try:
-    image = images.decode_file(full_path)
+    image = image_files.decode_file(full_path)
   except Exception as e:  # pylint: disable=broad-except  (any decoder failure = a bad file)
     return f"cannot decode ({type(e).__name__}: {e})"
   if min(image.size) < size and small_images == "skip":
     return f"smaller than {size} px ({image.width}x{image.height}; data.small_images='skip')"
-  return images.centre_crop_resize(image, size)
+  return image_files.centre_crop_resize(image, size)
 
 
 def _assign_splits(good: list[str], fraction: float, split_by: str = "") -> dict[str, list[str]]:

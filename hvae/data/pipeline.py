@@ -19,6 +19,7 @@ run (`set_state`) sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import types
@@ -39,6 +40,7 @@ SOURCES: dict[str, types.ModuleType] = {
   "synthetic": synthetic,
 }
 _DATA_STREAM = 0x64617461  # keeps the data-order seed apart from other uses of config.seed
+_SUBSET_STREAM = 0x73756273  # the fixed permutation `data.train_subset` draws from
 _PREFETCH_BATCHES = 4
 
 
@@ -64,12 +66,38 @@ def open_split(config, split: str) -> source_lib.SplitSource:
     split: train | validation | test.
 
   Returns:
-    The split's SplitSource.
+    The split's SplitSource (for `train`, `data.train_subset` of it when that is > 0).
 
   Raises:
     ValueError: unknown source, or a split the source does not have.
   """
-  return _source(config).open_split(config, split)
+  source = _source(config).open_split(config, split)
+  subset = int(config.data.get("train_subset", 0) or 0)
+  return train_subset(source, subset) if split == "train" and subset > 0 else source
+
+
+def _subset_image(eval_image, indices, i: int):
+  return eval_image(int(indices[i]))
+
+
+def train_subset(source: source_lib.SplitSource, n: int) -> source_lib.SplitSource:
+  """n examples of a finite training split, for studying overfitting at a chosen data size.
+
+  The same n examples for every `seed` (a fixed permutation, independent of the run's seed), and
+  the first m < n of them are a subset of the n: growing `data.train_subset` adds examples. Both
+  training and the training-split evaluation (`eval_train/`) use only them.
+
+  Raises:
+    ConfigError: the split is infinite (the embedded photographs' random crops).
+  """
+  if source.num_examples is None:
+    raise ConfigError("data.train_subset: this source's training split has infinitely many "
+                      "examples (random crops); it applies to celeb_a, folder and synthetic")
+  indices = np.random.default_rng(_SUBSET_STREAM).permutation(source.num_examples)[:n]
+  return source_lib.SplitSource(
+    records=[source.records[int(i)] for i in indices], train_image=source.train_image,
+    eval_image=functools.partial(_subset_image, source.eval_image, indices),
+    num_examples=len(indices))
 
 
 def num_examples(config, split: str) -> int | None:
@@ -83,6 +111,9 @@ def num_examples(config, split: str) -> int | None:
     The count, or None.
   """
   module = _source(config)
+  subset = int(config.data.get("train_subset", 0) or 0)
+  if split == "train" and subset > 0:
+    return open_split(config, split).num_examples
   if hasattr(module, "num_examples"):  # answers from metadata, without opening files
     return module.num_examples(config, split)
   return module.open_split(config, split).num_examples

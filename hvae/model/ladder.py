@@ -1,4 +1,4 @@
-"""The hierarchical VAE of DESIGN §2: shared trunk, posterior, top-down prior ladder, output head.
+"""The hierarchical VAE of docs/design.md §2: trunk, posterior, top-down prior ladder, output head.
 
 Parameter paths are stable and per level, so per-level remedies can address them:
 
@@ -17,6 +17,7 @@ importance-weighted bound are built on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,10 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hvae.config import ModelConfig
 from hvae.model import layers, likelihoods
 from hvae.model.distributions import DiagGaussian
 from hvae.model.trunk import Trunk
+from hvae.typed_config import ModelConfig
 
 POSTERIOR = "posterior"
 PRIOR = "prior"
@@ -57,7 +58,7 @@ class ModelOutput:
 
 
 def preprocess(image: jnp.ndarray, mask: jnp.ndarray):
-  """The network inputs of DESIGN §2 from raw pixels.
+  """The network inputs of docs/design.md §2 from raw pixels.
 
   Args:
     image: [B, 64, 64, 3] pixel values in [0, 255] (uint8 or float; differentiable if float).
@@ -125,7 +126,20 @@ class Level(nn.Module):
     return self.p_head(d, train=train)
 
   def posterior(self, h: jnp.ndarray, train: bool) -> DiagGaussian:
-    """q(z_l | ...) from its input features (h^q_l, or concat(d_l, h^q_l) for top_down)."""
+    """q(z_l | ...) from its input features (h^q_l, or concat(d_l, h^q_l) for top_down).
+
+    In training, the encoder-only remedies act on those features first: dropout
+    (`regularize.posterior_dropout`), then additive Gaussian noise (`posterior_noise`, its std,
+    from the "dropout" stream). Neither touches the prior head's input.
+    """
+    cfg, l = self.config, self.level
+    rate = cfg.posterior_dropout[l - 1] if cfg.posterior_dropout else 0.0
+    std = cfg.posterior_noise[l - 1] if cfg.posterior_noise else 0.0
+    if train and rate > 0:  # inverted dropout, as nn.Dropout (no submodule outside setup)
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, h.shape)
+      h = jnp.where(keep, h / (1.0 - rate), 0.0)
+    if train and std > 0:
+      h = h + std * jax.random.normal(self.make_rng("dropout"), h.shape, h.dtype)
     return self.q_head(h, train=train)
 
   def merge(self, d: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
@@ -187,6 +201,8 @@ class HVAE(nn.Module):
       noise: Sequence[jnp.ndarray | None] | None = None,
       temperature: float | Sequence[float] = 1.0,
       compute_posterior: bool | None = None,
+      posterior_offset: Sequence[DiagGaussian | None] | None = None,
+      location_grad_power: jnp.ndarray | float | None = None,
   ) -> ModelOutput:
     """Runs the model.
 
@@ -202,6 +218,19 @@ class HVAE(nn.Module):
       temperature: tau, global or per level; scales sigma of prior-drawn levels only.
       compute_posterior: run the posterior side (default: iff some level draws from it). When
         False, q, kl and log_q are None and `image`'s missing pixels are never read.
+      posterior_offset: per level, a `DiagGaussian` [B, *S] whose mean and log_scale are ADDED
+        to the posterior's (None: the encoder's posterior unchanged, as is the default).
+        Per-example refinement (hvae/amortisation.py) optimises these offsets with everything
+        else frozen. For bottom_up posteriors, q_l does not depend on z_>l, so encoder + offset
+        spans every diagonal Gaussian: the free-form (per-example, mean-field) family. For
+        top_down, q_l depends on the decoder state given the sampled z_>l; the offset shifts
+        that conditional posterior by a per-example constant and keeps its dependence on z_>l.
+        That family contains the encoder exactly (offset 0, for any noise), which replacing
+        the parameters by free values would not; it is not the free-form family.
+      location_grad_power: p of the likelihood's location-gradient factor scale**p
+        (`likelihoods.location_grad_power`; the train step passes it when
+        `model.likelihood_grad_anneal` is set). None: the mode's own factor (p = 1). Values,
+        hence every output, are the same for every p; only gradients differ.
 
     Returns:
       A `ModelOutput`.
@@ -211,6 +240,7 @@ class HVAE(nn.Module):
     sources = _per_level(sources, L, "sources")
     latents = _per_level(latents, L, "latents")
     noise = _per_level(noise, L, "noise")
+    posterior_offset = _per_level(posterior_offset, L, "posterior_offset")
     temperature = _per_level(temperature, L, "temperature")
     for s in sources:
       if s not in SOURCES:
@@ -248,6 +278,9 @@ class HVAE(nn.Module):
       if compute_posterior:
         q_in = h_q[l] if cfg.posterior == "bottom_up" else jnp.concatenate([d, h_q[l]], axis=-1)
         q = level.posterior(q_in, train)
+        if posterior_offset[l - 1] is not None:
+          offset = posterior_offset[l - 1]
+          q = DiagGaussian(q.mean + offset.mean, q.log_scale + offset.log_scale)
       z = latents[l - 1]
       if z is None:
         eps = noise[l - 1]
@@ -266,6 +299,8 @@ class HVAE(nn.Module):
       state = level.merge(d, z)
 
     lik = self.likelihood
+    if location_grad_power is not None:
+      lik = dataclasses.replace(lik, location_grad_power=location_grad_power)
     head = OutputHead(cfg.width, cfg.blocks_per_level, lik.num_params, cfg.context_skips,
                       name="output_head")
     px_params = head(layers.upsample(state, cfg.upsample), h_p[0], a_p)

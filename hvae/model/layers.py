@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hvae.config import UPSAMPLING
 from hvae.model.distributions import DiagGaussian
+from hvae.typed_config import UPSAMPLING
 
 # softplus(x + _SOFTPLUS_ONE) = 1 at x = 0: heads start at sigma = 1 (plus the floor).
 _SOFTPLUS_ONE = math.log(math.e - 1.0)

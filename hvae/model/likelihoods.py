@@ -1,4 +1,4 @@
-"""Per-pixel output likelihoods p(x | z) for 8-bit RGB images (DESIGN §2 "Output likelihood").
+"""Per-pixel likelihoods p(x | z) of 8-bit RGB images (docs/design.md §2 "Output likelihood").
 
 Three choices, selected by name through `get`:
 
@@ -26,6 +26,7 @@ import abc
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,14 +92,43 @@ def scale_location_grad(mu: jnp.ndarray, scale: jnp.ndarray, normalize: bool = F
 LOCATION_GRADS = ("exact", "scaled", "scaled_mean")
 
 
-def location(mu: jnp.ndarray, log_scale: jnp.ndarray, grad: str) -> jnp.ndarray:
-  """`mu` with the gradient mode `grad`: exact, scaled (`scale_location_grad`) or scaled_mean
-  (the same, its factor normalised by its mean)."""
+def location(mu: jnp.ndarray, log_scale: jnp.ndarray, grad: str, power=1.0) -> jnp.ndarray:
+  """`mu` with the gradient mode `grad`: exact, scaled (`scale_location_grad`, with the factor
+  min(scale, 1)) or scaled_mean (the same, its factor normalised by its mean).
+
+  `power` p (a float or a traced scalar in [0, 1]) makes the factor scale**p: 1 is the mode
+  itself, 0 exact gradients, values between anneal from one to the other
+  (`location_grad_power`). The value of `mu` is the same for every p.
+  """
   if grad == "exact":
     return mu
   if grad not in LOCATION_GRADS:
     raise ValueError(f"location gradients: {grad!r} is not one of {', '.join(LOCATION_GRADS)}")
-  return scale_location_grad(mu, jnp.exp(log_scale), normalize=grad == "scaled_mean")
+  # The factor is capped at 1 (scale 1 already spans the data range [-1, 1]): an unused
+  # mixture component's log-scale drifts freely, and exp(log_scale > 88) overflows float32,
+  # where `scale_location_grad`'s inf * 0 made the value NaN (a deterministic run died so).
+  log_scale = jnp.minimum(log_scale, 0.0)
+  scale = jnp.exp(log_scale) if isinstance(power, (int, float)) and power == 1 else jnp.exp(
+      power * log_scale)
+  return scale_location_grad(mu, scale, normalize=grad == "scaled_mean")
+
+
+def location_grad_power(step: jnp.ndarray, anneal: tuple[int, ...]) -> jnp.ndarray:
+  """The exponent p of the location-gradient factor scale**p at training step `step`.
+
+  `anneal` = (start, end) (`model.likelihood_grad_anneal`): p = 1 (the scaled mode) before
+  `start`, 0 (exact gradients) from `end` on, linear in between; () keeps p = 1 throughout.
+  Scaled gradients first let the hard channel (R of a grey photo) shape the features; the
+  exact ones then let the mixture learn the near-deterministic coupling of G and B given R,
+  which the scaled ones learn slowly (docs/results.md, "Learning structure").
+  """
+  if not anneal:
+    return jnp.ones((), jnp.float32)
+  start, end = anneal
+  step = jnp.asarray(step, jnp.float32)
+  if end <= start:
+    return jnp.where(step < start, 1.0, 0.0).astype(jnp.float32)
+  return jnp.clip((end - step) / (end - start), 0.0, 1.0).astype(jnp.float32)
 
 
 def _check_params(params: jnp.ndarray, num_params: int) -> jnp.ndarray:
@@ -184,6 +214,7 @@ class DiscretizedMixLogistic(Likelihood):
 
   num_mixtures: int
   location_grad: str = "exact"  # LOCATION_GRADS: gradients of the coupled means
+  location_grad_power: Any = 1.0  # p of the factor scale**p (`location`); traced in training
 
   def __post_init__(self):
     if self.num_mixtures < 1:
@@ -226,7 +257,7 @@ class DiscretizedMixLogistic(Likelihood):
     x = _to_unit(pixels)
     # The coupling reads the true (data) values of the earlier channels.
     mu = self._coupled_means(means, coeffs, x[..., 0, :], x[..., 1, :])
-    mu = location(mu, log_scales, self.location_grad)
+    mu = location(mu, log_scales, self.location_grad, self.location_grad_power)
     inv_s = jnp.exp(-log_scales)
     centred = x - mu
     plus_in = inv_s * (centred + _HALF_BIN)
@@ -327,6 +358,7 @@ class DiscretizedGaussian(Likelihood):
   """
 
   location_grad: str = "exact"  # LOCATION_GRADS: gradients of the means
+  location_grad_power: Any = 1.0  # p of the factor scale**p (`location`); traced in training
 
   @property
   def num_params(self) -> int:
@@ -351,7 +383,7 @@ class DiscretizedGaussian(Likelihood):
     """
     del rng
     mu, log_s = self._split(params)
-    mu = location(mu, log_s, self.location_grad)
+    mu = location(mu, log_s, self.location_grad, self.location_grad_power)
     pixels = jnp.asarray(image, jnp.float32)
     x = _to_unit(pixels)
     inv_s = jnp.exp(-log_s)
@@ -404,6 +436,7 @@ class Gaussian(Likelihood):
   """
 
   location_grad: str = "exact"  # LOCATION_GRADS: gradients of the means
+  location_grad_power: Any = 1.0  # p of the factor scale**p (`location`); traced in training
 
   @property
   def num_params(self) -> int:
@@ -427,7 +460,7 @@ class Gaussian(Likelihood):
       [..., 3] nats.
     """
     mu, log_s = self._split(params)
-    mu = location(mu, log_s, self.location_grad)
+    mu = location(mu, log_s, self.location_grad, self.location_grad_power)
     pixels = jnp.asarray(image, jnp.float32)
     if rng is None:
       u = 0.5

@@ -1,4 +1,4 @@
-"""The shared conv-pool trunk g (DESIGN §2): one set of weights for the posterior and the prior.
+"""The shared conv-pool trunk g (docs/design.md §2): one set of weights for posterior and prior.
 
 `Trunk` maps a 64x64x4 input `a` to the list [h_0, h_1, ..., h_L]: h_0 = stem(a) at 64x64 and
 h_l = g_l(h_{l-1}) = pool(blocks(h_{l-1})) at 64/2^l. The model calls the *same* Trunk

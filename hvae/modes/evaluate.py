@@ -1,5 +1,9 @@
 """`--mode=eval`: the likelihood and fill-in quality of a trained run (see docs/evaluation.md).
 
+Why one file past ~350 lines: `--mode=eval` is one command whose methods table, sample
+figures, IW bound and amortisation split must be computed on the same examples and written
+together; `--mode=inpaint` (hvae/modes/inpaint.py) reuses its table.
+
   python launch.py --mode=eval --workdir=runs/quickstart [--checkpoint=best|latest|STEP]
       [--split=validation|test|train | --input=IMAGE_OR_FOLDER] [--mask=...] [--num_samples=N]
       [--temperature=TAU or TAU_1,...,TAU_L] [--baselines=biharmonic,ring_mean|none]
@@ -39,9 +43,22 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from hvae import api, atomic, baselines, data, evaluation, images, quality, sampling
+from hvae import (
+  amortisation,
+  api,
+  atomic,
+  baselines,
+  data,
+  evaluation,
+  grids,
+  metric_names,
+  quality,
+  sampling,
+  split_report,
+)
 from hvae.data import masks as masks_lib
 from hvae.errors import ConfigError
+from hvae.mesh import allgather_rows, make_mesh
 from hvae.train import latent_dims
 from hvae.writers import MetricWriter
 
@@ -193,15 +210,15 @@ def _summarize(rows: dict[str, np.ndarray], prefix: str, dims: tuple[int, ...],
     if name in rows:
       m[name] = rows[name].mean()
   for method, row in table.items():
-    m.update({f"{method}/{k}": v for k, v in row.items()})
-  return {f"{prefix}/{k}": float(v) for k, v in m.items()}
+    m.update(metric_names.prefixed(method, row))
+  return {k: float(v) for k, v in metric_names.prefixed(prefix, m).items()}
 
 
 def fill_grid(outputs: dict[str, np.ndarray], image: np.ndarray, mask: np.ndarray,
               num_rows: int, reference: str | None, truth_label: str = "truth") -> np.ndarray:
   """context | truth | reference baseline | mode | mean | samples (most likely first), labelled;
   columns of fill-ins not in `outputs` are left out."""
-  cols, labels = [images.hole_overlay(image, mask), image], ["context", truth_label]
+  cols, labels = [grids.hole_overlay(image, mask), image], ["context", truth_label]
   for name in (reference, "mode", "mean"):
     if name is not None and name in outputs:
       cols.append(outputs[name])
@@ -215,7 +232,7 @@ def fill_grid(outputs: dict[str, np.ndarray], image: np.ndarray, mask: np.ndarra
     word = "rank" if "scores" in outputs else "sample"
     labels += [f"{word} {i + 1}" for i in range(samples.shape[0])]
   rows = [np.stack([np.asarray(c[b]) for c in cols]) for b in range(num_rows)]
-  return images.make_grid(rows, labels=labels, scale=2)
+  return grids.make_grid(rows, labels=labels, scale=2)
 
 
 def input_name(path: str) -> str:
@@ -266,7 +283,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
         input_path: str | None = None, output: str | None = None,
         baseline_names: str | Sequence[str] = baselines.DEFAULT, likelihood: bool = True,
         model: api.Inpainter | None = None, pixels: str | None = None,
-        rank: bool = True) -> dict:
+        rank: bool = True, refine_steps: int | None = None) -> dict:
   """Evaluates a trained run and writes OUT/{results.json, table.md, grid.png} and TensorBoard.
 
   Args:
@@ -293,6 +310,10 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       eval.pixels, else `sampling.DEFAULT_PIXELS`.
     rank: score every sample with the IW bound for the `ranked` method (K = min(8, K) passes
       per sample: the costliest part of the table).
+    refine_steps: S of the encoder/decoder split of the gap (hvae/amortisation.py), overriding
+      eval.refine_steps; > 0 adds its figures on the first eval.refine_examples examples of the
+      validation and training splits (whatever `split`) and writes OUT/split.md. Not with
+      input_path.
 
   Returns:
     The results dict written to results.json.
@@ -312,6 +333,10 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   pixels = sampling.check_pixels(pixels) if pixels else sampling.default_pixels(cfg)
   if mask and not input_path:
     cfg.data.eval_mask = mask
+  refine = amortisation.settings(cfg, refine_steps)
+  if refine.steps > 0 and input_path:
+    raise ConfigError("--refine_steps compares the run's validation and training splits; it "
+                      "does not apply with --input")
   e = cfg.eval
   k = int(iw_samples or e.iw_samples)
   n = int(num_samples or e.num_samples)
@@ -331,7 +356,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
                int(sum(b["weight"].sum() for b in batches)), mask_name, k, n, temperature,
                ",".join(names) or "none")
 
-  rows, methods, grid = {}, {}, None
+  rows, methods, keeps, grid = {}, {}, [], None
   for i, batch in enumerate(batches):
     keys = jax.random.split(jax.random.fold_in(rng, i), 2)
     image, mask_b = batch["image"], batch["mask"]
@@ -344,17 +369,28 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
     figures["index"] = batch["index"]
     if "name" in batch:
       figures["name"] = batch["name"]
+    keeps.append(keep)  # padding rows are dropped after the gather below (equal shapes there)
     for name, value in figures.items():
-      rows.setdefault(name, []).append(np.asarray(value)[keep])
+      rows.setdefault(name, []).append(np.asarray(value))
     for method, figs in per_method.items():
       for fig, value in figs.items():
-        methods.setdefault(method, {}).setdefault(fig, []).append(value[keep])
+        methods.setdefault(method, {}).setdefault(fig, []).append(np.asarray(value))
     if grid is None:
       grid = fill_grid(outputs, image, mask_b, min(int(e.num_grid_examples), int(keep.sum())),
                    reference)
     logging.info("eval: batch %d/%d done (%.1fs)", i + 1, len(batches), time.perf_counter() - t0)
+  keep = np.concatenate(keeps)
   rows = {name: np.concatenate(v) for name, v in rows.items()}
   methods = {m: {f: np.concatenate(v) for f, v in figs.items()} for m, figs in methods.items()}
+  sharded = not input_path and jax.process_count() > 1  # each process scored its split rows
+  if sharded:  # every process gets every example's figures, as one process would have them
+    keep, rows, methods = allgather_rows((keep, rows, methods))
+  rows = {name: v[keep] for name, v in rows.items()}
+  methods = {m: {f: v[keep] for f, v in figs.items()} for m, figs in methods.items()}
+  if sharded:  # process-major after the gather: back to the split's order
+    order = np.argsort(rows["index"], kind="stable")
+    rows = {name: v[order] for name, v in rows.items()}
+    methods = {m: {f: v[order] for f, v in figs.items()} for m, figs in methods.items()}
   table = methods_summary(methods, reference)
   metrics = _summarize(rows, prefix, latent_dims(model.model.config), table)
   num_examples = int(rows["index"].size)
@@ -362,6 +398,13 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
            f"{input_path or f'{split} split'}, mask {mask_name}, N={n}, tau {temperature}, "
            f"pixels {pixels}")
   text = format_table(table, reference, num_examples, title)
+  split_text = ""
+  if refine.steps > 0 and model.model.config.has_latents:
+    metrics.update(_refine_split(cfg, model, refine))
+    split_text = "\n".join(split_report.markdown(
+        metrics, model.model.config.num_levels, f"Encoder/decoder split of the held-out gap: "
+        f"{workdir} step {model.step}, S = {refine.steps}, {refine.examples} examples per "
+        f"split, mask {mask_name}"))
   per_example = {name: v.tolist() for name, v in rows.items() if v.ndim == 1}
   for method, figs in methods.items():
     per_example.update({f"{method}/{fig}": v.tolist() for fig, v in figs.items()})
@@ -378,20 +421,40 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       "hf_eps": quality.HF_EPS, "metrics": metrics, "methods": table,
       "per_example": per_example, "wall_time_s": time.perf_counter() - t0,
   }
+  if refine.steps > 0:
+    results["refine"] = {"steps": refine.steps, "examples": refine.examples, "lr": refine.lr}
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     atomic.write_json(os.path.join(out_dir, "results.json"), results, strict=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
       f.write(text)
-    images.save_png(os.path.join(out_dir, "grid.png"), grid)
-    print(text, flush=True)
+    if split_text:
+      with open(os.path.join(out_dir, "split.md"), "w") as f:
+        f.write(split_text)
+    grids.save_png(os.path.join(out_dir, "grid.png"), grid)
+    print(text + (f"\n{split_text}" if split_text else ""), flush=True)
   with MetricWriter(out_dir, replace_step=model.step) as writer:  # a re-run replaces its row
     writer.write_scalars(model.step, metrics)
     writer.write_images(model.step, {f"{prefix}/fill_ins": grid})
   logging.info("eval: %s", "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                      if k.count("/") == 1))
-  logging.info("eval: wrote %s (%.1fs)", out_dir, time.perf_counter() - t0)
+  if jax.process_index() == 0:  # the others computed the same figures and wrote nothing
+    logging.info("eval: wrote %s (%.1fs)", out_dir, time.perf_counter() - t0)
   return results
+
+
+def _refine_split(cfg, model: api.Inpainter, refine: amortisation.Settings) -> dict[str, float]:
+  """The encoder/decoder split at the loaded checkpoint, on the training evaluations' examples
+  (eval.num_examples of each split; the first eval.refine_examples refined) and key: with
+  S = eval.refine_steps it reproduces their figures."""
+  e = cfg.eval
+  n, bs = int(e.num_examples), int(e.batch_size)
+  sets = {"eval": data.eval_batches(cfg, "validation", n, bs),
+          "eval_train": data.eval_batches(cfg, "train", n, bs)}
+  logging.info("eval: refining %d examples per split, S = %d", refine.examples, refine.steps)
+  split = amortisation.Split(model.model, make_mesh(), sets, amortisation.evaluation_key(cfg),
+                             refine)
+  return split(model.params)
 
 
 def temperature_sweep(workdir: str, temperatures: Sequence[float] = SWEEP_TEMPERATURES, *,

@@ -8,7 +8,7 @@
 Inputs: one image file or a folder (searched recursively; hidden files and folders skipped; every
 file is tried, whatever its extension, so every format Pillow decodes is read, PNM
 .pgm/.ppm/.pbm/.pnm included). Each image, of any size and mode, is decoded by content and
-cropped/resized to 64x64 exactly as the `folder` data source does (hvae.data.images: EXIF
+cropped/resized to 64x64 exactly as the `folder` data source does (hvae.data.image_files: EXIF
 orientation, alpha on white, the largest centred square, antialiased bicubic resize; images under 64
 px follow `data.small_images`). A file that cannot be decoded is named in a warning and skipped.
 
@@ -51,8 +51,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from hvae import api, atomic, baselines, images, sampling
-from hvae.data import images as image_io
+from hvae import api, atomic, baselines, grids, sampling
+from hvae.data import image_files
 from hvae.data import masks as masks_lib
 from hvae.errors import ConfigError, MissingPathError
 from hvae.modes import evaluate
@@ -100,7 +100,7 @@ def list_inputs(path: str) -> list[tuple[str, str]]:
 def load_image(path: str, small_images: str = "upscale") -> np.ndarray | None:
   """uint8 [64, 64, 3] by the data pipeline's policy, or None (with a warning naming the file)."""
   try:
-    image = image_io.decode_file(path)
+    image = image_files.decode_file(path)
   except Exception as e:  # pylint: disable=broad-except  (any decoder failure = a bad file)
     logging.warning("inpaint: skipping %s: cannot decode (%s: %s)", path, type(e).__name__, e)
     return None
@@ -108,7 +108,7 @@ def load_image(path: str, small_images: str = "upscale") -> np.ndarray | None:
     logging.warning("inpaint: skipping %s: smaller than %d px (data.small_images='skip')", path,
                     SIZE)
     return None
-  return image_io.centre_crop_resize(image, SIZE)
+  return image_files.centre_crop_resize(image, SIZE)
 
 
 def load_inputs(input_path: str, small_images: str = "upscale"
@@ -143,10 +143,10 @@ def _box_mask(spec: str) -> np.ndarray:
 
 def mask_from_file(path: str) -> np.ndarray:
   """float32 [64, 64, 1] from a mask image: cropped/resized like inputs; black = missing."""
-  grey = image_io.decode_file(path).convert("L")
-  square = grey.crop(image_io.centre_square_box(grey.width, grey.height))
+  grey = image_files.decode_file(path).convert("L")
+  square = grey.crop(image_files.centre_square_box(grey.width, grey.height))
   if square.size != (SIZE, SIZE):
-    square = square.resize((SIZE, SIZE), image_io.RESAMPLE)
+    square = square.resize((SIZE, SIZE), image_files.RESAMPLE)
   return (np.asarray(square, np.float32) >= 128).astype(np.float32)[..., None]
 
 
@@ -308,7 +308,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
                 for m, figs in per_method.items()}
 
   os.makedirs(output, exist_ok=True)
-  context = images.hole_overlay(pixels, masks)
+  context = grids.hole_overlay(pixels, masks)
   num_dims = missing_dims(masks)
   singles = [k for k in ("mode", "mean", *names) if k in outputs]
   records = []
@@ -317,12 +317,12 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
     if "samples" in outputs:
       files["fills"] = [f"{name}_fill_{i + 1}.png" for i in range(num_samples)]
     files.update({k: f"{name}_{k}.png" for k in singles})
-    images.save_png(os.path.join(output, files["input"]), pixels[b])
-    images.save_png(os.path.join(output, files["context"]), context[b])
+    grids.save_png(os.path.join(output, files["input"]), pixels[b])
+    grids.save_png(os.path.join(output, files["context"]), context[b])
     for i, file in enumerate(files.get("fills", [])):
-      images.save_png(os.path.join(output, file), outputs["samples"][i, b])
+      grids.save_png(os.path.join(output, file), outputs["samples"][i, b])
     for k in singles:
-      images.save_png(os.path.join(output, files[k]), outputs[k][b])
+      grids.save_png(os.path.join(output, files[k]), outputs[k][b])
     record = {"name": name, "source": os.path.abspath(path), "files": files,
               "missing_pixels": int(num_dims[b] // 3)}
     if rank:
@@ -332,7 +332,7 @@ def run(workdir: str, input_path: str, output: str, config=None, *, mask: str | 
                            for m, figs in per_method.items()}
     records.append(record)
   grid = evaluate.fill_grid(outputs, pixels, masks, len(entries), reference, truth_label="input")
-  images.save_png(os.path.join(output, "grid.png"), grid)
+  grids.save_png(os.path.join(output, "grid.png"), grid)
   results = {"workdir": os.path.abspath(workdir), "checkpoint": str(checkpoint),
              "checkpoint_step": model.step, "ema": ema, "mask": mask or "centre",
              "num_samples": num_samples, "temperature": temperature, "pixels": pixel_mode,

@@ -21,11 +21,6 @@ def _tuplify(value):
   return value
 
 
-def to_dict(config: ml_collections.ConfigDict) -> dict:
-  """A plain dict of the config (tuples kept)."""
-  return config.to_dict()
-
-
 def save_config(config: ml_collections.ConfigDict, path: str) -> None:
   """Writes the resolved config as JSON (atomically: a crash never leaves half a file)."""
   atomic.write_json(path, config.to_dict(), indent=2, sort_keys=True)

@@ -1,4 +1,4 @@
-"""Tests for hvae/images.py: grid layout, labels, hole overlay, PNG round trip, heatmap colours."""
+"""Tests for hvae/grids.py: grid layout, labels, hole overlay, PNG round trip, heatmap colours."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hvae.images import heatmap, hole_overlay, make_grid, save_png
+from hvae.grids import heatmap, hole_overlay, make_grid, save_png
 
 
 def _solid(n: int, colour, size: int = 4) -> np.ndarray:

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from hvae.errors import ConfigError  # noqa: F401 (re-exported: hvae.config.ConfigError)
+from hvae.errors import ConfigError  # noqa: F401 (re-exported: hvae.typed_config.ConfigError)
 
 MAX_LEVELS = 6  # level l is at 64 / 2^l; at L = 6 the top features are 1x1
 IMAGE_SIZE = 64
@@ -84,8 +84,15 @@ class ModelConfig:
   likelihood: str = "dmol"
   num_mixtures: int = 5
   likelihood_grad: str = "exact"
+  # (start, end) steps over which the location-gradient factor goes from the mode's (scaled)
+  # to exact (likelihoods.location_grad_power); () = the mode throughout
+  likelihood_grad_anneal: tuple[int, ...] = ()
   dropout: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # from config.regularize
   sigma_floor: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # from config.regularize
+  # Encoder-only remedies (config.regularize; () = 0 on every level): dropout on, and the std of
+  # Gaussian noise added to, the features feeding level l's posterior head, in training only.
+  posterior_dropout: tuple[float, ...] = ()
+  posterior_noise: tuple[float, ...] = ()
 
   def __post_init__(self):
     L = self.num_levels
@@ -97,6 +104,15 @@ class ModelConfig:
     _choice("model.top_prior", self.top_prior, TOP_PRIORS)
     _choice("model.likelihood", self.likelihood, LIKELIHOODS)
     _choice("model.likelihood_grad", self.likelihood_grad, LIKELIHOOD_GRADS)
+    anneal = self.likelihood_grad_anneal
+    if anneal:
+      if len(anneal) != 2 or not all(isinstance(t, int) and t >= 0 for t in anneal) or (
+          anneal[1] < anneal[0]):
+        raise ConfigError("model.likelihood_grad_anneal: expected () or (start, end) steps with "
+                          f"0 <= start <= end, got {anneal!r}")
+      if self.likelihood_grad == "exact":
+        raise ConfigError("model.likelihood_grad_anneal: anneals a scaled mode to exact "
+                          "gradients, but model.likelihood_grad is already 'exact'")
     _choice("model.upsample", self.upsample, UPSAMPLING)
     _positive("model.top_latent_dim", self.top_latent_dim)
     _positive("model.width", self.width)
@@ -118,6 +134,15 @@ class ModelConfig:
         raise ConfigError(f"regularize.dropout (level {l}): must be in [0, 1), got {p}")
     for l, s in enumerate(self.sigma_floor, start=1):
       _positive(f"regularize.sigma_floor (level {l})", s, allow_zero=True)
+    for name in ("posterior_dropout", "posterior_noise"):
+      value = getattr(self, name)
+      if value and len(value) != L:
+        raise ConfigError(f"regularize.{name}: has {len(value)} entries for {L} levels")
+    for l, p in enumerate(self.posterior_dropout, start=1):
+      if not 0.0 <= p < 1.0:
+        raise ConfigError(f"regularize.posterior_dropout (level {l}): must be in [0, 1), got {p}")
+    for l, s in enumerate(self.posterior_noise, start=1):
+      _positive(f"regularize.posterior_noise (level {l})", s, allow_zero=True)
 
   @classmethod
   def from_config(cls, config) -> ModelConfig:
@@ -137,8 +162,13 @@ class ModelConfig:
         likelihood=m.likelihood,
         num_mixtures=int(m.num_mixtures),
         likelihood_grad=m.get("likelihood_grad", "exact"),  # runs saved before the key: exact
+        likelihood_grad_anneal=tuple(int(t) for t in m.get("likelihood_grad_anneal", ()) or ()),
         dropout=per_level("regularize.dropout", reg.get("dropout", (0.0,)), L),
-        sigma_floor=per_level("regularize.sigma_floor", reg.get("sigma_floor", (0.0,)), L))
+        sigma_floor=per_level("regularize.sigma_floor", reg.get("sigma_floor", (0.0,)), L),
+        posterior_dropout=per_level("regularize.posterior_dropout",
+                                    reg.get("posterior_dropout", (0.0,)), L),
+        posterior_noise=per_level("regularize.posterior_noise",
+                                  reg.get("posterior_noise", (0.0,)), L))
 
   @property
   def has_latents(self) -> bool:
@@ -172,11 +202,16 @@ class LossConfig:
   kl_balancing: bool = False
   free_bits_per: str = "level"  # level | channel
   head_weight_decay: tuple[float, ...] = ()  # from config.regularize, per level
+  # Encoder-only remedies (config.regularize, per level; () = off): L2 on the posterior head
+  # kernels alone, and the weight of the sleep term (hvae/remedies.py).
+  posterior_head_weight_decay: tuple[float, ...] = ()
+  sleep_weight: tuple[float, ...] = ()
 
   def __post_init__(self):
     _choice("loss.free_bits_per", self.free_bits_per, ("level", "channel"))
-    for l, w in enumerate(self.head_weight_decay, start=1):
-      _positive(f"regularize.head_weight_decay (level {l})", w, allow_zero=True)
+    for name in ("head_weight_decay", "posterior_head_weight_decay", "sleep_weight"):
+      for l, w in enumerate(getattr(self, name), start=1):
+        _positive(f"regularize.{name} (level {l})", w, allow_zero=True)
     for l, w in enumerate(self.kl_weight, start=1):
       _positive(f"loss.kl_weight (level {l})", w, allow_zero=True)
     for l, f in enumerate(self.free_bits, start=1):
@@ -193,4 +228,9 @@ class LossConfig:
                kl_warmup_steps=int(lo.kl_warmup_steps), kl_balancing=bool(lo.kl_balancing),
                free_bits_per=lo.get("free_bits_per", "level"),
                head_weight_decay=per_level("regularize.head_weight_decay",
-                                           reg.get("head_weight_decay", (0.0,)), L))
+                                           reg.get("head_weight_decay", (0.0,)), L),
+               posterior_head_weight_decay=per_level(
+                   "regularize.posterior_head_weight_decay",
+                   reg.get("posterior_head_weight_decay", (0.0,)), L),
+               sleep_weight=per_level("regularize.sleep_weight", reg.get("sleep_weight", (0.0,)),
+                                      L))

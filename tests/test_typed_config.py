@@ -1,9 +1,9 @@
-"""Tests of hvae/config.py: per-level broadcasting and errors that name the field."""
+"""Tests of hvae/typed_config.py: per-level broadcasting and errors that name the field."""
 
 import pytest
 from helpers import load_experiment
 
-from hvae.config import ConfigError, LossConfig, ModelConfig, per_level
+from hvae.typed_config import ConfigError, LossConfig, ModelConfig, per_level
 
 
 def _base(**model):
@@ -45,6 +45,8 @@ def test_per_level_broadcasts_length_one_and_keeps_length_L():
     ("regularize__dropout", (0.1, 0.2), "regularize.dropout"),
     ("regularize__dropout", (1.5,), "regularize.dropout"),
     ("regularize__sigma_floor", (-0.1,), "regularize.sigma_floor"),
+    ("model__likelihood_grad_anneal", (500, 100), "model.likelihood_grad_anneal"),
+    ("model__likelihood_grad_anneal", (100, 500), "already 'exact'"),  # base: exact gradients
 ])
 def test_bad_model_fields_are_named(field, value, match):
   with pytest.raises(ConfigError, match=match):

@@ -1,0 +1,314 @@
+"""Fault tests of a training run (issue 14, with tests/test_faults.py): SIGKILL mid-step and
+mid-evaluation, SIGTERM mid-evaluation, NaN batches and losses, a full disk while checkpointing,
+roll-backs after repeated skipped updates. docs/reliability.md tabulates what they try.
+
+Every run is experiments/tiny.py for a few steps. A run that must die (SIGKILL) is a
+subprocess of launch.py with a small hook; the other runs, the reruns and the reference run are
+in-process, so the compiled functions are shared.
+"""
+
+import os
+import pathlib
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import JAX_CACHE, load_experiment
+
+from hvae import data, errors, evaluation, loop, objective, rollback
+from hvae.checkpoint import Checkpointer
+from hvae.mesh import make_mesh, replicate, shard_batch
+from hvae.metrics_file import read_metrics
+from hvae.model.ladder import HVAE
+from hvae.train import create_optimizer, create_train_state, make_train_step
+from hvae.typed_config import ModelConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _tiny(num_steps: int, **optim):
+  """tiny.py with a constant schedule (the history must not depend on where a run stopped),
+  a row every step, checkpoints every 3 steps and one evaluation, at the last step."""
+  config = load_experiment("tiny")
+  config.optim.schedule = "constant"
+  config.train.num_steps = num_steps
+  config.train.log_every_steps = 1
+  config.eval.every_steps = 100
+  for key, value in optim.items():
+    config.optim[key] = value
+  return config
+
+
+def _flags(num_steps: int) -> list[str]:
+  """launch.py's flags for `_tiny(num_steps)`."""
+  return [f"--config={ROOT / 'experiments' / 'tiny.py'}", "--config.optim.schedule=constant",
+          f"--config.train.num_steps={num_steps}", "--config.train.log_every_steps=1",
+          "--config.eval.every_steps=100"]
+
+
+def _losses(workdir) -> dict[int, float]:
+  rows = read_metrics(str(workdir))
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps)), f"missing or repeated steps: {steps}"
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted run: {step: train/loss} and its final eval/bpd."""
+  workdir = tmp_path_factory.mktemp("straight")
+  loop.train_and_evaluate(_tiny(6), str(workdir))
+  final = [r for r in read_metrics(str(workdir)) if r["step"] == 6][0]
+  return _losses(workdir), final["eval/bpd"]
+
+
+# A launch.py run that kills itself (SIGKILL) at one moment: after dispatching its 5th training
+# step, or after the first batch of its (final) evaluation.
+_KILL_HOOK = """
+import os, runpy, signal, sys
+from hvae import evaluation, loop
+moment, argv = sys.argv[1], sys.argv[2:]
+def wrap(make, calls):
+  def made(*args, **kwargs):
+    fn, n = make(*args, **kwargs), [0]
+    def call(*a):
+      out = fn(*a)
+      n[0] += 1
+      if n[0] == calls:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return out
+    return call
+  return made
+if moment == "mid_step":
+  loop.make_train_step = wrap(loop.make_train_step, 5)
+else:
+  evaluation.make_eval_step = wrap(evaluation.make_eval_step, 1)
+sys.argv = ["launch.py", *argv]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def _launch(args, *, hook_args=(), timeout=300):
+  """launch.py ARGS through `_KILL_HOOK`, with this session's (warm) compilation cache."""
+  return subprocess.run([sys.executable, "-c", _KILL_HOOK, *hook_args, *args,
+                         f"--jax_cache={JAX_CACHE}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_sigkill_mid_step_then_mid_evaluation_then_rerun_trains_the_same_losses(tmp_path,
+                                                                             straight):
+  """Killed after dispatching step 5 (step 3's checkpoint committed or still in flight: it is
+  written asynchronously); the rerun resumes (from 3, or from scratch) and is killed in the
+  middle of the final evaluation (step 6 not saved); the third run resumes again. Its losses
+  and evaluation equal the uninterrupted run's, and every step has one row."""
+  workdir = tmp_path / "run"
+  for moment in ("mid_step", "mid_evaluation"):
+    proc = _launch([*_flags(6), f"--workdir={workdir}"], hook_args=[moment])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not (workdir / "checkpoints" / "6").exists()  # killed before step 6 was saved
+  loop.train_and_evaluate(_tiny(6), str(workdir))  # the same command again: resumes from 3
+  losses, bpd = straight
+  resumed = _losses(workdir)
+  assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
+                             [losses[s] for s in range(1, 7)], rtol=1e-5)
+  final = [r for r in read_metrics(str(workdir)) if r["step"] == 6][0]
+  np.testing.assert_allclose(final["eval/bpd"], bpd, rtol=1e-5)
+  assert (workdir / "DONE").exists()
+
+
+def test_sigterm_during_evaluation_checkpoints_and_the_rerun_evaluates_first(tmp_path, straight,
+                                                                            monkeypatch):
+  """The signal lands during the first batch of the final evaluation: the run stops before the
+  next batch, drops the evaluation, checkpoints step 6 and returns; the rerun evaluates step 6
+  first and writes its row once."""
+  workdir = tmp_path / "run"
+  make, calls, sent = evaluation.make_eval_step, [], []
+
+  def signalling(*args, **kwargs):
+    fn = make(*args, **kwargs)
+
+    def call(*a):
+      calls.append(1)
+      if not sent:
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: a flag
+      return fn(*a)
+    return call
+
+  monkeypatch.setattr(evaluation, "make_eval_step", signalling)
+  loop.train_and_evaluate(_tiny(6), str(workdir))
+  assert time.monotonic() - sent[0] < 10.0  # the issue's bound; it takes well under a second
+  assert len(calls) == 1  # no batch after the signal (the held-out pass has one, eval_train one)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+  rows = read_metrics(str(workdir))
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert "train/loss" in rows[-1] and not any(k.startswith("eval") for k in rows[-1])
+  assert not (workdir / "DONE").exists() and not (workdir / "images").exists()
+  monkeypatch.undo()
+  loop.train_and_evaluate(_tiny(6), str(workdir))
+  losses, bpd = straight
+  rows = read_metrics(str(workdir))
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # step 6's row replaced, not repeated
+  np.testing.assert_allclose(rows[-1]["train/loss"], losses[6], rtol=1e-5)
+  np.testing.assert_allclose(rows[-1]["eval/bpd"], bpd, rtol=1e-5)
+  assert (workdir / "images" / "step_6.png").exists() and (workdir / "DONE").exists()
+
+
+class _PoisonedIterator:
+  """The training iterator, with NaN masks in the batches of the given steps (1-based)."""
+
+  def __init__(self, inner, steps):
+    self._inner, self._steps, self._n = inner, steps, 0
+
+  def __next__(self):
+    batch, self._n = dict(next(self._inner)), self._n + 1
+    if self._n in self._steps:
+      batch["mask"] = np.full_like(batch["mask"], np.nan)
+    return batch
+
+  def get_state(self):
+    return self._inner.get_state()
+
+  def set_state(self, state):
+    self._inner.set_state(state)
+
+
+def _restored_state(workdir, config):
+  """The latest checkpoint's TrainState (host arrays)."""
+  model = HVAE(ModelConfig.from_config(config))
+  target = jax.eval_shape(lambda: create_train_state(model, create_optimizer(config),
+                                                     jax.random.PRNGKey(0)))
+  with Checkpointer(str(workdir / "checkpoints"), read_only=True) as ckpt:
+    return jax.device_get(ckpt.restore(target, data_state=False)[0])
+
+
+def _all_finite(tree) -> bool:
+  return all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def test_nan_batches_and_losses_are_skipped_counted_and_never_reach_the_parameters(
+    tmp_path, monkeypatch):
+  # A batch of NaN (the masks of steps 2 and 3): those updates are skipped, the others applied.
+  make = data.create_train_iterator
+  monkeypatch.setattr(data, "create_train_iterator",
+                      lambda config: _PoisonedIterator(make(config), {2, 3}))
+  loop.train_and_evaluate(_tiny(4), str(tmp_path / "batch"))
+  rows = read_metrics(str(tmp_path / "batch"))
+  assert [r["train/skipped"] for r in rows] == [0.0, 1.0, 1.0, 0.0]
+  assert [r["train/max_consecutive_skips"] for r in rows] == [0.0, 1.0, 2.0, 0.0]
+  state = _restored_state(tmp_path / "batch", _tiny(4))
+  assert int(state.total_skips) == 2 and int(state.consecutive_skips) == 0
+  assert _all_finite(state)  # params, EMA and the optimiser's moments
+  monkeypatch.undo()
+  # A NaN loss (e.g. a bug in the objective) at every step: nothing is ever applied.
+  training_loss = objective.training_loss
+
+  def nan_loss(*args, **kwargs):
+    loss, aux = training_loss(*args, **kwargs)
+    return loss * jnp.nan, aux
+
+  monkeypatch.setattr(objective, "training_loss", nan_loss)
+  config = _tiny(2)
+  model = HVAE(ModelConfig.from_config(config))
+  tx = create_optimizer(config)
+  mesh = make_mesh()
+  initial = jax.device_get(create_train_state(model, tx, jax.random.PRNGKey(0)))
+  state = replicate(initial, mesh)
+  step = make_train_step(config, model, tx, mesh)
+  batches = data.create_train_iterator(config)
+  for _ in range(2):
+    state, metrics = step(state, shard_batch(next(batches), mesh), replicate(
+        jax.random.PRNGKey(1), mesh))
+    assert float(metrics["skipped"]) == 1.0 and np.isnan(float(metrics["loss"]))
+  state = jax.device_get(state)
+  assert int(state.total_skips) == 2 and int(state.consecutive_skips) == 2
+  assert _all_finite(state)
+  jax.tree.map(np.testing.assert_array_equal, state.params, initial.params)
+  jax.tree.map(np.testing.assert_array_equal, state.ema_params, initial.ema_params)
+
+
+def _launch_main(capsys, monkeypatch, *args) -> tuple[int, str]:
+  """launch.py's main in this process, as tests/test_faults.py runs it: (exit status, stderr)."""
+  import importlib.util
+
+  from absl import flags
+
+  if "launch" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
+    sys.modules["launch"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["launch"])
+  launch = sys.modules["launch"]
+  argv = ["launch.py", *args, "--jax_cache="]
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads --config.a.b overrides there
+  flags.FLAGS.unparse_flags()
+  capsys.readouterr()
+  try:
+    launch.main(launch._parse_flags(argv))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  finally:
+    flags.FLAGS.unparse_flags()
+  return code, capsys.readouterr().err
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_step(
+    tmp_path, capsys, monkeypatch):
+  """A file-size limit (RLIMIT_FSIZE, this process, during the second run) stands in for a full
+  disk: the checkpoint's largest file (~570 KB for tiny) cannot be written; metrics.jsonl and
+  the event file (< 100 KB) can."""
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(_tiny(3), str(workdir))  # step 3 checkpointed
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+  resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, limits[1]))
+  try:
+    code, stderr = _launch_main(capsys, monkeypatch, *_flags(6), f"--workdir={workdir}")
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, old)
+  assert code == 2, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if line.startswith("launch.py: error:")]
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  assert "Checkpoint step 6 could not be written" in lines[0]
+  assert "File too large" in lines[0] and "(step 3) is intact" in lines[0]
+  assert not (workdir / "DONE").exists() and not (workdir / "train.lock").exists()
+  # The unfinished 6.orbax-checkpoint-tmp is no step (the next save removes it); 3 restores.
+  with Checkpointer(str(workdir / "checkpoints"), read_only=True) as ckpt:
+    assert ckpt.all_steps() == [3]
+  assert int(_restored_state(workdir, _tiny(3)).step) == 3
+
+
+def test_rollback_restores_the_last_checkpoint_with_a_lower_learning_rate(tmp_path,
+                                                                          monkeypatch):
+  """Every update skipped (a threshold below every gradient norm): with
+  optim.on_repeated_skips=rollback the run goes back to its start (no checkpoint yet) at half
+  the learning rate, once (MAX_ROLLBACKS patched to 1), then stops as "stop" does."""
+  monkeypatch.setattr(rollback, "MAX_ROLLBACKS", 1)
+  config = _tiny(6, skip_threshold=1e-9, max_consecutive_skips=2, on_repeated_skips="rollback",
+                 warmup_steps=0, learning_rate=1e-3)
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.TrainingError) as info:
+    loop.train_and_evaluate(config, str(workdir))
+  message = str(info.value)
+  assert "\n" not in message and "rolled back 1 time(s)" in message
+  assert "stopped at step 2" in message  # a row every step: the streak is seen at step 2
+  assert rollback.read(str(workdir)) == [
+      {"step": 2, "restored_step": 0, "learning_rate": 5e-4, "skipped": 2}]
+  rows = read_metrics(str(workdir))
+  assert [r["step"] for r in rows] == [1, 2]  # the first attempt's rows were dropped
+  assert [r["train/lr"] for r in rows] == pytest.approx([5e-4] * 2)
+  state = _restored_state(workdir, config)
+  assert int(state.step) == 2 and int(state.total_skips) == 2
+  # A resumed run keeps the lowered rate: it comes from WORKDIR/rollbacks.json.
+  assert rollback.lowered(config, len(rollback.read(str(workdir)))).optim.learning_rate == 5e-4
+  assert config.optim.learning_rate == 1e-3  # the config itself is not changed

@@ -1,0 +1,190 @@
+"""Several hosts, for real: 2 processes on 127.0.0.1 (launch.py --num_processes=2 --process_id=I
+--coordinator_address=127.0.0.1:PORT), each with 2 fake CPU devices, train experiments/tiny.py
+together, resume it, and evaluate it (--mode=eval); a 1-process, 4-device run of the same global
+batch is the reference.
+
+Checked: the training loss of every step and the evaluations equal the reference's (rtol 1e-5);
+only process 0 writes the workdir's files (metrics.jsonl, TensorBoard, images, config.json,
+results.json; an audit hook lists every file process 1 opens for writing, and it writes only its
+own checkpoint shards); both processes resume from the checkpoint; the worst-examples grid,
+which needs images that live on both processes, is drawn; --mode=eval scores every example once,
+in the split's order. JAX's CPU collectives across processes are gloo (its default on CPU).
+
+About 2-3 minutes on 2 CPU cores: four launches of 1-2 processes each.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import JAX_CACHE, load_experiment
+from PIL import Image
+
+from hvae import api, baselines, data, quality
+from hvae.metrics_file import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs launch.py after installing an audit hook that records every path under
+# $HVAE_TEST_WORKDIR this process opens for writing, renames, removes or creates.
+_AUDITED = """
+import atexit, json, os, runpy, sys
+root, log, written = os.environ["HVAE_TEST_WORKDIR"], os.environ["HVAE_TEST_WRITES"], set()
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def hook(event, args):
+  paths = ()
+  if event == "open" and isinstance(args[0], str) and isinstance(args[2], int):
+    paths = (args[0],) if args[2] & WRITE else ()
+  elif event in ("os.rename", "os.replace"):
+    paths = args[:2]
+  elif event in ("os.remove", "os.mkdir", "os.rmdir"):
+    paths = args[:1]
+  for p in paths:
+    if isinstance(p, str) and os.path.abspath(p).startswith(root + os.sep):
+      written.add(os.path.relpath(os.path.abspath(p), root))
+sys.addaudithook(hook)
+atexit.register(lambda: json.dump(sorted(written), open(log, "w")))
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _flags(num_steps: int) -> list[str]:
+  return [f"--config={ROOT / 'experiments' / 'tiny.py'}", "--config.optim.schedule=constant",
+          f"--config.train.num_steps={num_steps}", "--config.train.log_every_steps=1",
+          "--config.eval.every_steps=2", "--config.train.checkpoint_every_steps=2"]
+
+
+def _run(workdir, args, *, processes: int, devices: int, tmp_path) -> list[dict]:
+  """launch.py in `processes` processes of `devices` CPU devices each: [{stderr, writes}]."""
+  port = _free_port()
+  procs, logs, writes = [], [], [tmp_path / f"writes_{port}_{i}.json" for i in range(processes)]
+  for i in range(processes):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HVAE_TEST_WORKDIR=str(workdir),
+               HVAE_TEST_WRITES=str(writes[i]),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    multi = ([f"--num_processes={processes}", f"--process_id={i}",
+              f"--coordinator_address=127.0.0.1:{port}"] if processes > 1 else [])
+    logs.append(open(tmp_path / f"stderr_{port}_{i}.txt", "w+"))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-c", _AUDITED, *args, *multi, f"--workdir={workdir}",
+         f"--jax_cache={JAX_CACHE}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        stderr=logs[-1], text=True))
+  try:
+    codes = [p.wait(timeout=420) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  out = []
+  for i, log in enumerate(logs):
+    log.seek(0)
+    stderr = log.read()
+    log.close()
+    assert codes[i] == 0, f"process {i}: {stderr[-3000:]}"
+    out.append({"stderr": stderr, "writes": json.loads(writes[i].read_text())})
+  return out
+
+
+def _rows(workdir) -> dict[int, dict]:
+  rows = read_metrics(str(workdir))
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps)), f"missing or repeated steps: {steps}"
+  return {r["step"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two processes train to step 2, resume to step 4 and evaluate; one process trains to 4."""
+  tmp = tmp_path_factory.mktemp("multihost")
+  two, one = tmp / "two", tmp / "one"
+  first = _run(two, _flags(2), processes=2, devices=2, tmp_path=tmp)
+  resumed = _run(two, _flags(4), processes=2, devices=2, tmp_path=tmp)
+  evaluated = _run(two, ["--mode=eval", "--checkpoint=latest"], processes=2, devices=2,
+                   tmp_path=tmp)
+  _run(one, _flags(4), processes=1, devices=4, tmp_path=tmp)
+  return {"two": two, "one": one, "first": first, "resumed": resumed, "evaluated": evaluated}
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(runs):
+  two, one = _rows(runs["two"]), _rows(runs["one"])
+  assert sorted(two) == sorted(one) == [1, 2, 3, 4]
+  np.testing.assert_allclose([two[s]["train/loss"] for s in range(1, 5)],
+                             [one[s]["train/loss"] for s in range(1, 5)], rtol=1e-5)
+  for step in (2, 4):  # the evaluations: passes gathered over both processes
+    np.testing.assert_allclose(two[step]["eval/bpd"], one[step]["eval/bpd"], rtol=1e-5)
+  info = json.loads((runs["two"] / "run_info.json").read_text())
+  assert info["process_count"] == 2 and len(info["devices"]) == 4
+
+
+def test_both_processes_resume_and_only_process_0_writes(runs):
+  for log in runs["resumed"]:
+    assert "Resumed from step 2." in log["stderr"]
+  in_checkpoints = lambda p: p.split(os.sep)[0] == "checkpoints"  # noqa: E731
+  for phase in ("first", "resumed"):
+    # Process 1 writes only its own shards of the checkpoints (orbax: one set per process).
+    other = runs[phase][1]["writes"]
+    assert other and all(in_checkpoints(p) for p in other), (phase, other)
+  assert runs["evaluated"][1]["writes"] == []  # evaluation: process 0 writes the results
+  written = set(runs["first"][0]["writes"]) | set(runs["resumed"][0]["writes"])
+  assert {"config.json", "metrics.jsonl", "images/step_2.png", "images/step_4.png",
+          "images/worst_step_2.png"} <= written
+  evaluated = set(runs["evaluated"][0]["writes"])
+  assert {"eval/results.json", "eval/metrics.jsonl"} <= evaluated
+  assert not any(in_checkpoints(p) for p in evaluated)  # a reader
+  events = [p.name for p in runs["two"].glob("events.out.tfevents.*")]
+  assert len(events) == 2  # one per launch of process 0, none of process 1
+
+
+def test_the_worst_examples_grid_gathers_images_from_both_processes(runs):
+  """The worst examples' images live on the process that holds them; every process receives
+  them, and the grid equals one process's (its fill-in columns up to sampling noise)."""
+  two = np.asarray(Image.open(runs["two"] / "images" / "worst_step_2.png"))
+  one = np.asarray(Image.open(runs["one"] / "images" / "worst_step_2.png"))
+  assert two.shape == one.shape
+  assert np.mean(np.abs(two.astype(int) - one.astype(int))) < 1.0
+
+
+def test_eval_mode_scores_every_example_once_in_order(runs):
+  results = json.loads((runs["two"] / "eval" / "results.json").read_text())
+  config = load_experiment("tiny")
+  n = config.eval.num_examples
+  assert results["num_examples"] == n and results["per_example"]["index"] == list(range(n))
+  # Deterministic figures equal one process's: a classical fill-in, and the model's mode.
+  (batch,) = data.eval_batches(config, "validation", n, n, process_index=0, process_count=1)
+  image, mask = batch["image"], batch["mask"]
+  figures = quality.batch_figures(baselines.fill_batch("biharmonic", image, mask), image, mask)
+  np.testing.assert_allclose(results["per_example"]["biharmonic/psnr"], figures["psnr"],
+                             rtol=1e-6)
+  model = api.load(str(runs["two"]), "latest")
+  mode = quality.batch_figures(model.mode(image, mask), image, mask)
+  np.testing.assert_allclose(results["per_example"]["mode/psnr"], mode["psnr"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("args,env,expected", [
+    # The issue's case: JAX only infers the count and id on clusters it detects.
+    ([], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, "Number of processes must be defined"),
+    (["--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"], {},
+     "--process_id=2 must be below --num_processes=2"),
+])
+def test_a_job_that_cannot_be_joined_is_one_line(tmp_path, args, env, expected):
+  proc = subprocess.run([sys.executable, "launch.py", "--mode=eval", f"--workdir={tmp_path}",
+                         "--jax_cache=", *args], cwd=ROOT, env=dict(os.environ, **env),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("launch.py: error:")]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert expected in lines[0]
+  if not args:
+    assert "--num_processes, --process_id and --coordinator_address" in lines[0]
