@@ -1,5 +1,9 @@
 """`--mode=inpaint`: fill in holes of the user's own images with a trained run.
 
+Why one file past ~350 lines: reading any image file or folder, the masks, the fill-ins and
+writing every output are one command whose file names must agree; the methods table it shares
+with `--mode=eval` lives in hvae/modes/evaluate.py.
+
   python launch.py --mode=inpaint --workdir=runs/quickstart --input=photo.jpg --output=out/
       [--mask=centre|boxes|freeform|box:X,Y,W,H|PATH] [--num_samples=4] [--temperature=0.8]
       [--rank] [--fill=all|samples,mode,mean] [--baselines=biharmonic,ring_mean|none]
