@@ -119,6 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.refine_steps = 0  # S: per-example posterior refinement steps at every evaluation (0 = off)
   e.refine_examples = 64  # examples of each split refined (memorisation: all eval.num_examples)
   e.refine_lr = 0.05  # Adam step size of the refinement (cosine-decayed to 0 over S steps)
+  e.refine_samples = 1  # noise draws the refinement fits (scored on the evaluation's own noise)
 
   c.verdict = v = ml_collections.ConfigDict()  # verdict/overfit/level_l (rule: hvae/verdict.py)
   v.window = 4  # evaluations the trend is measured over (first vs last of them)

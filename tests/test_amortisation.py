@@ -39,6 +39,10 @@ def _nelbo(out, when):
   return out[f"recon_{when}"] + out[f"kl_{when}"].sum(-1)
 
 
+def _fit(out, when):
+  return out[f"nelbo_fit_{when}"]
+
+
 def test_zero_steps_is_the_evaluation_pass_exactly(setup):
   model, params, _, _, batches = setup
   out = _run(setup, 0)
@@ -48,23 +52,25 @@ def test_zero_steps_is_the_evaluation_pass_exactly(setup):
   np.testing.assert_array_equal(out["kl_before"], np.asarray(ref["kl"]))
   np.testing.assert_array_equal(out["recon_after"], out["recon_before"])
   np.testing.assert_array_equal(out["kl_after"], out["kl_before"])
-  np.testing.assert_allclose(out["nelbo_after_fresh"], out["nelbo_before_fresh"], rtol=1e-6)
-  assert not np.allclose(out["nelbo_before_fresh"], _nelbo(out, "before"))  # other noise
+  np.testing.assert_array_equal(out["nelbo_fit_after"], out["nelbo_fit_before"])
+  assert not np.allclose(out["nelbo_fit_before"], _nelbo(out, "before"))  # other noise
 
 
 def test_refinement_never_lowers_an_examples_elbo_and_compiles_once(setup):
   step = setup[3]
   for steps, free, lr in ((15, (1.0, 1.0), 0.05), (15, (0.0, 1.0), 0.05), (3, (1.0, 0.0), 5.0)):
     out = _run(setup, steps, free, lr=lr)
-    before, after = _nelbo(out, "before"), _nelbo(out, "after")
-    assert np.all(after <= before), (steps, free, lr)
-  assert np.all(_nelbo(_run(setup, 15), "after") < before - 1.0)  # and it does recover
+    assert np.all(_fit(out, "after") <= _fit(out, "before")), (steps, free, lr)
+  out = _run(setup, 15)
+  assert np.all(_fit(out, "after") < _fit(out, "before") - 1.0)  # it recovers on its objective
+  # (scored on noise it did not fit, an example may come out worse: not asserted)
   assert step._cache_size() == 1  # S, the level mask and the step size are arguments
 
 
 def test_levels_left_frozen_keep_the_encoders_posterior(setup):
   out = _run(setup, 10, free=(0.0, 0.0))
   np.testing.assert_allclose(_nelbo(out, "after"), _nelbo(out, "before"), rtol=1e-6)
+  np.testing.assert_allclose(_fit(out, "after"), _fit(out, "before"), rtol=1e-6)
 
 
 def test_recovery_from_the_refined_optimum_is_about_zero():
@@ -81,9 +87,9 @@ def test_recovery_from_the_refined_optimum_is_about_zero():
 
   first = refine(zeros, 80)
   again = refine(first["offsets"], 80)
-  gain = _nelbo(first, "before") - _nelbo(first, "after")
-  regain = _nelbo(again, "before") - _nelbo(again, "after")
-  np.testing.assert_allclose(_nelbo(again, "before"), _nelbo(first, "after"), rtol=1e-6)
+  gain = _fit(first, "before") - _fit(first, "after")
+  regain = _fit(again, "before") - _fit(again, "after")
+  np.testing.assert_allclose(_fit(again, "before"), _fit(first, "after"), rtol=1e-6)
   assert np.all(gain > 1.0) and np.all(regain <= 0.01 * gain), (gain, regain)
 
 
@@ -103,10 +109,10 @@ def test_split_on_two_splits_adds_up_and_matches_the_evaluation_pass(setup):
     r = evaluation.run_pass(eval_step, params, sets[split], rng, mesh)
     bpd = evaluation.summarize(r["per_example"], (2048, 4))["bpd"]
     assert m[f"{split}/refine/bpd_before"] == pytest.approx(bpd, rel=1e-6)
-    assert m[f"{split}/refine/recovered_bpd"] >= 0
-    assert np.isfinite(m[f"{split}/refine/recovered_bpd_fresh"])
+    assert np.isfinite(m[f"{split}/refine/recovered_bpd"])
+    assert m[f"{split}/refine/recovered_bpd_fit"] >= 0
     for l in (1, 2):
-      assert m[f"{split}/refine/recovered/level_{l}"] >= 0
+      assert np.isfinite(m[f"{split}/refine/recovered/level_{l}"])
       assert m[f"{split}/mi/level_{l}"] <= m[f"{split}/mi_max"] + 1e-9
   lines = "\n".join(split_report.markdown(m, 2, "## split"))
   assert "**encoder**" in lines and "I(n; z_l)" in lines
@@ -117,11 +123,11 @@ def test_settings_read_the_eval_section_and_the_flag():
 
   c = ml_collections.ConfigDict({"eval": {"refine_steps": 0, "refine_examples": 8,
                                           "refine_lr": 0.1}})
-  assert amortisation.settings(c) == amortisation.Settings(0, 8, 0.1)
+  assert amortisation.settings(c) == amortisation.Settings(0, 8, 0.1, 1)
   assert amortisation.settings(c, steps=20).steps == 20
   assert amortisation.settings(ml_collections.ConfigDict({"eval": {}})) == \
       amortisation.Settings()  # configs written before the keys: off
-  with pytest.raises(ValueError, match="refine_steps"):
+  with pytest.raises(ValueError, match="eval.refine_"):
     amortisation.settings(c, steps=-1)
 
 

@@ -36,7 +36,7 @@ def test_markdown_is_empty_without_a_split_and_shows_each_part_with_one():
   assert "| **encoder** (recovered held-out − training split) | +0.3000 | 60 % |" in text
   assert "| **decoder/prior** (the gap after refinement) | +0.2000 | 40 % |" in text
   assert "1.00 / 4.10" in text  # I(n; z_1) held-out / training split
-  assert "| encoder part re-scored on fresh noise (a check) | — | — |" in text  # not logged
+  assert "| encoder part on the fitted noise (optimistic; for comparison) | — | — |" in text
 
 
 def test_report_uses_the_split_of_mode_eval_when_training_did_not_log_one(tmp_path):
