@@ -6,6 +6,7 @@ checked side by side here; the pipeline over them is tests/test_data_pipeline.py
 
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -225,6 +226,33 @@ def test_folder_rebuilds_only_when_files_change(tmp_path):
   assert not added.report.reused and sum(added.report.split_sizes.values()) == 5
   config.data.validation_fraction = 0.5  # a preprocessing setting is part of the fingerprint
   assert not folder.prepare(config).report.reused
+
+
+def test_two_runs_preparing_one_folder_at_once_build_it_once(tmp_path):
+  """Two seeds or sweep points started together on a new folder: one builds, the other waits
+  for it and reuses the build (without the lock, the second's final rename failed with
+  FileExistsError). Threads stand in for processes: each takes the lock through its own open
+  file, which flock treats like another process's."""
+  root = _tree(tmp_path / "imgs", [f"p{i}.png" for i in range(6)])
+  config = _config(source="folder", path=root, data_dir=str(tmp_path / "cache"))
+  start = threading.Barrier(2)
+  results, failures = [], []
+
+  def run():
+    start.wait()
+    try:
+      results.append(folder.prepare(config))
+    except Exception as e:  # pylint: disable=broad-except  (reported below)
+      failures.append(e)
+
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not failures, failures
+  assert len({r.directory for r in results}) == 1
+  assert sorted(r.report.reused for r in results) == [False, True]
 
 
 def test_folder_split_is_a_stable_hash_of_the_path():

@@ -43,6 +43,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -393,16 +394,41 @@ def prepare(config, which: str = "path") -> Prepared:
   fp = fingerprint(path, entries, settings)
   cache = cache_dir(config)
   directory = _variant_dir(cache, fp)
+  prepared = _reuse(path, directory)
+  if prepared is not None:
+    return prepared
+  # Two runs on the same folder (a sweep's points started together, two seeds) build it once:
+  # the second waits for the first's build and reuses it (TFDS's final rename would fail).
+  lock_path = os.path.join(cache, BUILDER_NAME, fp[:16] + ".lock")
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  with open(lock_path, "a") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info("folder source: another process is preparing %s; waiting for it", path)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      prepared = _reuse(path, directory)
+      if prepared is not None:
+        return prepared
+      return _build(which, path, settings, entries, ignored, exclude, fp, cache, directory)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _reuse(path: str, directory: str) -> Prepared | None:
+  """The finished build in `directory` (its dataset_info.json and report written), or None."""
   report_file = os.path.join(directory, REPORT_FILE)
-  if os.path.exists(os.path.join(directory, "dataset_info.json")) and os.path.exists(report_file):
-    with open(report_file) as f:
-      report = Report(**{**json.load(f), "reused": True})
-    if directory not in _announced:  # once per process, not at every split opened
-      _announced.add(directory)
-      logging.info("folder source: %s, prepared earlier (%s) in %s", path,
-                   _sizes(report.split_sizes), directory)
-    return Prepared(directory, report)
-  return _build(which, path, settings, entries, ignored, exclude, fp, cache, directory)
+  if not (os.path.exists(os.path.join(directory, "dataset_info.json"))
+          and os.path.exists(report_file)):
+    return None
+  with open(report_file) as f:
+    report = Report(**{**json.load(f), "reused": True})
+  if directory not in _announced:  # once per process, not at every split opened
+    _announced.add(directory)
+    logging.info("folder source: %s, prepared earlier (%s) in %s", path,
+                 _sizes(report.split_sizes), directory)
+  return Prepared(directory, report)
 
 
 def _sizes(split_sizes: dict[str, int]) -> str:
