@@ -39,9 +39,10 @@ _NUM_SAMPLES = flags.DEFINE_integer(
 _TEMPERATURE = flags.DEFINE_string(
     "temperature", None, "eval/inpaint: latent temperature, one value or one per level "
     "(default eval.temperature, else hvae.sampling.DEFAULT_TEMPERATURE).")
-_PIXELS = flags.DEFINE_enum(
-    "pixels", None, ["sample", "mean"], "eval/inpaint: pixels of a fill-in sample, drawn from "
-    "p(x|z) or its mean E[x|z] (default eval.pixels, else hvae.sampling.DEFAULT_PIXELS).")
+_PIXELS = flags.DEFINE_string(
+    "pixels", None, "eval/inpaint: pixels of a fill-in sample: sample (drawn from p(x|z)), "
+    "sample:T (at pixel temperature T, e.g. sample:0.3) or mean (E[x|z]) (default eval.pixels, "
+    "else hvae.sampling.DEFAULT_PIXELS).")
 _RANK = flags.DEFINE_bool("rank", False, "inpaint: order fill-ins by the model's likelihood.")
 _REFINE_STEPS = flags.DEFINE_integer(
     "refine_steps", None, "eval: S steps of per-example posterior refinement: the encoder/decoder "
@@ -61,7 +62,8 @@ _PROFILE = flags.DEFINE_bool(
     "(TensorBoard's profile tab).")
 _CACHE = flags.DEFINE_string(
     "jax_cache", os.path.expanduser("~/.cache/hvae/jax"),
-    "JAX persistent compilation cache ('' = off); re-runs skip most compilation.")
+    "Folder of JAX's persistent compilation cache, on by default ('' = off): programs that took "
+    "over 1 s to compile are kept there, so re-runs and resumes skip most compilation.")
 # Multi-host (README "Multi-device and multi-host"): passed to jax.distributed.initialize. On
 # SLURM, Open MPI and Cloud TPU pods JAX detects all three; elsewhere give them on every process.
 _NUM_PROCESSES = flags.DEFINE_integer(
@@ -239,8 +241,8 @@ def _main(argv):
 
 
 def _check_fill_flags() -> None:
-  """A bad --baselines, --fill, --temperature, --mask or --checkpoint is a usage error before
-  anything is loaded."""
+  """A bad --baselines, --fill, --temperature, --pixels, --mask or --checkpoint is a usage error
+  before anything is loaded."""
   from hvae import baselines, sampling
   from hvae.modes import evaluate, inpaint
 
@@ -253,6 +255,8 @@ def _check_fill_flags() -> None:
       evaluate.check_mask(_MASK.value, _INPUT.value)
     if _TEMPERATURE.value is not None:
       sampling.parse_temperature(_TEMPERATURE.value)
+    if _PIXELS.value is not None:
+      sampling.parse_pixels(_PIXELS.value)
     if _CHECKPOINT.value not in ("best", "latest") and not _CHECKPOINT.value.isdigit():
       raise ValueError(f"--checkpoint: {_CHECKPOINT.value!r} is not best, latest or a step "
                        "number")

@@ -2,7 +2,7 @@
 
   python -m benchmarks.temperature_sweep --workdir=runs/celeba_l4 [--input=held_out_photos/]
       [--temperatures=0,0.5,0.7,0.85,1] [--mask=centre] [--num_samples=8] [--checkpoint=best]
-      [--pixels=sample|mean]
+      [--pixels=sample|sample:T|mean]
 
 Runs the `--mode=eval` fill-in methods (mode, mean, sample, best_of_N, ranked, mean_of_samples,
 the baselines; no likelihood bound, which does not depend on tau) at every tau, on the images
@@ -28,8 +28,8 @@ _MASK = flags.DEFINE_string("mask", None, "Mask (default data.eval_mask).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "N (default eval.num_samples).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | STEP.")
 _BASELINES = flags.DEFINE_string("baselines", "biharmonic,ring_mean", "Baselines, or none.")
-_PIXELS = flags.DEFINE_enum("pixels", None, ["sample", "mean"],
-                            "Pixels of the samples (default: the run's eval.pixels).")
+_PIXELS = flags.DEFINE_string(
+    "pixels", None, "Pixels of the samples: sample, sample:T or mean (default: eval.pixels).")
 
 
 def main(argv):

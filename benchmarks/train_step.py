@@ -1,14 +1,26 @@
-"""Benchmark of one jitted train step on synthetic in-memory batches.
+"""Benchmark of one jitted train step on synthetic in-memory batches: how long will my run take?
 
   python -m benchmarks.train_step --config=experiments/quickstart.py
   python -m benchmarks.train_step --config=experiments/celeba_l4.py --batch_size=8
 
-Prints the compile time (trace, lower and XLA compile of the step, cold: no persistent cache),
-the first and second step times, the median steady-state step time over
-`--steps` steps (steps/s, images/s), XLA's cost-analysis FLOPs per step, the achieved FLOP/s as
-a fraction of this machine's float32 matmul rate (measured in the same run), and peak memory
-(device statistics where the backend has them, else XLA's memory analysis and host RSS).
+Prints the compile time (trace, lower and XLA compile of the step; cold unless a persistent
+compilation cache is configured, which the table says), the first and second step times, the
+median steady-state step time over `--steps` steps (steps/s, images/s), XLA's cost-analysis
+FLOPs per step, the achieved FLOP/s as a fraction of this machine's float32 matmul rate (the
+median of `--matmul_repeats` >= 20 timed 2048x2048 matmuls in the same process), peak memory
+(device statistics where the backend has them, else XLA's memory analysis and host RSS), and the
+ETA of the config's `train.num_steps`: steps x the median step time, then with an estimate of
+the evaluations (`eval.every_steps` and the last step; each one `eval_cost.evaluation_forwards`
+forward passes at the forward-pass time measured here, at the train batch; fixed costs such as
+host transfers, images and the evaluation's own compiles are not in it, and weigh most for tiny
+models: `python -m benchmarks.eval_cost --evaluator` measures one evaluation;
+`--eval_estimate=false` skips the estimate).
+
+`measure(config)` returns the figures as a dict (tests/test_benchmarks.py); training runs log
+the same step time and ETA from their own first steps (hvae/eta.py).
 """
+
+from __future__ import annotations
 
 import resource
 import time
@@ -19,27 +31,46 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from hvae import train
+from benchmarks import eval_cost
+from hvae import eta, train
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.model.ladder import HVAE
 from hvae.typed_config import ModelConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steady-state steps (median reported).")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Override train.batch_size (0 = config's).")
+
+def _define_flags() -> dict:
+  """The command line (defined when run as a script only: tests and eval_cost import this)."""
+  return {
+      "config": config_flags.DEFINE_config_file("config", None, "Experiment file.",
+                                                lock_config=True),
+      "steps": flags.DEFINE_integer("steps", 20, "Timed steady-state steps (median reported)."),
+      "batch_size": flags.DEFINE_integer("batch_size", 0,
+                                         "Override train.batch_size (0 = config's)."),
+      "matmul_repeats": flags.DEFINE_integer("matmul_repeats", 20,
+                                             "Timed matmuls (median reported).", lower_bound=20),
+      "eval_estimate": flags.DEFINE_bool("eval_estimate", True, "Estimate the evaluations' share "
+                                         "of the run (one extra compile: a forward pass)."),
+  }
 
 
-def matmul_flops_per_sec(n: int = 2048, repeats: int = 10) -> float:
-  """This machine's float32 matmul rate (best of `repeats`)."""
+MATMUL_SIZE = 2048
+
+
+def matmul_flops_per_sec(n: int = MATMUL_SIZE, repeats: int = 20) -> float:
+  """This machine's float32 matmul rate: the median of `repeats` timed n x n matmuls, FLOP/s.
+
+  The median, not the best: it is what the train step's median is compared with, in the same
+  process and under the same load.
+  """
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
+  times = []
+  for _ in range(max(repeats, 1)):
     t0 = time.perf_counter()
     f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / float(np.median(times))
 
 
 def _batch(batch_size: int, seed: int) -> dict:
@@ -49,13 +80,41 @@ def _batch(batch_size: int, seed: int) -> dict:
   return {"image": rs.randint(0, 256, (batch_size, 64, 64, 3)).astype(np.uint8), "mask": mask}
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  if _BATCH.value:
-    with config.unlocked():
-      config.train.batch_size = _BATCH.value
-  batch_size = config.train.batch_size
+def _forward_seconds_per_image(model: HVAE, params, batch_size: int, repeats: int = 3) -> float:
+  """One forward pass (eval_cost's unit) at `batch_size` on the first device, s per image."""
+  fwd = eval_cost.forward_fn(model)
+  batch = _batch(batch_size, 0)
+  args = (jax.device_get(params), batch["image"], batch["mask"], jax.random.PRNGKey(2))
+  jax.block_until_ready(fwd(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fwd(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)) / batch_size
+
+
+def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
+            matmul_repeats: int = 20, eval_estimate: bool = True) -> dict:
+  """Times `config`'s train step at train.batch_size on every device, and the run's ETA.
+
+  Args:
+    config: the experiment config (train.batch_size is the global batch).
+    steps: timed steady-state steps (median).
+    matmul_size: n of the n x n float32 matmul the step is compared with.
+    matmul_repeats: timed matmuls (median).
+    eval_estimate: also estimate the evaluations (forward-pass time x `evaluation_forwards`).
+
+  Returns:
+    {"num_params", "batch_size", "num_devices", "device_kind", "compile_s", "first_step_s",
+     "second_step_s", "median_step_s", "steps_per_s", "images_per_s", "flops_per_step",
+     "achieved_flops_per_s", "matmul_flops_per_s", "matmul_fraction", "device_peak_mib" (None
+     where the backend has no statistics), "xla_memory_mib" (None without memory analysis),
+     "host_peak_rss_mib", "compilation_cache" (its folder, or ""), "num_steps", "eta_steps_s"
+     (num_steps x median step)}; with `eval_estimate` also "forward_s_per_image",
+    "eval_forwards", "eval_s", "num_evaluations", "eta_total_s" and "eval_share".
+  """
+  batch_size = int(config.train.batch_size)
   mesh = make_mesh()
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
@@ -73,53 +132,110 @@ def main(argv):
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   mem = compiled.memory_analysis()
 
-  t0 = time.perf_counter()
-  state, metrics = step(state, batches[0], rng)
-  jax.block_until_ready(metrics)
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  state, metrics = step(state, batches[1], rng)
-  jax.block_until_ready(metrics)
-  second = time.perf_counter() - t0
-  times = []
-  for i in range(_STEPS.value):
+  def timed_step(i: int) -> float:
+    nonlocal state
     t0 = time.perf_counter()
-    state, metrics = step(state, batches[i % len(batches)], rng)
+    state, metrics = compiled(state, batches[i % len(batches)], rng)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-  median = float(np.median(times))
-  peak = matmul_flops_per_sec()
+    return time.perf_counter() - t0
 
-  device = jax.devices()[0]
-  stats = device.memory_stats() or {}
-  rows = [
-      ("config", flags.FLAGS["config"].config_filename),
-      ("devices", f"{jax.device_count()} x {device.device_kind}"),
-      ("parameters", f"{num_params:,}"),
-      ("global batch", batch_size),
-      ("compile (trace + lower + XLA, cold cache), s", f"{compile_s:.2f}"),
-      ("first step after compile, s", f"{first:.3f}"),
-      ("second step, s", f"{second:.3f}"),
-      (f"median step of {_STEPS.value}, s", f"{median:.4f}"),
-      ("steps/s", f"{1 / median:.2f}"),
-      ("images/s", f"{batch_size / median:.1f}"),
-      ("XLA FLOPs per step", f"{flops:.3e}"),
-      ("achieved FLOP/s", f"{flops / median:.3e}"),
-      ("float32 matmul FLOP/s (this machine)", f"{peak:.3e}"),
-      ("achieved / matmul rate", f"{flops / median / peak:.3f}"),
-  ]
-  if "peak_bytes_in_use" in stats:
-    rows.append(("device peak memory, MiB", f"{stats['peak_bytes_in_use'] / 2**20:.0f}"))
+  first, second = timed_step(0), timed_step(1)
+  median = float(np.median([timed_step(i) for i in range(max(steps, 1))]))
+  peak = matmul_flops_per_sec(matmul_size, matmul_repeats)
+
+  stats = jax.devices()[0].memory_stats() or {}
+  xla_mib = None
   if mem is not None:
     total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
              - mem.alias_size_in_bytes)
-    rows.append(("XLA memory (args+temps+outputs-aliased), MiB", f"{total / 2**20:.0f}"))
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  rows.append(("host peak RSS, MiB", f"{rss:.0f}"))
+    xla_mib = total / 2**20
+  num_steps = int(config.train.num_steps)
+  out = {
+      "num_params": int(num_params), "batch_size": batch_size,
+      "num_devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+      "compile_s": compile_s, "first_step_s": first, "second_step_s": second,
+      "median_step_s": median, "steps_per_s": 1 / median, "images_per_s": batch_size / median,
+      "flops_per_step": flops, "achieved_flops_per_s": flops / median,
+      "matmul_flops_per_s": peak, "matmul_fraction": flops / median / peak,
+      "device_peak_mib": (stats["peak_bytes_in_use"] / 2**20
+                          if "peak_bytes_in_use" in stats else None),
+      "xla_memory_mib": xla_mib,
+      "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "compilation_cache": jax.config.jax_compilation_cache_dir or "",
+      "num_steps": num_steps, "eta_steps_s": num_steps * median,
+  }
+  if eval_estimate:
+    per_image = _forward_seconds_per_image(model, state.params, batch_size)
+    forwards = eval_cost.evaluation_forwards(config)["total"]
+    evaluations = eta.num_evaluations(num_steps, config.eval.every_steps)
+    eval_s = forwards * per_image
+    total = out["eta_steps_s"] + evaluations * eval_s
+    out.update(forward_s_per_image=per_image, eval_forwards=forwards, eval_s=eval_s,
+               num_evaluations=evaluations, eta_total_s=total,
+               eval_share=evaluations * eval_s / total if total > 0 else float("nan"))
+  return out
+
+
+def rows(r: dict, config_name: str = "", steps: int = 20,
+         matmul_repeats: int = 20) -> list[tuple[str, object]]:
+  """The printed table: (quantity, value) rows of a `measure` result."""
+  cache = r["compilation_cache"]
+  out = [
+      ("config", config_name),
+      ("devices", f"{r['num_devices']} x {r['device_kind']}"),
+      ("parameters", f"{r['num_params']:,}"),
+      ("global batch", r["batch_size"]),
+      ("compile (trace + lower + XLA, cold cache), s" if not cache else
+       "compile (trace + lower + XLA, persistent cache on), s", f"{r['compile_s']:.2f}"),
+      ("first step after compile, s", f"{r['first_step_s']:.3f}"),
+      ("second step, s", f"{r['second_step_s']:.3f}"),
+      (f"median step of {steps}, s", f"{r['median_step_s']:.4f}"),
+      ("steps/s", f"{r['steps_per_s']:.2f}"),
+      ("images/s", f"{r['images_per_s']:.1f}"),
+      ("XLA FLOPs per step", f"{r['flops_per_step']:.3e}"),
+      ("achieved FLOP/s", f"{r['achieved_flops_per_s']:.3e}"),
+      (f"float32 matmul FLOP/s (this machine, median of {matmul_repeats})",
+       f"{r['matmul_flops_per_s']:.3e}"),
+      ("achieved / matmul rate", f"{r['matmul_fraction']:.3f}"),
+  ]
+  if r["device_peak_mib"] is not None:
+    out.append(("device peak memory, MiB", f"{r['device_peak_mib']:.0f}"))
+  if r["xla_memory_mib"] is not None:
+    out.append(("XLA memory (args+temps+outputs-aliased), MiB", f"{r['xla_memory_mib']:.0f}"))
+  out.append(("host peak RSS, MiB", f"{r['host_peak_rss_mib']:.0f}"))
+  n = r["num_steps"]
+  out.append((f"ETA of train.num_steps = {n:,} steps (steps only)",
+              eta.format_duration(r["eta_steps_s"])))
+  if "eval_s" in r:
+    out += [
+        ("forward pass (posterior, no gradient), s per image",
+         f"{r['forward_s_per_image']:.4f}"),
+        ("evaluations in the run (every eval.every_steps, and the last step)",
+         r["num_evaluations"]),
+        ("one evaluation, forward passes (estimate from config.eval)",
+         f"{r['eval_forwards']:.0f}"),
+        ("one evaluation, s (estimate: its forward passes only)", f"{r['eval_s']:.1f}"),
+        ("ETA with the evaluations (estimate)", eta.format_duration(r["eta_total_s"])),
+        ("evaluations' share of the run (estimate)", f"{100 * r['eval_share']:.1f} %"),
+    ]
+  return out
+
+
+def main(argv, flag_values: dict):
+  del argv
+  f = {k: v.value for k, v in flag_values.items()}
+  config = f["config"]
+  if f["batch_size"]:
+    with config.unlocked():
+      config.train.batch_size = f["batch_size"]
+  result = measure(config, steps=f["steps"], matmul_repeats=f["matmul_repeats"],
+                   eval_estimate=f["eval_estimate"])
   print("| quantity | value |\n|---|---|")
-  for k, v in rows:
+  for k, v in rows(result, flags.FLAGS["config"].config_filename, f["steps"],
+                   f["matmul_repeats"]):
     print(f"| {k} | {v} |")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags))

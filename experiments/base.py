@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # unchanged, the optimum is not (docs/results.md "Learning structure")
   m.likelihood_grad_anneal = ()  # (start, end): scaled -> exact location gradients over these
   # steps, so the coupling of near-exact channels is learned after the features (() = off)
+  # Speed and memory (docs/design.md "Speed, precision and memory"); none changes the model:
+  m.likelihood_region = "all"  # all | centre: training scores only the hole's box (centre masks)
+  m.compute_dtype = "float32"  # float32 | bfloat16: convs and activations; params stay float32
+  m.remat = (False,)  # per level: recompute its residual blocks' activations in the backward pass
 
   c.loss = lo = ml_collections.ConfigDict()
   lo.kl_weight = (1.0,)  # beta_l: per-level KL weight in the loss (reports stay unweighted)
@@ -109,7 +113,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.num_samples = 4  # fill-in samples per context in image grids and sample metrics
   e.iw_samples = 64  # K of the importance-weighted bound in --mode=eval
   e.temperature = ""  # fill-in tau (eval, inpaint, hvae.load): "0.8", "0.5,1"; "" = the default
-  e.pixels = ""  # pixels of a fill-in sample: sample (from p(x|z)) | mean (E[x|z]); "" = default
+  e.pixels = ""  # a fill-in sample's pixels: sample (p(x|z)) | sample:T (at pixel temperature T)
+  # | mean (E[x|z]); "" = hvae.sampling.DEFAULT_PIXELS
   e.batch_size = 64  # evaluation batch size (global)
   e.num_grid_examples = 8  # fixed validation contexts shown in images/step_N.png
   e.num_swap_examples = 64  # examples of the posterior->prior swap (L + 1 forward passes each)

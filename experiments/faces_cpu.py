@@ -45,6 +45,7 @@ def get_config(arg: str | None = None):
   c.model.posterior = "top_down"
   c.model.likelihood_grad = "scaled"
   c.model.likelihood_grad_anneal = (1500, 2000)
+  c.model.likelihood_region = "centre"  # same loss, fewer FLOPs
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 100
   c.optim.ema_decay = 0.998

@@ -122,8 +122,9 @@ class Inpainter:
       temperature: tau, one for every level or one per level (level 1 = finest first); None =
         the run's eval.temperature or `sampling.DEFAULT_TEMPERATURE`.
       seed: an int or a PRNG key.
-      pixels: "sample" (drawn from p(x | z)) or "mean" (E[x | z]: all variation from the
-        latents); None = the run's eval.pixels, else `sampling.DEFAULT_PIXELS`.
+      pixels: "sample" (drawn from p(x | z)), "sample:T" (at pixel temperature T) or "mean"
+        (E[x | z]: all variation from the latents); None = the run's eval.pixels, else
+        `sampling.DEFAULT_PIXELS`.
 
     Returns:
       uint8 [n, B, 64, 64, 3]: fill-ins composited into the context; the given pixels equal the

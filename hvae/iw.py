@@ -15,6 +15,14 @@ the batch (rows sample-major, [chunk * B]); a Python loop calls that single comp
 ceil(K / chunk) times with keys fold_in(rng, i), so memory is bounded by `chunk` and K never
 triggers a recompile. Samples of the last chunk beyond K are dropped.
 
+The trunk's features (h^p of the context and h^q of the whole image) depend on (image, mask)
+only, not on z: they are computed once per batch and tiled, and only the top-down path (priors,
+posteriors, decoder blocks, output head and likelihood) runs once per sample. The model is not
+changed for this: `flax.linen.intercept_methods` records the trunk's outputs in one pass and
+hands them back in the sampled passes, so the log weights are those of K full forward passes
+with the same noise, bit for bit on CPU (tests/test_iw.py), at a fraction of their cost
+(`benchmarks/eval_cost.py` prints it in units of one forward pass).
+
 The effective sample size of the normalised weights, ESS = (sum_k w_k)^2 / sum_k w_k^2, is in
 [1, K]: near K when q matches the true posterior, near 1 when one sample dominates (then the
 bound is little better than the ELBO, and the K-sample estimate of log p is unreliable).
@@ -22,24 +30,68 @@ bound is little better than the ELBO, and the K-sample estimate of log p is unre
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hvae.model.ladder import HVAE, POSTERIOR
+from hvae.model.trunk import Trunk
 
 DEFAULT_MAX_ROWS = 256  # forward-pass rows (samples x examples) per chunk, bounds memory
 
 
-def _log_weights(params, image, mask, rng, *, model: HVAE, chunk: int) -> jnp.ndarray:
+def _is_trunk_call(context) -> bool:
+  return isinstance(context.module, Trunk) and context.method_name == "__call__"
+
+
+def _features(params, image, mask, *, model: HVAE) -> tuple:
+  """The outputs of every trunk call of one posterior forward pass, in call order.
+
+  Everything else the pass computes is unused, and XLA drops it.
+  """
+  calls = []
+
+  def record(method, args, kwargs, context):
+    out = method(*args, **kwargs)
+    if _is_trunk_call(context):
+      calls.append(out)
+    return out
+
+  with nn.intercept_methods(record):
+    model.apply({"params": params}, image, mask, sources=POSTERIOR, compute_posterior=True,
+                rngs={"sample": jax.random.PRNGKey(0)})
+  return tuple(calls)
+
+
+@functools.lru_cache(maxsize=32)
+def make_features_fn(model: HVAE):
+  """Jitted (params, image, mask) -> the trunk outputs the sampled passes reuse (`_features`)."""
+  return jax.jit(functools.partial(_features, model=model))
+
+
+def _log_weights(params, image, mask, rng, features=None, *, model: HVAE, chunk: int,
+                 share_trunk: bool = True) -> jnp.ndarray:
   """[chunk, B] log importance weights (nats) of `chunk` posterior samples per example."""
   batch = image.shape[0]
   tile = lambda x: jnp.tile(jnp.asarray(x), (chunk,) + (1,) * (x.ndim - 1))  # noqa: E731
-  out = model.apply({"params": params}, tile(image), tile(mask), sources=POSTERIOR,
-                    compute_posterior=True, rngs={"sample": rng})
+  reuse = contextlib.nullcontext()
+  if share_trunk:
+    calls = iter(_features(params, image, mask, model=model) if features is None else features)
+
+    def tiled_features(method, args, kwargs, context):
+      if not _is_trunk_call(context):
+        return method(*args, **kwargs)
+      return [tile(h) for h in next(calls)]  # rows sample-major, as the tiled inputs
+
+    reuse = nn.intercept_methods(tiled_features)
+  with reuse:
+    out = model.apply({"params": params}, tile(image), tile(mask), sources=POSTERIOR,
+                      compute_posterior=True, rngs={"sample": rng})
   missing = 1.0 - jnp.asarray(tile(mask), jnp.float32)[..., 0]
   log_w = jnp.sum(out.log_px * missing, axis=(1, 2))  # [chunk * B]
   for lev in out.levels:
@@ -47,18 +99,30 @@ def _log_weights(params, image, mask, rng, *, model: HVAE, chunk: int) -> jnp.nd
   return log_w.reshape(chunk, batch)
 
 
-@functools.lru_cache(maxsize=32)
-def make_log_weights_fn(model: HVAE, chunk: int):
-  """Jitted (params, image, mask, rng) -> [chunk, B] log weights; one compile per (model, chunk).
+def make_log_weights_fn(model: HVAE, chunk: int, share_trunk: bool = True):
+  """Jitted (params, image, mask, rng[, features]) -> [chunk, B] log weights.
+
+  One compile per (model, chunk) and per whether `features` is given.
 
   Args:
     model: the model (hashable; a flax module with a frozen config).
     chunk: posterior samples drawn per call.
+    share_trunk: run the trunk once per example and tile its features (the default), with
+      `features` from `make_features_fn` or, when not given, computed in the call; False: K
+      full forward passes (the implementation before the trunk was shared, the reference of
+      the tests and of `benchmarks/eval_cost.py`), `features` ignored.
 
   Returns:
     The jitted function. Inputs: image [B, 64, 64, 3] in [0, 255], mask [B, 64, 64, 1].
   """
-  return jax.jit(functools.partial(_log_weights, model=model, chunk=chunk))
+  return _log_weights_fn(model, chunk, bool(share_trunk))
+
+
+@functools.lru_cache(maxsize=32)
+def _log_weights_fn(model: HVAE, chunk: int, share_trunk: bool):
+  """`make_log_weights_fn`'s cache: one jitted function per (model, chunk, share_trunk)."""
+  return jax.jit(functools.partial(_log_weights, model=model, chunk=chunk,
+                                   share_trunk=share_trunk))
 
 
 def chunk_size(num_samples: int, batch: int, max_rows: int = DEFAULT_MAX_ROWS) -> int:
@@ -67,7 +131,8 @@ def chunk_size(num_samples: int, batch: int, max_rows: int = DEFAULT_MAX_ROWS) -
 
 
 def log_weights(model: HVAE, params, image, mask, rng, num_samples: int, *,
-                chunk: int | None = None, max_rows: int = DEFAULT_MAX_ROWS) -> np.ndarray:
+                chunk: int | None = None, max_rows: int = DEFAULT_MAX_ROWS,
+                share_trunk: bool = True) -> np.ndarray:
   """Draws K = `num_samples` log importance weights per example.
 
   Args:
@@ -79,6 +144,8 @@ def log_weights(model: HVAE, params, image, mask, rng, num_samples: int, *,
     num_samples: K >= 1.
     chunk: samples per compiled call (default: as many as fit in `max_rows` rows).
     max_rows: bound on chunk * B when `chunk` is not given.
+    share_trunk: the trunk once per batch (default), or K full forward passes (the reference;
+      `make_log_weights_fn`). The same weights either way.
 
   Returns:
     float64 numpy [K, B], nats.
@@ -86,8 +153,9 @@ def log_weights(model: HVAE, params, image, mask, rng, num_samples: int, *,
   if num_samples < 1:
     raise ValueError(f"num_samples (K) must be >= 1, got {num_samples}")
   chunk = chunk or chunk_size(num_samples, image.shape[0], max_rows)
-  fn = make_log_weights_fn(model, chunk)
-  parts = [fn(params, image, mask, jax.random.fold_in(rng, i))
+  fn = make_log_weights_fn(model, chunk, share_trunk)
+  features = make_features_fn(model)(params, image, mask) if share_trunk else None
+  parts = [fn(params, image, mask, jax.random.fold_in(rng, i), features)
            for i in range(math.ceil(num_samples / chunk))]
   # One host transfer at the end: the loop only enqueues work.
   return np.concatenate([np.asarray(p, np.float64) for p in jax.device_get(parts)])[:num_samples]
@@ -119,7 +187,7 @@ def estimate(model: HVAE, params, image, mask, rng, num_samples: int, **kwargs) 
 
   Args:
     model, params, image, mask, rng, num_samples: as for `log_weights`.
-    **kwargs: `chunk` / `max_rows`, passed on.
+    **kwargs: `chunk` / `max_rows` / `share_trunk`, passed on.
 
   Returns:
     {"log_px": [B] IW_K in nats (a lower bound on log p(x_inner | x_outer)),

@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from hvae import atomic, config_file, data, evaluation, grids, metric_names, rollback, sampling
+from hvae import atomic, config_file, data, eta, evaluation, grids, metric_names, rollback, sampling
 from hvae import lock as workdir_lock
 from hvae.checkpoint import Checkpointer
 from hvae.errors import ConfigError, TrainingError, WorkdirLockedError  # TrainingError: re-exported
@@ -114,7 +114,7 @@ def _validate_fill_ins(config, num_levels: int) -> None:
 
   Raises:
     ConfigError: a temperature that is not one or `num_levels` non-negative numbers, or pixels
-      that are not one of `sampling.PIXELS`.
+      that `sampling.parse_pixels` refuses.
   """
   e = config.eval
   try:
@@ -129,7 +129,8 @@ def _validate_fill_ins(config, num_levels: int) -> None:
     sampling.default_pixels(config)
   except ValueError:
     raise ConfigError(f"eval.pixels: {e.get('pixels')!r} is not one of "
-                      f"{', '.join(sampling.PIXELS)} (or '' for the default)") from None
+                      f"{', '.join(sampling.PIXELS)}, sample:T (0 <= T <= 2) or '' for the "
+                      "default") from None
 
 
 def _git(*args: str) -> str | None:
@@ -281,6 +282,7 @@ def _train(config, workdir: str, model_cfg: ModelConfig, *, profile: bool = Fals
   train_rng = replicate(train_rng, mesh)
 
   history, window_start, t_start = [], time.perf_counter(), time.perf_counter()
+  step_timer = eta.StepTimer(config, start)  # logs the step time and the ETA at step start + 2
   max_skips = config.optim.max_consecutive_skips
   previous = None  # the last step's metrics: its skip count is read one step late
   with _Preemption() as preemption:
@@ -293,12 +295,14 @@ def _train(config, workdir: str, model_cfg: ModelConfig, *, profile: bool = Fals
       writer.write_scalars(start, redo)
     step = start
     while step < num_steps:
+      step_timer.before_step(step, previous)
       batch = shard_batch(next(train_iter), mesh)
       state, metrics = p_train_step(state, batch, train_rng)
       # Started now, so the next step's lagged read below finds the count already on the host.
       metrics["consecutive_skips"].copy_to_host_async()
       history.append(metrics)
       step += 1
+      step_timer.after_step(step, metrics)
       for action in actions:
         action(step)
       # The previous step's count is computed by now (or about to be): reading it keeps one step

@@ -36,18 +36,46 @@ class ElboTerms:
 def elbo_terms(out: ModelOutput, mask: jnp.ndarray) -> ElboTerms:
   """Reduces a forward pass to per-example ELBO terms.
 
+  When `out.region` is set (the likelihood computed on a static box only), every missing pixel
+  must lie in the box, or the terms of pixels outside it would be dropped silently. The function
+  refuses instead: with a concrete mask it raises ValueError; under tracing (the jitted train
+  step) the example's `recon` is NaN, so the loss is not finite, the update is skipped and a run
+  that keeps doing it stops (`optim.max_consecutive_skips`). `ModelConfig.from_config` already
+  rejects a `model.likelihood_region` whose `data.train_mask` could do it.
+
   Args:
     out: the model's output for (image, mask), latents from the posterior.
     mask: [B, 64, 64, 1], 1 = given.
 
   Returns:
-    `ElboTerms`; the reconstruction ignores given pixels entirely.
+    `ElboTerms`; the reconstruction ignores given pixels entirely. Terms are float32 whatever
+    the model's compute dtype.
+
+  Raises:
+    ValueError: `out.region` is set and a concrete `mask` has missing pixels outside it.
   """
   missing = 1.0 - jnp.asarray(mask, jnp.float32)[..., 0]  # [B, 64, 64]
-  recon = -jnp.sum(out.log_px * missing, axis=(1, 2))
   num_dims = 3.0 * jnp.sum(missing, axis=(1, 2))
+  log_px = jnp.asarray(out.log_px, jnp.float32)
+  if out.region is None:
+    recon = -jnp.sum(log_px * missing, axis=(1, 2))
+  else:
+    y0, y1, x0, x1 = out.region
+    inside = missing[:, y0:y1, x0:x1]
+    if inside.shape != log_px.shape:
+      raise ValueError(f"log_px of shape {log_px.shape} does not cover region {out.region}")
+    recon = -jnp.sum(log_px * inside, axis=(1, 2))
+    outside = jnp.sum(missing, axis=(1, 2)) - jnp.sum(inside, axis=(1, 2))  # [B] exact counts
+    if not isinstance(outside, jax.core.Tracer):
+      if np.any(np.asarray(outside) > 0):
+        raise ValueError(
+            f"the likelihood was computed on region {out.region} (top, bottom, left, right) "
+            f"only, but the mask has {int(np.max(np.asarray(outside)))} missing pixels outside "
+            "it; use likelihood_region='all' (model.likelihood_region) for such masks")
+    else:
+      recon = jnp.where(outside > 0, jnp.nan, recon)
   batch = recon.shape[0]
-  kls = [lev.kl.reshape(batch, -1).sum(-1) for lev in out.levels]
+  kls = [jnp.asarray(lev.kl, jnp.float32).reshape(batch, -1).sum(-1) for lev in out.levels]
   kl = jnp.stack(kls, axis=-1) if kls else jnp.zeros((batch, 0), recon.dtype)
   return ElboTerms(recon=recon, kl=kl, num_dims=num_dims)
 

@@ -3,8 +3,11 @@
 A sample draws every latent from the conditional prior (temperature tau scales the prior
 sigma, globally or per level) and then the pixels: `pixels="sample"` draws them from the
 likelihood p(x | z) (the definition of the design), `pixels="mean"` takes its mean E[x | z], so
-every difference between two samples comes from the latents (as VAE papers show samples). The
-missing pixels of the input are never read: the image is masked before it reaches the model.
+every difference between two samples comes from the latents (as VAE papers show samples), and
+`pixels="sample:T"` draws them at pixel temperature T (the likelihood's noise scaled by T; the
+mixture component is not tempered): between the two, e.g. T = 0.3 gives faces the grain of real
+photographs without the speckle of T = 1 (docs/results.md, "Pixel temperature"). The missing
+pixels of the input are never read: the image is masked before it reaches the model.
 
 * `sample_fill_ins`: N samples; `mean_fill_in` averages them (pixel noise included). With
   `pixels="mean"` the samples are the likelihood's MEAN E[x | z] for N latent draws, and their
@@ -33,14 +36,32 @@ from hvae.model.ladder import HVAE, PRIOR
 # samples is the latents', and tau = 1 gives them the most detail (hf_ratio closest to 1) for
 # -0.4 dB PSNR against tau = 0, best-of-8 above the mode, and is the likelihood's own tau.
 DEFAULT_TEMPERATURE = 1.0
-PIXELS = ("sample", "mean")
+PIXELS = ("sample", "mean")  # and "sample:T", T a pixel temperature in [0, 2]
 DEFAULT_PIXELS = "mean"
 
 
+def parse_pixels(value: str) -> tuple[str, float]:
+  """("sample" | "mean", pixel temperature) of a `pixels` value: "mean", "sample" (T = 1) or
+  "sample:T" with 0 <= T <= 2.
+
+  Raises:
+    ConfigError: any other value, naming the choices.
+  """
+  name, _, temp = str(value).partition(":")
+  if name in PIXELS and not (temp and name == "mean"):
+    try:
+      t = float(temp) if temp else 1.0
+    except ValueError:
+      t = -1.0
+    if 0.0 <= t <= 2.0:
+      return name, t
+  raise ConfigError(f"pixels: {value!r} is not one of {', '.join(PIXELS)} or sample:T with "
+                    "a pixel temperature 0 <= T <= 2 (e.g. sample:0.3)")
+
+
 def check_pixels(value: str) -> str:
-  """`value` if it is one of PIXELS, else a ValueError naming the choices."""
-  if value not in PIXELS:
-    raise ConfigError(f"pixels: {value!r} is not one of {', '.join(PIXELS)}")
+  """`value` if it is a valid `pixels` value (see `parse_pixels`), else a ConfigError."""
+  parse_pixels(value)
   return value
 
 
@@ -60,7 +81,7 @@ def composite(image: jnp.ndarray, fill: jnp.ndarray, mask: jnp.ndarray) -> jnp.n
 
 def sample_fill_ins(
     model: HVAE, params, image, mask, rng: jax.Array, *, num_samples: int = 1,
-    temperature: float | Sequence[float] = 1.0, pixel_temperature: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
     noise: Sequence[jnp.ndarray | None] | None = None, pixels: str = "sample",
 ) -> jnp.ndarray:
   """Draws `num_samples` fill-ins per context, composited into the context.
@@ -73,12 +94,12 @@ def sample_fill_ins(
     rng: PRNG key.
     num_samples: N.
     temperature: tau for the latents, global or per level.
-    pixel_temperature: temperature of the pixel likelihood's sampler.
     noise: optional per-level eps of shape [N * B, *S] (sample-major) to fix latent noise.
-    pixels: "sample" (from the likelihood, at `pixel_temperature`) or "mean" (E[x | z]).
+    pixels: "sample" (from the likelihood), "sample:T" (at pixel temperature T) or "mean"
+      (E[x | z]).
 
   Returns:
-    [N, B, 64, 64, 3] float32 composites in [0, 255] (integer values for pixels="sample").
+    [N, B, 64, 64, 3] float32 composites in [0, 255] (integer values for pixels="sample...").
   """
   batch = image.shape[0]
   context = composite(image, jnp.zeros_like(image, jnp.float32), mask)
@@ -88,7 +109,8 @@ def sample_fill_ins(
   out = model.apply({"params": params}, tiled, tiled_mask, sources=PRIOR, noise=noise,
                     temperature=temperature, compute_posterior=False,
                     rngs={"sample": latent_rng})
-  if check_pixels(pixels) == "mean":
+  kind, pixel_temperature = parse_pixels(pixels)
+  if kind == "mean":
     values = model.likelihood.mean(out.px_params)
   else:
     values = model.likelihood.sample(out.px_params, pixel_rng, pixel_temperature)

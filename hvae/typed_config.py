@@ -23,6 +23,10 @@ TOP_PRIORS = ("conditional", "standard_normal")
 LIKELIHOODS = ("dmol", "discretized_gaussian", "gaussian")
 LIKELIHOOD_GRADS = ("exact", "scaled", "scaled_mean")  # hvae.model.likelihoods.LOCATION_GRADS
 UPSAMPLING = ("nearest", "bilinear")  # methods of hvae.model.layers.upsample
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Static boxes (top, bottom, left, right), end-exclusive, of the 64x64 image the training pass may
+# restrict the likelihood head to (`model.likelihood_region`); "all" = the whole image.
+LIKELIHOOD_REGIONS = {"all": None, "centre": (16, 48, 16, 48)}
 
 
 def per_level(field: str, value: Any, num_levels: int, cast=float) -> tuple:
@@ -50,6 +54,16 @@ def per_level(field: str, value: Any, num_levels: int, cast=float) -> tuple:
     return tuple(cast(v) for v in value)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{field}: {value!r} is not a tuple of {cast.__name__}") from e
+
+
+def _strict_bool(value) -> bool:
+  """bool(value) for True / False (and 0 / 1); anything else (e.g. the string "False") fails."""
+  if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+    return bool(value)
+  raise ValueError(f"{value!r} is not a bool")
+
+
+_strict_bool.__name__ = "bool"  # per_level's error message names the element type
 
 
 def _choice(field: str, value: str, options: Sequence[str]) -> str:
@@ -93,6 +107,12 @@ class ModelConfig:
   # Gaussian noise added to, the features feeding level l's posterior head, in training only.
   posterior_dropout: tuple[float, ...] = ()
   posterior_noise: tuple[float, ...] = ()
+  # Speed and memory (docs/design.md "Speed, precision and memory"); none changes what is modelled.
+  # The training pass's likelihood head and log-likelihood on this region only (LIKELIHOOD_REGIONS;
+  # "centre" needs data.train_mask = "centre"); every other pass computes all pixels.
+  likelihood_region: str = "all"
+  compute_dtype: str = "float32"  # COMPUTE_DTYPES: convolutions and activations; params float32
+  remat: tuple[bool, ...] = ()  # per level: rematerialise its residual blocks; () = none
 
   def __post_init__(self):
     L = self.num_levels
@@ -114,6 +134,17 @@ class ModelConfig:
         raise ConfigError("model.likelihood_grad_anneal: anneals a scaled mode to exact "
                           "gradients, but model.likelihood_grad is already 'exact'")
     _choice("model.upsample", self.upsample, UPSAMPLING)
+    _choice("model.likelihood_region", self.likelihood_region, tuple(LIKELIHOOD_REGIONS))
+    if self.likelihood_region != "all" and self.likelihood_grad == "scaled_mean":
+      raise ConfigError("model.likelihood_region: 'scaled_mean' location gradients normalise by "
+                        "the mean scale over every pixel computed, so a region would change the "
+                        "gradients; use model.likelihood_region='all' or likelihood_grad='scaled'")
+    _choice("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+    if self.remat and len(self.remat) != L:
+      raise ConfigError(f"model.remat: has {len(self.remat)} entries for {L} levels")
+    for l, r in enumerate(self.remat, start=1):
+      if not isinstance(r, bool):
+        raise ConfigError(f"model.remat (level {l}): must be True or False, got {r!r}")
     _positive("model.top_latent_dim", self.top_latent_dim)
     _positive("model.width", self.width)
     _positive("model.blocks_per_level", self.blocks_per_level, allow_zero=True)
@@ -152,6 +183,15 @@ class ModelConfig:
     if not isinstance(L, int) or not 1 <= L <= MAX_LEVELS:
       raise ConfigError(f"model.num_levels: must be an integer in 1..{MAX_LEVELS}, got {L!r}")
     reg = config.get("regularize", {})
+    region = m.get("likelihood_region", "all")
+    train_mask = config.get("data", {}).get("train_mask", "centre")
+    if region != "all" and train_mask != region:  # a region is named after the mask it bounds
+      # The crop path needs every training hole inside the box; only the matching fixed mask
+      # guarantees it before training starts (objective.elbo_terms guards every batch too).
+      raise ConfigError(
+          f"model.likelihood_region: {region!r} scores only the pixels of that box, but "
+          f"data.train_mask = {train_mask!r} has holes outside it; use "
+          f"model.likelihood_region='all' (the mask-agnostic path) or data.train_mask={region!r}")
     return cls(
         kind=m.kind, num_levels=L, posterior=m.posterior, context_skips=bool(m.context_skips),
         top_prior=m.top_prior, posterior_sees_mask=bool(m.posterior_sees_mask),
@@ -168,7 +208,9 @@ class ModelConfig:
         posterior_dropout=per_level("regularize.posterior_dropout",
                                     reg.get("posterior_dropout", (0.0,)), L),
         posterior_noise=per_level("regularize.posterior_noise",
-                                  reg.get("posterior_noise", (0.0,)), L))
+                                  reg.get("posterior_noise", (0.0,)), L),
+        likelihood_region=region, compute_dtype=m.get("compute_dtype", "float32"),
+        remat=per_level("model.remat", m.get("remat", (False,)), L, _strict_bool))
 
   @property
   def has_latents(self) -> bool:

@@ -12,7 +12,7 @@ from helpers import centre_mask, launch, load_experiment, random_images
 from PIL import Image
 
 import hvae
-from hvae import baselines, loop, quality, sampling
+from hvae import baselines, errors, loop, quality, sampling
 from hvae.data import image_files
 from hvae.data import masks as masks_lib
 
@@ -168,6 +168,25 @@ def test_api_mode_and_mean(model):
   np.testing.assert_array_equal(model.mean(images, mask, n=2, temperature=0.0, seed=0),
                                 model.mean(images, mask, n=2, temperature=0.0, seed=1))
   assert model.temperatures(None) == (sampling.DEFAULT_TEMPERATURE,) * 2
+
+
+def test_pixel_temperature_scales_the_pixel_noise_only(model):
+  """pixels="sample:T": T = 1 is "sample" exactly; T = 0 keeps the drawn latents and mixture
+  components and drops the per-pixel noise, so its fill-ins are smoother (smaller Laplacian)."""
+  assert sampling.parse_pixels("sample:0.3") == ("sample", 0.3)
+  assert sampling.parse_pixels("sample") == ("sample", 1.0)
+  assert sampling.parse_pixels("mean") == ("mean", 1.0)
+  for bad in ("mean:0.5", "sample:hot", "sample:-1", "sample:3", "median"):
+    with pytest.raises(errors.ConfigError, match="pixels: .* is not one of sample, mean"):
+      sampling.parse_pixels(bad)
+  images, mask = random_images(2, seed=3), centre_mask(1)[0]
+  draws = {p: model.fill_in(images, mask, n=2, seed=4, pixels=p)
+           for p in ("sample", "sample:1", "sample:0")}
+  np.testing.assert_array_equal(draws["sample"], draws["sample:1"])
+  hole = (slice(None), slice(None), slice(16, 48), slice(16, 48))
+  roughness = {p: np.abs(np.diff(d[hole].astype(np.float32), axis=2)).mean()
+               for p, d in draws.items()}
+  assert roughness["sample:0"] < roughness["sample"], roughness
 
 
 def test_temperature_sweep_tabulates_every_method_and_tau(workdir, photos, model, monkeypatch):

@@ -5,6 +5,10 @@ Statistical checks use a model whose decoder barely depends on z (its z projecti
 with raw random initialisation they vary by hundreds of nats and the ESS is ~1. Tolerances are
 3 standard errors: of the mean over groups of K samples, and the delta-method error
 std(w) / (sqrt(K) mean(w)) of the single K = 4096 reference.
+
+The trunk is run once per batch and its features reused by every sample (hvae/iw.py): the
+weights must be those of K full forward passes with the same noise (the implementation before,
+`share_trunk=False`), and cost fewer FLOPs than K forward passes (XLA's count, not a timing).
 """
 
 import jax
@@ -52,6 +56,40 @@ def test_k1_equals_the_single_sample_elbo_with_a_monte_carlo_kl():
   np.testing.assert_allclose(log_w[0], elbo_mc, rtol=1e-6)
   assert iw.iw_bound(log_w) == pytest.approx(elbo_mc, rel=1e-6)
   assert np.all(iw.effective_sample_size(log_w) == 1.0)
+
+
+def _flops(fn, *args) -> float:
+  cost = fn.lower(*args).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+@pytest.mark.parametrize("posterior, sees_mask", [("bottom_up", False), ("top_down", True)])
+def test_shared_trunk_gives_the_weights_of_k_full_forward_passes(posterior, sees_mask):
+  model = HVAE(tiny_model_config(num_levels=2, posterior=posterior,
+                                 posterior_sees_mask=sees_mask))
+  params = ladder.init(model, jax.random.PRNGKey(0))
+  image, mask = random_images(3, seed=4), centre_mask(3)
+  assert len(iw.make_features_fn(model)(params, image, mask)) == 2  # h^p and h^q, recorded
+  rng = jax.random.PRNGKey(9)
+  shared = iw.log_weights(model, params, image, mask, rng, 5, chunk=2)  # 3 chunks, 1 dropped
+  full = iw.log_weights(model, params, image, mask, rng, 5, chunk=2, share_trunk=False)
+  assert shared.shape == (5, 3) and np.all(np.isfinite(shared))
+  # The same noise and the same arithmetic: equal up to float32 rounding (bitwise on CPU).
+  np.testing.assert_allclose(shared, full, rtol=1e-6, atol=1e-4)
+
+
+def test_k_samples_cost_fewer_flops_than_k_forward_passes():
+  model = HVAE(tiny_model_config(num_levels=2))
+  params = ladder.init(model, jax.random.PRNGKey(0))
+  image, mask, rng, k = random_images(2, seed=5), centre_mask(2), jax.random.PRNGKey(1), 8
+  forward = jax.jit(lambda p, x, m, r: model.apply({"params": p}, x, m, rngs={"sample": r}))
+  features = iw.make_features_fn(model)(params, image, mask)
+  shared = (_flops(iw.make_features_fn(model), params, image, mask)
+            + _flops(iw.make_log_weights_fn(model, k), params, image, mask, rng, features))
+  full = _flops(iw.make_log_weights_fn(model, k, share_trunk=False), params, image, mask, rng)
+  one = _flops(forward, params, image, mask, rng)
+  assert full >= 0.9 * k * one  # the reference: K forward passes
+  assert shared < 0.8 * full, (shared / one, full / one)
 
 
 def test_weight_reductions_by_hand():

@@ -551,3 +551,24 @@ def test_channel_chain_terms_sum_to_the_log_prob_and_r_is_the_marginal(name):
   values = _all_values_image(8, 0, image)  # [256, 8, 3]
   r_terms = jax.jit(jax.vmap(lik.channel_chain_log_prob, in_axes=(None, 0)))(params, values)
   np.testing.assert_allclose(np.exp(np.asarray(r_terms)[..., 0]).sum(0), 1.0, atol=1e-4)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _box_log_prob(lik, params, image, rng, box):
+  return lik.box_log_prob(params, image, rng, box)
+
+
+@pytest.mark.parametrize("name", likelihoods.NAMES)
+def test_box_log_prob_is_the_whole_image_log_prob_on_the_box(name):
+  """`box_log_prob` (the training pass's `model.likelihood_region`): the box's parameters alone
+  score exactly what the whole image's log_prob gives there, dequantisation noise included."""
+  lik = _lik(name)
+  rs = np.random.RandomState(5)
+  params = jnp.asarray(rs.normal(0, 1, (2, 8, 8, lik.num_params)), jnp.float32)
+  image = jnp.asarray(rs.randint(0, 256, (2, 8, 8, 3)), jnp.uint8)
+  rng = jax.random.PRNGKey(3)
+  box = (2, 6, 1, 7)
+  whole = _log_prob(lik, params, image, rng)[:, 2:6, 1:7]
+  boxed = _box_log_prob(lik, params[:, 2:6, 1:7], image, rng, box)
+  assert boxed.shape == (2, 4, 6)
+  np.testing.assert_allclose(boxed, whole, rtol=1e-6)

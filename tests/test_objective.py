@@ -1,5 +1,6 @@
 """Tests of hvae/objective.py: what bits/dim count, the decomposition, the training loss."""
 
+import dataclasses
 import math
 
 import jax
@@ -7,19 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import centre_mask, random_images, tiny_model_config
+from helpers import centre_mask, load_experiment, random_images, tiny_model_config
 
 from hvae import objective
-from hvae.model import ladder
+from hvae.model import ladder, likelihoods
 from hvae.model.distributions import DiagGaussian
 from hvae.model.ladder import HVAE, LevelOutput, ModelOutput
+from hvae.typed_config import LIKELIHOOD_REGIONS, ConfigError, ModelConfig
 
 
-def _fake_output(log_px, kls):
+def _fake_output(log_px, kls, region=None):
   """A ModelOutput with given per-pixel log-likelihoods and per-level elementwise KLs."""
   levels = tuple(LevelOutput(z=k, p=DiagGaussian.standard(k.shape), q=None, kl=k, log_q=None,
                              log_p=jnp.zeros(k.shape[0])) for k in kls)
-  return ModelOutput(px_params=jnp.zeros(log_px.shape + (1,)), log_px=log_px, levels=levels)
+  return ModelOutput(px_params=jnp.zeros(log_px.shape + (1,)), log_px=log_px, levels=levels,
+                     region=region)
 
 
 def _boxes_mask(batch):
@@ -139,3 +142,99 @@ def test_a_few_hundred_steps_drive_the_negative_elbo_down(likelihood, likelihood
   first, last = losses[:10].mean(), losses[-10:].mean()
   assert last < factor * first, (first, last)
   assert np.mean(losses[-10:]) < np.mean(losses[140:160]), "still falling in the second half"
+
+
+# ------------------------------------------------- the likelihood on the hole's box only
+
+
+CENTRE = LIKELIHOOD_REGIONS["centre"]
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  return ladder.init(HVAE(tiny_model_config()), jax.random.PRNGKey(0))
+
+
+def _with_output_layer(params, num_params, seed=0):
+  """`params` with a random last output-head layer of `num_params` channels: one
+  initialisation serves every likelihood, and pixel parameters far from the init's."""
+  rs = np.random.RandomState(seed)
+  kernel = params["output_head"]["out"]["kernel"]
+  out = {"kernel": jnp.asarray(rs.normal(0, 0.3, kernel.shape[:-1] + (num_params,)), jnp.float32),
+         "bias": jnp.asarray(rs.normal(0, 0.3, (num_params,)), jnp.float32)}
+  return {**params, "output_head": {**params["output_head"], "out": out}}
+
+
+@pytest.mark.parametrize("likelihood", likelihoods.NAMES)
+def test_centre_region_gives_the_whole_image_loss_and_gradients(likelihood, tiny_params):
+  """`model.likelihood_region = "centre"`: the training pass computes the output head and the
+  likelihood on the hole's box (plus a halo) only, and its loss and gradients are those of the
+  whole-image path (same latent and dequantisation noise)."""
+  cfg = tiny_model_config(likelihood=likelihood)
+  whole, boxed = HVAE(cfg), HVAE(dataclasses.replace(cfg, likelihood_region="centre"))
+  params = _with_output_layer(tiny_params, whole.likelihood.num_params)
+  image, mask = jnp.asarray(random_images(2, seed=4)), jnp.asarray(centre_mask(2))
+
+  @jax.jit
+  def run(params):
+    def loss_fn(p, model):
+      out = model.apply({"params": p}, image, mask, train=True,
+                        rngs={"sample": jax.random.PRNGKey(9), "dropout": jax.random.PRNGKey(8)})
+      terms = objective.elbo_terms(out, mask)
+      loss = objective.training_loss(terms, kl_weight=(1.0,) * 3, free_bits=(0.0,) * 3)[0]
+      return loss, (terms, out.px_params.shape)
+
+    return [jax.value_and_grad(loss_fn, has_aux=True)(params, m) for m in (whole, boxed)]
+
+  ((loss_a, (terms_a, shape_a)), grads_a), ((loss_b, (terms_b, shape_b)), grads_b) = run(params)
+  assert shape_a == (2, 64, 64, whole.likelihood.num_params)
+  assert shape_b == (2, 32, 32, whole.likelihood.num_params)
+  assert np.isfinite(float(loss_a))
+  np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=1e-5)
+  np.testing.assert_allclose(terms_b.recon, terms_a.recon, rtol=1e-5)
+  np.testing.assert_array_equal(terms_b.num_dims, terms_a.num_dims)
+  np.testing.assert_array_equal(terms_b.kl, terms_a.kl)  # the latent side is not touched
+  for a, b in zip(jax.tree_util.tree_leaves(grads_a), jax.tree_util.tree_leaves(grads_b)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(a))) + 1e-12)
+
+
+def test_only_training_passes_take_the_region_unless_asked():
+  """Sampling, evaluation and the IW bound (train=False) keep whole-image px_params and log_px
+  whatever the config says; `likelihood_region=` chooses explicitly."""
+  model = HVAE(tiny_model_config(likelihood_region="centre"))
+  image, mask = jnp.zeros((1, 64, 64, 3)), jnp.asarray(centre_mask(1))
+  variables = jax.eval_shape(lambda: {"params": ladder.init(model, jax.random.PRNGKey(0))})
+  rngs = {"sample": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)}
+
+  def shape(**kw):
+    out = jax.eval_shape(lambda v: model.apply(v, image, mask, rngs=rngs, **kw), variables)
+    return out.log_px.shape, out.region
+
+  assert shape() == ((1, 64, 64), None)
+  assert shape(train=True) == ((1, 32, 32), CENTRE)
+  assert shape(train=True, likelihood_region="all") == ((1, 64, 64), None)
+  assert shape(likelihood_region="centre") == ((1, 32, 32), CENTRE)
+  with pytest.raises(ValueError, match="likelihood_region"):
+    shape(likelihood_region="hole")
+
+
+def test_region_refuses_masks_with_missing_pixels_outside_it():
+  """Never a silently dropped term: a concrete mask raises, a traced one (the train step) makes
+  that example's reconstruction NaN (the step is then skipped), and the config refuses the
+  combination before anything runs."""
+  log_px = -jnp.ones((2, 32, 32))
+  ok = objective.elbo_terms(_fake_output(log_px, [], CENTRE), centre_mask(2))
+  np.testing.assert_array_equal(ok.recon, [1024.0, 1024.0])
+  mask = centre_mask(2)
+  mask[1, 0:2, 0:3] = 0.0  # 6 missing pixels outside the centre box
+  with pytest.raises(ValueError, match="6 missing pixels outside"):
+    objective.elbo_terms(_fake_output(log_px, [], CENTRE), mask)
+  traced = jax.jit(lambda m: objective.elbo_terms(_fake_output(log_px, [], CENTRE), m).recon)
+  recon = np.asarray(traced(jnp.asarray(mask)))
+  assert recon[0] == 1024.0 and np.isnan(recon[1])
+  config = load_experiment("tiny")
+  config.model.likelihood_region = "centre"
+  assert ModelConfig.from_config(config).likelihood_region == "centre"
+  config.data.train_mask = "boxes"
+  with pytest.raises(ConfigError, match="model.likelihood_region"):
+    ModelConfig.from_config(config)

@@ -10,6 +10,12 @@ Parameter paths are stable and per level, so per-level remedies can address them
   level_{l}/decoder         f_l: the decoder block producing d_l (l < L)
   output_head               f_0: the likelihood parameters at 64x64
 
+Speed and memory switches (docs/design.md "Speed, precision and memory") change no parameter
+path: `model.compute_dtype` (convolutions and activations in bfloat16, parameters, distribution
+parameters, KL and log-likelihoods float32), `model.remat` (residual blocks of a level
+rematerialised) and `model.likelihood_region` (the training pass's output head and likelihood on
+a static box around the hole only, `ModelOutput.region`).
+
 Which latent each level uses is chosen per call (`sources`, `latents`, `noise`, `temperature`),
 which is what the posterior->prior swap, "resample one level", temperature sampling and the
 importance-weighted bound are built on.
@@ -18,6 +24,7 @@ importance-weighted bound are built on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +36,7 @@ import jax.numpy as jnp
 from hvae.model import layers, likelihoods
 from hvae.model.distributions import DiagGaussian
 from hvae.model.trunk import Trunk
-from hvae.typed_config import ModelConfig
+from hvae.typed_config import LIKELIHOOD_REGIONS, ModelConfig
 
 POSTERIOR = "posterior"
 PRIOR = "prior"
@@ -50,11 +57,18 @@ class LevelOutput:
 
 @flax.struct.dataclass
 class ModelOutput:
-  """A forward pass. `levels[l - 1]` is level l (1 = finest); empty for the deterministic kind."""
+  """A forward pass. `levels[l - 1]` is level l (1 = finest); empty for the deterministic kind.
 
-  px_params: jnp.ndarray  # [B, 64, 64, P] likelihood parameters of every pixel
+  `px_params` and `log_px` cover the whole image unless `region` is set (a training pass with
+  `model.likelihood_region`, or `likelihood_region=` given): then they cover only the static box
+  `region` = (top, bottom, left, right), end-exclusive, [B, bottom - top, right - left, ...],
+  with exactly the values the whole-image pass has there. `objective.elbo_terms` reads both.
+  """
+
+  px_params: jnp.ndarray  # [B, 64, 64, P] likelihood parameters of every pixel (float32)
   log_px: jnp.ndarray  # [B, 64, 64] log p(x | z, x_outer) of each pixel of `image`, nats
   levels: tuple[LevelOutput, ...]
+  region: tuple[int, int, int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def preprocess(image: jnp.ndarray, mask: jnp.ndarray):
@@ -79,15 +93,24 @@ class DecoderBlock(nn.Module):
 
   width: int
   num_blocks: int
+  dtype: Any = jnp.float32  # compute dtype (`model.compute_dtype`)
+  remat: bool = False  # rematerialise the residual blocks (`model.remat`)
 
   @nn.compact
   def __call__(self, u: jnp.ndarray, skip: jnp.ndarray | None) -> jnp.ndarray:
-    h = u if u.shape[-1] == self.width else layers.conv(self.width, 1, name="in_proj")(u)
+    conv = functools.partial(layers.conv, dtype=self.dtype)
+    h = u if u.shape[-1] == self.width else conv(self.width, 1, name="in_proj")(u)
     if skip is not None:
-      h = h + layers.conv(self.width, 1, name="skip")(skip)
+      h = h + conv(self.width, 1, name="skip")(skip)
+    block = layers.res_block(self.remat)
     for b in range(self.num_blocks):
-      h = layers.ResBlock(self.width, name=f"block{b}")(h)
+      h = block(self.width, dtype=self.dtype, name=f"block{b}")(h)
     return h
+
+
+def _remat(cfg: ModelConfig, level: int) -> bool:
+  """Whether level `level`'s residual blocks are rematerialised (`model.remat`)."""
+  return bool(cfg.remat) and cfg.remat[level - 1]
 
 
 class Level(nn.Module):
@@ -107,13 +130,15 @@ class Level(nn.Module):
       self.q_head = head()
       if not (self.is_top and cfg.top_prior == "standard_normal"):
         self.p_head = head()
+      dtype = jnp.dtype(cfg.compute_dtype)
       if self.is_top:
         r = cfg.resolution(l)
-        self.z_proj = nn.Dense(r * r * cfg.level_width(l))
+        self.z_proj = nn.Dense(r * r * cfg.level_width(l), dtype=dtype, param_dtype=jnp.float32)
       else:
-        self.z_proj = layers.conv(cfg.level_width(l), 1)
+        self.z_proj = layers.conv(cfg.level_width(l), 1, dtype=dtype)
     if not self.is_top:
-      self.decoder = DecoderBlock(cfg.level_width(l), cfg.blocks_per_level)
+      self.decoder = DecoderBlock(cfg.level_width(l), cfg.blocks_per_level,
+                                  jnp.dtype(cfg.compute_dtype), _remat(cfg, l))
 
   def decode(self, u, skip):
     """d_l = f_l(u, [h^p_l]) for the upsampled state u."""
@@ -122,7 +147,7 @@ class Level(nn.Module):
   def prior(self, d: jnp.ndarray, train: bool) -> DiagGaussian:
     """p(z_l | z_{>l}, x_outer) from the decoder state d_l."""
     if self.is_top and self.config.top_prior == "standard_normal":
-      return DiagGaussian.standard((d.shape[0], self.config.top_latent_dim), d.dtype)
+      return DiagGaussian.standard((d.shape[0], self.config.top_latent_dim), jnp.float32)
     return self.p_head(d, train=train)
 
   def posterior(self, h: jnp.ndarray, train: bool) -> DiagGaussian:
@@ -148,23 +173,54 @@ class Level(nn.Module):
 
 
 class OutputHead(nn.Module):
-  """f_0: sees the upsampled state, h^p_0 (context skip) and a_p itself, gives pixel parameters."""
+  """f_0: sees the upsampled state, h^p_0 (context skip) and a_p itself, gives pixel parameters.
+
+  The last (1x1) layer runs in float32 whatever `dtype`: the likelihood parameters are float32.
+  """
 
   width: int
   num_blocks: int
   num_params: int
   context_skips: bool
+  dtype: Any = jnp.float32  # compute dtype (`model.compute_dtype`)
+  remat: bool = False  # rematerialise the residual blocks (`model.remat`)
+
+  @property
+  def halo(self) -> int:
+    """Receptive-field radius in pixels: the 3x3 context conv and two 3x3 convs per block."""
+    return 1 + 2 * self.num_blocks
 
   @nn.compact
-  def __call__(self, u, h_p0, a_p):
+  def __call__(self, u, h_p0, a_p, box: tuple[int, int, int, int] | None = None):
+    """Pixel parameters [B, H, W, P] of the whole image, or [B, bottom - top, right - left, P] of
+    the static `box` (top, bottom, left, right) only.
+
+    For a box, every layer runs on the box grown by `halo` pixels (clipped at the image edge,
+    where the crop's SAME padding is the image's own), and the output drops the halo: each
+    kept pixel sees exactly the inputs it sees in the whole-image pass, so the values are the
+    same; the work is that of the grown box.
+    """
+    if box is not None:
+      y0, y1, x0, x1 = box
+      size_y, size_x = u.shape[1:3]
+      if not (0 <= y0 < y1 <= size_y and 0 <= x0 < x1 <= size_x):
+        raise ValueError(f"likelihood box {box} does not fit in a {size_y}x{size_x} image")
+      g = self.halo
+      gy0, gy1, gx0, gx1 = max(y0 - g, 0), min(y1 + g, size_y), max(x0 - g, 0), min(x1 + g, size_x)
+      u, h_p0, a_p = (t[:, gy0:gy1, gx0:gx1] for t in (u, h_p0, a_p))
+    conv = functools.partial(layers.conv, dtype=self.dtype)
     if u.shape[-1] != self.width:
-      u = layers.conv(self.width, 1, name="in_proj")(u)
-    h = u + layers.conv(self.width, 3, name="context")(a_p)
+      u = conv(self.width, 1, name="in_proj")(u)
+    h = u + conv(self.width, 3, name="context")(a_p)
     if self.context_skips:
-      h = h + layers.conv(self.width, 1, name="skip")(h_p0)
+      h = h + conv(self.width, 1, name="skip")(h_p0)
+    block = layers.res_block(self.remat)
     for b in range(self.num_blocks):
-      h = layers.ResBlock(self.width, name=f"block{b}")(h)
-    return layers.conv(self.num_params, 1, name="out")(nn.gelu(h))
+      h = block(self.width, dtype=self.dtype, name=f"block{b}")(h)
+    params = layers.conv(self.num_params, 1, name="out", dtype=jnp.float32)(nn.gelu(h))
+    if box is not None:
+      params = params[:, y0 - gy0:y1 - gy0, x0 - gx0:x1 - gx0]
+    return params
 
 
 def _per_level(value, num_levels: int, name: str) -> tuple:
@@ -203,6 +259,7 @@ class HVAE(nn.Module):
       compute_posterior: bool | None = None,
       posterior_offset: Sequence[DiagGaussian | None] | None = None,
       location_grad_power: jnp.ndarray | float | None = None,
+      likelihood_region: str | None = None,
   ) -> ModelOutput:
     """Runs the model.
 
@@ -231,12 +288,25 @@ class HVAE(nn.Module):
         (`likelihoods.location_grad_power`; the train step passes it when
         `model.likelihood_grad_anneal` is set). None: the mode's own factor (p = 1). Values,
         hence every output, are the same for every p; only gradients differ.
+      likelihood_region: a name of `typed_config.LIKELIHOOD_REGIONS`: "all" (every pixel) or a
+        static box ("centre") that px_params and log_px are computed on alone (the output head
+        runs on the box and a halo; `ModelOutput.region`). Only for masks whose missing pixels
+        all lie in the box: `objective.elbo_terms` refuses others. None (the default):
+        `model.likelihood_region` in a training pass (`train=True`, the train step's), "all"
+        in every other, so sampling, evaluation and the IW bound always get every pixel.
 
     Returns:
       A `ModelOutput`.
     """
     cfg = self.config
     L = cfg.num_levels
+    dtype = jnp.dtype(cfg.compute_dtype)
+    if likelihood_region is None:
+      likelihood_region = cfg.likelihood_region if train else "all"
+    if likelihood_region not in LIKELIHOOD_REGIONS:
+      raise ValueError(f"likelihood_region: {likelihood_region!r} is not one of "
+                       f"{', '.join(LIKELIHOOD_REGIONS)}")
+    box = LIKELIHOOD_REGIONS[likelihood_region]
     sources = _per_level(sources, L, "sources")
     latents = _per_level(latents, L, "latents")
     noise = _per_level(noise, L, "noise")
@@ -254,13 +324,14 @@ class HVAE(nn.Module):
 
     a_q, a_p = preprocess(image, mask)
     trunk = Trunk(tuple(cfg.level_width(l) for l in range(L + 1)), L, cfg.blocks_per_level,
-                  name="trunk")
+                  dtype=dtype, remat=cfg.remat, name="trunk")
     h_p = trunk(a_p)
     h_q = None
     if compute_posterior:
       extra = None
       if cfg.posterior_sees_mask:
-        extra = layers.conv(cfg.width, 1, name="posterior_mask_proj")(jnp.asarray(mask, a_q.dtype))
+        extra = layers.conv(cfg.width, 1, name="posterior_mask_proj", dtype=dtype)(
+            jnp.asarray(mask, a_q.dtype))
       h_q = trunk(a_q, extra)
 
     levels = {l: Level(cfg, l, name=f"level_{l}") for l in range(1, L + 1)}
@@ -302,11 +373,15 @@ class HVAE(nn.Module):
     if location_grad_power is not None:
       lik = dataclasses.replace(lik, location_grad_power=location_grad_power)
     head = OutputHead(cfg.width, cfg.blocks_per_level, lik.num_params, cfg.context_skips,
-                      name="output_head")
-    px_params = head(layers.upsample(state, cfg.upsample), h_p[0], a_p)
+                      dtype=dtype, remat=_remat(cfg, 1), name="output_head")
+    px_params = head(layers.upsample(state, cfg.upsample), h_p[0], a_p, box)
     rng = self.make_rng("sample") if cfg.likelihood == "gaussian" else None
-    log_px = lik.log_prob(px_params, image, rng)
-    return ModelOutput(px_params=px_params, log_px=log_px, levels=tuple(reversed(outputs)))
+    if box is None:
+      log_px = lik.log_prob(px_params, image, rng)
+    else:
+      log_px = lik.box_log_prob(px_params, image, rng, box)
+    return ModelOutput(px_params=px_params, log_px=log_px, levels=tuple(reversed(outputs)),
+                       region=box)
 
 
 def init(model: HVAE, rng: jax.Array, batch_size: int = 1) -> Any:

@@ -1,8 +1,14 @@
-"""Building blocks shared by the trunk, the decoder ladder and the latent heads."""
+"""Building blocks shared by the trunk, the decoder ladder and the latent heads.
+
+Precision (`model.compute_dtype`): every layer keeps float32 parameters; `dtype` is the dtype
+its computation runs in (inputs and parameters are cast to it). The Gaussian heads' output layer
+always runs in float32, so the distribution parameters every KL and log-density read are float32.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -16,10 +22,13 @@ _SOFTPLUS_ONE = math.log(math.e - 1.0)
 _MIN_SIGMA = 1e-4  # keeps log sigma finite even when the floor is 0
 
 
-def conv(features: int, kernel: int = 3, *, scale: float = 1.0, name: str | None = None):
-  """A SAME-padded convolution; `scale` shrinks the init of a layer that feeds a residual."""
+def conv(features: int, kernel: int = 3, *, scale: float = 1.0, name: str | None = None,
+         dtype: Any = jnp.float32):
+  """A SAME-padded convolution computing in `dtype` (float32 parameters); `scale` shrinks the
+  init of a layer that feeds a residual."""
   init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-  return nn.Conv(features, (kernel, kernel), padding="SAME", kernel_init=init, name=name)
+  return nn.Conv(features, (kernel, kernel), padding="SAME", kernel_init=init, name=name,
+                 dtype=dtype, param_dtype=jnp.float32)
 
 
 def upsample(x: jnp.ndarray, method: str = "nearest") -> jnp.ndarray:
@@ -59,12 +68,19 @@ class ResBlock(nn.Module):
 
   width: int
   residual_scale: float = 0.1
+  dtype: Any = jnp.float32  # compute dtype of the convolutions and activations
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    h = conv(self.width, 3)(nn.gelu(x))
-    h = conv(self.width, 3, scale=self.residual_scale)(nn.gelu(h))
+    h = conv(self.width, 3, dtype=self.dtype)(nn.gelu(x))
+    h = conv(self.width, 3, scale=self.residual_scale, dtype=self.dtype)(nn.gelu(h))
     return x + h
+
+
+def res_block(remat: bool):
+  """The residual block class; with `remat`, wrapped in `nn.remat` (its activations are
+  recomputed in the backward pass instead of stored; parameter paths and values unchanged)."""
+  return nn.remat(ResBlock) if remat else ResBlock
 
 
 def gaussian_from_raw(mean: jnp.ndarray, raw_scale: jnp.ndarray, sigma_floor: float):
@@ -78,7 +94,8 @@ class GaussianHead(nn.Module):
 
   A 2-D level ([B, r, r, C] features) gets a 3x3 conv to 2 * channels; the vector level gets
   the features flattened and a dense layer to 2 * channels. The output layer starts small so
-  every posterior and prior starts near N(0, 1) and every KL near 0.
+  every posterior and prior starts near N(0, 1) and every KL near 0. It runs in float32 whatever
+  the features' dtype (a layer of 2 * channels outputs: cheap), so mean and log-scale are float32.
   """
 
   channels: int
@@ -91,9 +108,10 @@ class GaussianHead(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.gelu(h)
     init = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+    f32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
     if self.vector:
-      out = nn.Dense(2 * self.channels, kernel_init=init)(h.reshape(h.shape[0], -1))
+      out = nn.Dense(2 * self.channels, kernel_init=init, **f32)(h.reshape(h.shape[0], -1))
     else:
-      out = nn.Conv(2 * self.channels, (3, 3), padding="SAME", kernel_init=init)(h)
+      out = nn.Conv(2 * self.channels, (3, 3), padding="SAME", kernel_init=init, **f32)(h)
     mean, raw = jnp.split(out, 2, axis=-1)
     return gaussian_from_raw(mean, raw, self.sigma_floor)

@@ -167,6 +167,27 @@ class Likelihood(abc.ABC):
       [...] nats per pixel (three sub-pixels together), in units of the discrete pixel.
     """
 
+  def box_log_prob(
+    self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None, box: tuple[int, ...]
+  ) -> jnp.ndarray:
+    """`log_prob` of the pixels of a static box of the image, from that box's parameters alone.
+
+    Equal to `log_prob(full_params, image, rng)[:, top:bottom, left:right]` where `params` is
+    `full_params[:, top:bottom, left:right]`: any noise ("gaussian"'s dequantisation) is drawn
+    for the whole image and cropped, so both paths score the same values.
+
+    Args:
+      params: [B, bottom - top, right - left, num_params] raw network output of the box.
+      image: [B, H, W, 3] the whole image, pixel values in 0..255.
+      rng: as for `log_prob`.
+      box: (top, bottom, left, right), end-exclusive.
+
+    Returns:
+      [B, bottom - top, right - left] nats per pixel.
+    """
+    y0, y1, x0, x1 = box
+    return self.log_prob(params, image[:, y0:y1, x0:x1], rng)
+
   def channel_chain_log_prob(
     self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None = None
   ) -> jnp.ndarray:
@@ -459,13 +480,23 @@ class Gaussian(Likelihood):
     Returns:
       [..., 3] nats.
     """
+    pixels = jnp.asarray(image, jnp.float32)
+    u = 0.5 if rng is None else jax.random.uniform(rng, pixels.shape, jnp.float32)
+    return self._dequantized_log_prob(params, pixels, u)
+
+  def box_log_prob(self, params, image, rng, box):
+    y0, y1, x0, x1 = box
+    pixels = jnp.asarray(image, jnp.float32)
+    # The whole image's noise, cropped: the same u per pixel as the whole-image pass draws.
+    u = 0.5 if rng is None else jax.random.uniform(rng, pixels.shape, jnp.float32)[
+        :, y0:y1, x0:x1]
+    channels = self._dequantized_log_prob(params, pixels[:, y0:y1, x0:x1], u)
+    return jnp.sum(channels, axis=-1)
+
+  def _dequantized_log_prob(self, params, pixels, u):
+    """[..., 3] log-density of pixels + u per unit pixel value (see `channel_log_prob`)."""
     mu, log_s = self._split(params)
     mu = location(mu, log_s, self.location_grad, self.location_grad_power)
-    pixels = jnp.asarray(image, jnp.float32)
-    if rng is None:
-      u = 0.5
-    else:
-      u = jax.random.uniform(rng, pixels.shape, jnp.float32)
     y = (pixels + u) / 128.0 - 1.0
     z = (y - mu) * jnp.exp(-log_s)
     # -log(128): change of variables from the [-1, 1) scale back to pixel units.

@@ -7,6 +7,8 @@ instance on a_q = concat(x, 1) and on a_p = concat(x * m, m), so flax shares its
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -21,11 +23,16 @@ class Trunk(nn.Module):
       w_{l-1}, a 1x1 convolution `g{l}_proj` after the pool changes the width.
     num_levels: L; the last output is at 64 / 2^L.
     blocks_per_level: residual blocks before each 2x pool.
+    dtype: compute dtype of every layer (`model.compute_dtype`); parameters stay float32.
+    remat: per level l (entry l - 1), whether stage g_l's residual blocks are rematerialised
+      (`model.remat`); () = none.
   """
 
   widths: tuple[int, ...]
   num_levels: int
   blocks_per_level: int
+  dtype: Any = jnp.float32
+  remat: tuple[bool, ...] = ()
 
   @nn.compact
   def __call__(self, a: jnp.ndarray, extra: jnp.ndarray | None = None) -> list[jnp.ndarray]:
@@ -35,15 +42,16 @@ class Trunk(nn.Module):
       a: [B, 64, 64, 4] input (image in [-1, 1] and a mask/ones channel).
       extra: optional [B, 64, 64, w_0] added to h_0 (the posterior's own view of the mask).
     """
-    h = layers.conv(self.widths[0], 3, name="stem")(a)
+    h = layers.conv(self.widths[0], 3, name="stem", dtype=self.dtype)(a)
     if extra is not None:
       h = h + extra
     hs = [h]
     for level in range(1, self.num_levels + 1):
+      block = layers.res_block(bool(self.remat) and self.remat[level - 1])
       for b in range(self.blocks_per_level):
-        h = layers.ResBlock(self.widths[level - 1], name=f"g{level}_block{b}")(h)
+        h = block(self.widths[level - 1], dtype=self.dtype, name=f"g{level}_block{b}")(h)
       h = layers.downsample(h)
       if self.widths[level] != self.widths[level - 1]:
-        h = layers.conv(self.widths[level], 1, name=f"g{level}_proj")(h)
+        h = layers.conv(self.widths[level], 1, name=f"g{level}_proj", dtype=self.dtype)(h)
       hs.append(h)
     return hs

@@ -1,0 +1,145 @@
+"""The "how long will my run take" figures: benchmarks/train_step.py, benchmarks/eval_cost.py,
+the step-time line every training run logs (hvae/eta.py) and launch.py's compilation cache.
+
+On experiments/tiny.py with a few steps: the figures are checked for presence and sanity
+(positive, finite), never against times (the machine may be busy).
+"""
+
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from absl import flags
+from helpers import launch_module, load_experiment
+
+from benchmarks import eval_cost, train_step
+from hvae import eta, loop
+
+
+def _positive(result: dict, keys) -> None:
+  for key in keys:
+    value = result[key]
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+
+
+def test_train_step_benchmark_gives_every_figure_and_an_eta():
+  config = load_experiment("tiny")
+  result = train_step.measure(config, steps=2, matmul_size=256, matmul_repeats=3)
+  _positive(result, ["num_params", "batch_size", "num_devices", "compile_s", "first_step_s",
+                     "second_step_s", "median_step_s", "steps_per_s", "images_per_s",
+                     "flops_per_step", "achieved_flops_per_s", "matmul_flops_per_s",
+                     "matmul_fraction", "host_peak_rss_mib", "num_steps", "eta_steps_s",
+                     "forward_s_per_image", "eval_forwards", "eval_s", "num_evaluations",
+                     "eta_total_s", "eval_share"])
+  assert result["batch_size"] == 8 and result["num_steps"] == 6
+  assert result["images_per_s"] == pytest.approx(8 / result["median_step_s"])
+  assert result["eta_steps_s"] == pytest.approx(6 * result["median_step_s"])
+  assert result["num_evaluations"] == 2  # steps 3 and 6
+  assert result["eval_forwards"] == eval_cost.evaluation_forwards(config)["total"]
+  assert result["eta_total_s"] == pytest.approx(result["eta_steps_s"] + 2 * result["eval_s"])
+  assert 0 < result["eval_share"] < 1
+  assert result["xla_memory_mib"] is None or result["xla_memory_mib"] > 0
+  table = dict(train_step.rows(result, "experiments/tiny.py", steps=2, matmul_repeats=3))
+  assert table["global batch"] == 8
+  assert "ETA of train.num_steps = 6 steps (steps only)" in table
+  assert "float32 matmul FLOP/s (this machine, median of 3)" in table
+  assert table["evaluations in the run (every eval.every_steps, and the last step)"] == 2
+  assert table["ETA with the evaluations (estimate)"].endswith(" s")
+
+
+def test_eval_cost_benchmark_counts_passes_per_example():
+  config = load_experiment("tiny")
+  result = eval_cost.measure(config, repeats=1)
+  assert (result["batch_size"], result["iw_samples"], result["num_levels"]) == (8, 4, 2)
+  _positive(result, [f"{p}_{q}" for p in ("iw", "iw_previous", "swap")
+                     for q in ("compile_s", "s", "s_per_example", "forwards", "flop_forwards")]
+            + ["forward_s", "forward_flops", "iw_per_k", "iw_previous_per_k", "eval_forwards",
+               "eval_estimate_s"])
+  # FLOPs, not times: the previous implementation is K forward passes; the shared trunk less.
+  assert result["iw_previous_flop_forwards"] == pytest.approx(4, rel=0.1)
+  assert result["iw_flop_forwards"] < 0.8 * result["iw_previous_flop_forwards"]
+  table = dict(eval_cost.rows(result, "experiments/tiny.py"))
+  assert table["evaluation batch B"] == 8
+  assert any(k.startswith("IW bound K=4 (trunk shared") for k in table)
+
+
+def test_evaluation_forwards_counts_each_part_of_an_evaluation():
+  config = load_experiment("tiny")  # 2 levels, 8 examples per split at batch 8, N = 2
+  parts = eval_cost.evaluation_forwards(config)
+  assert parts == {"passes": 16.0, "swap": 2 * 8 * 3.0, "grid": 2 * 3.0,
+                   "diagnostics": 3 * 2 + 2 * 2 * 4.0, "refine": 0.0, "total": 92.0}
+  config.eval.diagnostics_every = 2
+  config.eval.refine_steps, config.eval.refine_examples = 5, 4
+  parts = eval_cost.evaluation_forwards(config)
+  assert parts["diagnostics"] == 11.0 and parts["refine"] == 2 * 4 * 5 * 3.0
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0.4, "0 s"), (42.2, "42 s"), (89, "89 s"), (510, "8.5 min"), (3 * 3600 + 720, "3.2 h"),
+    (2.1 * 86400, "2.1 days"), (float("nan"), "unknown"), (-1, "0 s")])
+def test_format_duration(seconds, text):
+  assert eta.format_duration(seconds) == text
+
+
+@pytest.mark.parametrize("num_steps, every, start, count", [
+    (1000, 250, 0, 4), (1000, 300, 0, 4), (6, 3, 0, 2), (6, 3, 3, 1), (6, 3, 6, 0),
+    (7, 3, 4, 2), (5, 1, 0, 5)])
+def test_num_evaluations_counts_every_period_and_the_last_step(num_steps, every, start, count):
+  assert eta.num_evaluations(num_steps, every, start) == count
+
+
+def test_eta_line():
+  assert (eta.eta_line(0.51, 16, 1000, 4)
+          == "step time 0.51 s (31.4 images/s); 1000 steps ≈ 8.5 min, plus 4 evaluations")
+  assert (eta.eta_line(2.0, 8, 750, 1, resumed=True)
+          == "step time 2 s (4 images/s); 750 steps to go ≈ 25.0 min, plus 1 evaluation")
+  assert eta.eta_line(0.5, 8, 10) == "step time 0.5 s (16 images/s); 10 steps ≈ 5 s"
+
+
+def test_step_timer_logs_once_at_the_second_step(caplog):
+  config = load_experiment("tiny")
+  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")
+  timer = eta.StepTimer(config, start=3)
+  outputs = {"loss": jnp.ones(())}
+  for step in range(3, 7):  # the loop's calls: before a step (steps done), after it
+    timer.before_step(step, outputs if step > 3 else None)
+    timer.after_step(step + 1, outputs)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step time ")]
+  assert len(lines) == 1 and timer.done and timer.step_seconds > 0
+  assert "; 3 steps to go ≈ " in lines[0] and lines[0].endswith(", plus 1 evaluation")
+
+
+def test_training_run_logs_its_step_time_and_eta(tmp_path, monkeypatch, caplog):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  config = load_experiment("tiny")
+  config.train.num_steps = 3  # one evaluation, at step 3
+  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")
+  loop.train_and_evaluate(config, str(tmp_path / "run"))
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step time ")]
+  assert len(lines) == 1, caplog.text[-2000:]
+  assert " images/s); 3 steps ≈ " in lines[0] and lines[0].endswith(", plus 1 evaluation")
+
+
+def test_launch_uses_the_compilation_cache_unless_the_flag_is_empty(tmp_path, monkeypatch):
+  launch = launch_module()
+  assert flags.FLAGS["jax_cache"].default == os.path.expanduser("~/.cache/hvae/jax")
+  updates = {}
+  monkeypatch.setattr(launch, "_maybe_initialize_distributed", lambda: None)
+  monkeypatch.setattr(jax.config, "update", lambda name, value: updates.update({name: value}))
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(["launch.py", f"--jax_cache={tmp_path}"])
+    launch._setup_jax()  # pylint: disable=protected-access
+    assert updates == {"jax_compilation_cache_dir": str(tmp_path),
+                       "jax_persistent_cache_min_compile_time_secs": 1.0}
+    updates.clear()
+    flags.FLAGS(["launch.py", "--jax_cache="])
+    launch._setup_jax()  # pylint: disable=protected-access
+    assert updates == {}
+  finally:
+    flags.FLAGS.unparse_flags()
