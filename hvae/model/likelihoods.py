@@ -371,12 +371,9 @@ class DiscretizedMixLogistic(Likelihood):
 
 
 @dataclasses.dataclass(frozen=True)
-class DiscretizedGaussian(Likelihood):
-  """Independent Gaussian per sub-pixel, integrated over its 8-bit bin (edges to +-inf).
-
-  Parameter layout per pixel (6 channels): [0:3] means, [3:6] log-scales of R, G, B on the
-  [-1, 1] scale.
-  """
+class _ChannelGaussians(Likelihood):
+  """The layout the two Gaussian likelihoods share: per pixel 6 channels, [0:3] the means and
+  [3:6] the log-scales (floored at MIN_LOG_SCALE) of R, G, B; independent channels."""
 
   location_grad: str = "exact"  # LOCATION_GRADS: gradients of the means
   location_grad_power: Any = 1.0  # p of the factor scale**p (`location`); traced in training
@@ -388,6 +385,15 @@ class DiscretizedGaussian(Likelihood):
   def _split(self, params):
     params = _check_params(params, self.num_params)
     return params[..., :3], jnp.maximum(params[..., 3:], MIN_LOG_SCALE)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscretizedGaussian(_ChannelGaussians):
+  """Independent Gaussian per sub-pixel, integrated over its 8-bit bin (edges to +-inf).
+
+  Parameter layout per pixel (6 channels): [0:3] means, [3:6] log-scales of R, G, B on the
+  [-1, 1] scale.
+  """
 
   def channel_log_prob(
     self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None = None
@@ -448,24 +454,13 @@ class DiscretizedGaussian(Likelihood):
 
 
 @dataclasses.dataclass(frozen=True)
-class Gaussian(Likelihood):
+class Gaussian(_ChannelGaussians):
   """Continuous Gaussian on dequantised pixels y = x + u, u ~ U[0, 1), y in [0, 256).
 
   Parameter layout per pixel (6 channels): [0:3] means, [3:6] log-scales of R, G, B on the
   scale y / 128 - 1 (so [0, 256) maps onto [-1, 1)). The density is reported per unit pixel
   value, so E_u[-log p(x + u)] upper-bounds the discrete NLL in nats (Theis et al. 2016).
   """
-
-  location_grad: str = "exact"  # LOCATION_GRADS: gradients of the means
-  location_grad_power: Any = 1.0  # p of the factor scale**p (`location`); traced in training
-
-  @property
-  def num_params(self) -> int:
-    return 6
-
-  def _split(self, params):
-    params = _check_params(params, self.num_params)
-    return params[..., :3], jnp.maximum(params[..., 3:], MIN_LOG_SCALE)
 
   def channel_log_prob(
     self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None = None
