@@ -323,7 +323,8 @@ class Split:
 
 
 def first_batches(batches: list[dict], n: int) -> list[dict]:
-  """The first whole batches holding at least `n` examples (as the evaluation pass runs them)."""
+  """The first whole batches holding at least `n` real examples (padding rows, weight 0, do not
+  count; whole batches, so shapes stay the same): the refinement's and the swap pass's sets."""
   out, count = [], 0
   for b in batches:
     if count >= n:

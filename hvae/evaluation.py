@@ -256,17 +256,6 @@ def image_filename(name: str, step: int) -> str:
   return f"step_{step}.png" if name == FILL_INS else f"{name}_step_{step}.png"
 
 
-def first_examples(batches: list[dict], n: int) -> list[dict]:
-  """The first batches holding at least `n` examples (whole batches: shapes stay the same)."""
-  out, count = [], 0
-  for b in batches:
-    if count >= n:
-      break
-    out.append(b)
-    count += b["image"].shape[0]
-  return out
-
-
 class Evaluator:
   """Everything the training loop does at an evaluation step, on the parameters it is given.
 
@@ -316,7 +305,8 @@ class Evaluator:
     self.mode_fill_in = make_mode_fn(model)
     self.has_latents = model.config.has_latents
     if self.has_latents:
-      self.swap_sets = {k: first_examples(v, e.num_swap_examples) for k, v in eval_sets.items()}
+      self.swap_sets = {k: amortisation.first_batches(v, e.num_swap_examples)
+                        for k, v in eval_sets.items()}
       self.swap_step = diagnostics.make_swap_step(model, mesh)
       self.resample = diagnostics.make_resample_fn(model, max(e.num_samples, 4))
       self.fill_one = make_fill_in_fn(model, 1, pixels, tau)

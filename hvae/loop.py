@@ -127,10 +127,8 @@ def _validate_fill_ins(config, num_levels: int) -> None:
     raise ConfigError(f"eval.temperature: {e.get('temperature')!r} has a negative value")
   try:
     sampling.default_pixels(config)
-  except ValueError:
-    raise ConfigError(f"eval.pixels: {e.get('pixels')!r} is not one of "
-                      f"{', '.join(sampling.PIXELS)}, sample:T (0 <= T <= 2) or '' for the "
-                      "default") from None
+  except ValueError as err:  # sampling.parse_pixels names the value and the choices
+    raise ConfigError(f"eval.{err} (or '' for the default)") from None
 
 
 def _git(*args: str) -> str | None:
