@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from hvae import data, diagnostics, evaluation, iw
+from hvae import data, diagnostics, eta, evaluation, iw
 from hvae.mesh import make_mesh, prepare, replicate
 from hvae.model import ladder
 from hvae.model.ladder import HVAE
@@ -115,10 +115,8 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def _flops(jitted, *args) -> float:
-  """XLA's cost-analysis FLOPs of one call (nan where the backend has none)."""
-  cost = jitted.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+  """XLA's cost-analysis FLOPs of one call, as lowered (nan where the backend has none)."""
+  return eta.xla_flops(jitted.lower(*args)) or float("nan")
 
 
 def forward_fn(model: HVAE):

@@ -5,9 +5,11 @@
 
 Prints the compile time (trace, lower and XLA compile of the step; cold unless a persistent
 compilation cache is configured, which the table says), the first and second step times, the
-median steady-state step time over `--steps` steps (steps/s, images/s), XLA's cost-analysis
-FLOPs per step, the achieved FLOP/s as a fraction of this machine's float32 matmul rate (the
-median of `--matmul_repeats` >= 20 timed 2048x2048 matmuls in the same process), peak memory
+median steady-state step time over `--steps` steps (steps/s, images/s), the FLOPs per step
+(XLA's cost analysis of the lowered step, the same on every backend), the achieved FLOP/s as a
+fraction of this machine's matmul rate (the median of `--matmul_repeats` >= 20 timed n x n
+matmuls in the same process: float32, n = 2048 by default; on an accelerator
+`--matmul_size=8192 --matmul_dtype=bfloat16`, see benchmarks/accelerator.sh), peak memory
 (device statistics where the backend has them, else XLA's memory analysis and host RSS), and the
 ETA of the config's `train.num_steps`: steps x the median step time, then with an estimate of
 the evaluations (`eval.every_steps` and the last step; each one `eval_cost.evaluation_forwards`
@@ -32,7 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import eval_cost
-from hvae import eta, train
+from hvae import eta, sweep, train
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.model.ladder import HVAE
 from hvae.typed_config import ModelConfig
@@ -48,6 +50,13 @@ def _define_flags() -> dict:
                                          "Override train.batch_size (0 = config's)."),
       "matmul_repeats": flags.DEFINE_integer("matmul_repeats", 20,
                                              "Timed matmuls (median reported).", lower_bound=20),
+      "matmul_size": flags.DEFINE_integer("matmul_size", MATMUL_SIZE,
+                                          "n of the n x n reference matmul (on a GPU use 8192: "
+                                          "2048 is too small to reach its rate).", lower_bound=64),
+      "matmul_dtype": flags.DEFINE_enum("matmul_dtype", "float32", ["float32", "bfloat16"],
+                                        "dtype of the reference matmul: bfloat16 gives the "
+                                        "accelerator's bf16 rate, the figure to compare a "
+                                        "model.compute_dtype=bfloat16 step with."),
       "eval_estimate": flags.DEFINE_bool("eval_estimate", True, "Estimate the evaluations' share "
                                          "of the run (one extra compile: a forward pass)."),
   }
@@ -56,13 +65,14 @@ def _define_flags() -> dict:
 MATMUL_SIZE = 2048
 
 
-def matmul_flops_per_sec(n: int = MATMUL_SIZE, repeats: int = 20) -> float:
-  """This machine's float32 matmul rate: the median of `repeats` timed n x n matmuls, FLOP/s.
+def matmul_flops_per_sec(n: int = MATMUL_SIZE, repeats: int = 20,
+                         dtype: str = "float32") -> float:
+  """This machine's matmul rate: the median of `repeats` timed n x n matmuls in `dtype`, FLOP/s.
 
   The median, not the best: it is what the train step's median is compared with, in the same
   process and under the same load.
   """
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   times = []
@@ -95,22 +105,26 @@ def _forward_seconds_per_image(model: HVAE, params, batch_size: int, repeats: in
 
 
 def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
-            matmul_repeats: int = 20, eval_estimate: bool = True) -> dict:
+            matmul_repeats: int = 20, eval_estimate: bool = True,
+            matmul_dtype: str = "float32") -> dict:
   """Times `config`'s train step at train.batch_size on every device, and the run's ETA.
 
   Args:
     config: the experiment config (train.batch_size is the global batch).
     steps: timed steady-state steps (median).
-    matmul_size: n of the n x n float32 matmul the step is compared with.
+    matmul_size: n of the n x n matmul the step is compared with.
     matmul_repeats: timed matmuls (median).
+    matmul_dtype: dtype of that matmul ("float32", or "bfloat16" for an accelerator's bf16 rate).
     eval_estimate: also estimate the evaluations (forward-pass time x `evaluation_forwards`).
 
   Returns:
     {"num_params", "batch_size", "num_devices", "device_kind", "compile_s", "first_step_s",
-     "second_step_s", "median_step_s", "steps_per_s", "images_per_s", "flops_per_step",
+     "second_step_s", "median_step_s", "steps_per_s", "images_per_s", "flops_per_step"
+     (the lowered step's: the same on every backend), "compiled_flops_per_step",
      "achieved_flops_per_s", "matmul_flops_per_s", "matmul_fraction", "device_peak_mib" (None
      where the backend has no statistics), "xla_memory_mib" (None without memory analysis),
-     "host_peak_rss_mib", "compilation_cache" (its folder, or ""), "num_steps", "eta_steps_s"
+     "host_peak_rss_mib", "compilation_cache" (its folder, or ""), "matmul_dtype",
+     "matmul_size", "compute_dtype", "num_steps", "eta_steps_s"
      (num_steps x median step)}; with `eval_estimate` also "forward_s_per_image",
     "eval_forwards", "eval_s", "num_evaluations", "eta_total_s" and "eval_share".
   """
@@ -125,11 +139,13 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
   batches = [shard_batch(_batch(batch_size, i), mesh) for i in range(4)]
 
   t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0], rng).compile()
+  lowered = step.lower(state, batches[0], rng)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  # The rate uses the lowered step's FLOPs (eta.xla_flops, sweep.train_step_flops say why); the
+  # compiled step's, one device's share, is reported beside it. The share is per device.
+  flops = sweep.train_step_flops(config)["flops_per_step"] or float("nan")
+  compiled_flops = eta.xla_flops(compiled) or float("nan")
   mem = compiled.memory_analysis()
 
   def timed_step(i: int) -> float:
@@ -141,7 +157,7 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
 
   first, second = timed_step(0), timed_step(1)
   median = float(np.median([timed_step(i) for i in range(max(steps, 1))]))
-  peak = matmul_flops_per_sec(matmul_size, matmul_repeats)
+  peak = matmul_flops_per_sec(matmul_size, matmul_repeats, matmul_dtype)
 
   stats = jax.devices()[0].memory_stats() or {}
   xla_mib = None
@@ -155,13 +171,16 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
       "num_devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
       "compile_s": compile_s, "first_step_s": first, "second_step_s": second,
       "median_step_s": median, "steps_per_s": 1 / median, "images_per_s": batch_size / median,
-      "flops_per_step": flops, "achieved_flops_per_s": flops / median,
-      "matmul_flops_per_s": peak, "matmul_fraction": flops / median / peak,
+      "flops_per_step": flops, "compiled_flops_per_step": compiled_flops,
+      "achieved_flops_per_s": flops / median,
+      "matmul_flops_per_s": peak, "matmul_fraction": flops / median / peak / jax.device_count(),
       "device_peak_mib": (stats["peak_bytes_in_use"] / 2**20
                           if "peak_bytes_in_use" in stats else None),
       "xla_memory_mib": xla_mib,
       "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "compilation_cache": jax.config.jax_compilation_cache_dir or "",
+      "matmul_dtype": matmul_dtype, "matmul_size": matmul_size,
+      "compute_dtype": str(config.model.get("compute_dtype", "float32")),
       "num_steps": num_steps, "eta_steps_s": num_steps * median,
   }
   if eval_estimate:
@@ -192,11 +211,15 @@ def rows(r: dict, config_name: str = "", steps: int = 20,
       (f"median step of {steps}, s", f"{r['median_step_s']:.4f}"),
       ("steps/s", f"{r['steps_per_s']:.2f}"),
       ("images/s", f"{r['images_per_s']:.1f}"),
-      ("XLA FLOPs per step", f"{r['flops_per_step']:.3e}"),
+      ("FLOPs per step (XLA cost analysis of the lowered step)", f"{r['flops_per_step']:.3e}"),
+      ("FLOPs per step and device (compiled; misses library calls such as cuDNN's)",
+       f"{r.get('compiled_flops_per_step', float('nan')):.3e}"),
       ("achieved FLOP/s", f"{r['achieved_flops_per_s']:.3e}"),
-      (f"float32 matmul FLOP/s (this machine, median of {matmul_repeats})",
+      ("model.compute_dtype", r.get("compute_dtype", "float32")),
+      (f"{r.get('matmul_dtype', 'float32')} {r.get('matmul_size', MATMUL_SIZE)}^3 matmul FLOP/s "
+       f"(this machine, median of {matmul_repeats})",
        f"{r['matmul_flops_per_s']:.3e}"),
-      ("achieved / matmul rate", f"{r['matmul_fraction']:.3f}"),
+      ("achieved / matmul rate (per device)", f"{r['matmul_fraction']:.3f}"),
   ]
   if r["device_peak_mib"] is not None:
     out.append(("device peak memory, MiB", f"{r['device_peak_mib']:.0f}"))
@@ -229,7 +252,8 @@ def main(argv, flag_values: dict):
     with config.unlocked():
       config.train.batch_size = f["batch_size"]
   result = measure(config, steps=f["steps"], matmul_repeats=f["matmul_repeats"],
-                   eval_estimate=f["eval_estimate"])
+                   eval_estimate=f["eval_estimate"], matmul_size=f["matmul_size"],
+                   matmul_dtype=f["matmul_dtype"])
   print("| quantity | value |\n|---|---|")
   for k, v in rows(result, flags.FLAGS["config"].config_filename, f["steps"],
                    f["matmul_repeats"]):

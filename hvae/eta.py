@@ -21,6 +21,22 @@ import jax
 from absl import logging
 
 
+def xla_flops(stage) -> float | None:
+  """XLA's cost-analysis FLOPs of a lowered or compiled jit stage (None where it has none).
+
+  Use the lowered stage (`jax.jit(f).lower(...)`): the program as written, for the global
+  batch, the same on every backend. A compiled stage counts one device's share and misses what
+  the backend hands to libraries (on a GPU, cuDNN's convolutions: ~99 % of this model's FLOPs).
+  """
+  try:
+    cost = stage.cost_analysis()
+  except Exception:  # noqa: BLE001  (backends raise various "not implemented" errors)
+    return None
+  cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
+  value = (cost or {}).get("flops")
+  return float(value) if value is not None and math.isfinite(value) and value > 0 else None
+
+
 def format_duration(seconds: float) -> str:
   """A duration for people: "42 s", "8.5 min", "3.2 h", "2.1 days"."""
   if not math.isfinite(seconds):

@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from hvae import atomic
+from hvae import atomic, eta
 from hvae.errors import SweepPointsFailed
 from hvae.sweep_points import (
   EVAL_CHECKPOINT,
@@ -41,8 +41,11 @@ def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """XLA's cost-analysis FLOPs of one jitted train step on the global batch, without running it.
 
   The step is lowered on abstract shapes (`jax.eval_shape`: no parameters are initialised) and
-  costed on the lowered HLO, i.e. the whole global batch before SPMD partitioning; if the backend
-  cannot cost lowered HLO, the compiled step's per-device figure times the device count is used.
+  costed on the lowered HLO, i.e. the whole global batch before SPMD partitioning. If the backend
+  cannot cost lowered HLO (jax 0.11's GPU backend cannot), the same step is lowered for one CPU
+  device: the lowered program, and so its FLOPs, do not depend on the backend. Only if that
+  fails too, the compiled step's per-device figure times the device count is used (on a GPU it
+  misses cuDNN's convolutions).
   """
   import jax
   import jax.numpy as jnp
@@ -53,30 +56,29 @@ def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   model = HVAE(ModelConfig.from_config(config))
   tx = train.create_optimizer(config)
-  mesh = make_mesh()
   key = jax.random.PRNGKey(0)
   state = jax.eval_shape(lambda r: train.create_train_state(model, tx, r), key)
   b, s = int(config.train.batch_size), int(config.data.image_size)
   batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
            "mask": jax.ShapeDtypeStruct((b, s, s, 1), jnp.float32)}
-  lowered = train.make_train_step(config, model, tx, mesh).lower(
-      state, batch, jax.ShapeDtypeStruct(key.shape, key.dtype))
-  flops, source = _flops(lowered), "lowered HLO, global batch"
+
+  def lower(devices=None):
+    return train.make_train_step(config, model, tx, make_mesh(devices)).lower(
+        state, batch, jax.ShapeDtypeStruct(key.shape, key.dtype))
+
+  lowered = lower()
+  flops, source = eta.xla_flops(lowered), "lowered HLO, global batch"
+  if flops is None and jax.default_backend() != "cpu":
+    try:
+      flops = eta.xla_flops(lower(jax.devices("cpu")[:1]))
+      source = "lowered HLO for the CPU, global batch"
+    except RuntimeError:  # no CPU backend in this process
+      flops = None
   if flops is None:
-    flops, source = _flops(lowered.compile()), "compiled HLO, per device x devices"
+    flops, source = eta.xla_flops(lowered.compile()), "compiled HLO, per device x devices"
     flops = None if flops is None else flops * jax.device_count()
   return {"flops_per_step": flops, "source": source, "batch_size": b,
           "devices": jax.device_count(), "backend": jax.default_backend()}
-
-
-def _flops(stage) -> float | None:
-  try:
-    cost = stage.cost_analysis()
-  except Exception:  # noqa: BLE001  (backends raise various "not implemented" errors)
-    return None
-  cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
-  value = (cost or {}).get("flops")
-  return float(value) if value is not None and math.isfinite(value) and value > 0 else None
 
 
 def run_point(config: ml_collections.ConfigDict, point_dir: str) -> bool:
