@@ -171,6 +171,9 @@ def main(argv):
   except errors.SweepPointsFailed as e:
     print(f"launch.py: {e}", file=sys.stderr)
     sys.exit(1)
+  except errors.Stopped as e:
+    print(f"launch.py: stopped: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 def _main(argv):
@@ -221,14 +224,7 @@ def _main(argv):
 
     loop.train_and_evaluate(config, workdir, profile=_PROFILE.value)
   elif _MODE.value == "eval":
-    from hvae.modes import evaluate
-
-    if _INPUT.value and flags.FLAGS["split"].present:
-      raise app.UsageError("--split does not apply with --input (the images given are scored)")
-    evaluate.run(workdir, config, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
-                 mask=_MASK.value, temperature=_TEMPERATURE.value, num_samples=_NUM_SAMPLES.value,
-                 input_path=_INPUT.value, output=_OUTPUT.value, baseline_names=_BASELINES.value,
-                 pixels=_PIXELS.value, refine_steps=_REFINE_STEPS.value)
+    _evaluate(workdir, config)
   else:  # inpaint: --mode is an enum, and report returned above
     from hvae.modes import inpaint
 
@@ -238,6 +234,32 @@ def _main(argv):
                 mask=_MASK.value, num_samples=_NUM_SAMPLES.value or config.eval.num_samples,
                 temperature=_TEMPERATURE.value, rank=_RANK.value, checkpoint=_CHECKPOINT.value,
                 fill=_FILL.value, baseline_names=_BASELINES.value, pixels=_PIXELS.value)
+
+
+def _evaluate(workdir: str, config) -> None:
+  """--mode=eval. SIGTERM / SIGINT stop it between two jitted calls (a batch, an IW chunk, a
+  refinement step): nothing is written, one line says so, and the exit status is 128 + the
+  signal (errors.Stopped)."""
+  import signal
+
+  from hvae import errors, preemption
+  from hvae.modes import evaluate
+
+  if _INPUT.value and flags.FLAGS["split"].present:
+    raise app.UsageError("--split does not apply with --input (the images given are scored)")
+  with preemption.StopRequest("stopping the evaluation; nothing is written") as stop:
+    try:
+      evaluate.run(workdir, config, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
+                   mask=_MASK.value, temperature=_TEMPERATURE.value,
+                   num_samples=_NUM_SAMPLES.value, input_path=_INPUT.value, output=_OUTPUT.value,
+                   baseline_names=_BASELINES.value, pixels=_PIXELS.value,
+                   refine_steps=_REFINE_STEPS.value, interrupt=stop.agreed)
+    except preemption.Interrupted:
+      signum = int(stop.signum or signal.SIGTERM)  # or another process's signal (multi-host)
+      raise errors.Stopped(
+          f"signal {signum} during the evaluation of {workdir}: it was dropped and nothing was "
+          "written (results.json and the rest are written at the end); run the same command "
+          "again to evaluate.", signum) from None
 
 
 def _check_fill_flags() -> None:

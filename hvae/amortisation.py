@@ -39,26 +39,30 @@ docstring of `posterior_offset`): refinement searches "encoder + per-example off
 contains the encoder, not the free-form family.
 
 Cost: (L + 1) runs of S forward and backward passes per example (all levels, then each level
-alone); one compiled function (S, the level mask and the step size are arguments), called on
-whole evaluation batches (`eval.batch_size` rows bound the memory) with the evaluation pass's
-keys. Settings: `eval.refine_steps` (0 = off), `eval.refine_examples`, `eval.refine_lr`,
-`eval.refine_samples` (each step costs that many forward and backward passes).
+alone); one compiled step (S, the step index, the level mask and the step size are
+arguments), called S times on whole evaluation batches (`eval.batch_size` rows bound the
+memory) with the evaluation pass's keys; a stop request (SIGTERM) is honoured between two steps
+(`RefineStep`, hvae/preemption.py). Settings: `eval.refine_steps` (0 = off),
+`eval.refine_examples`, `eval.refine_lr`, `eval.refine_samples` (each step costs that many
+forward and backward passes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hvae import memorisation, objective
+from hvae import memorisation, objective, preemption
 from hvae.errors import ConfigError
 from hvae.mesh import prepare, shardings
 from hvae.model.distributions import DiagGaussian
@@ -103,12 +107,89 @@ def _zero_offsets(cfg, batch: int) -> list[DiagGaussian]:
   return [DiagGaussian(jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.float32)) for s in shapes]
 
 
+def _objectives(model: HVAE, params, image, mask, rng, samples: int):
+  """(terms(offsets, key) -> (nelbo, recon, kl, num_dims), fit_loss(offsets) -> (sum, [B])):
+  the scored terms and the fitted objective (`samples` fixed noise draws) of `refine`."""
+  fit_keys = [jax.random.fold_in(rng, FIT_NOISE + m) for m in range(samples)]
+
+  def terms(offsets, key):
+    out = model.apply({"params": params}, image, mask, posterior_offset=offsets,
+                      rngs={"sample": key})
+    t = objective.elbo_terms(out, mask)
+    return t.recon + jnp.sum(t.kl, axis=-1), t.recon, t.kl, t.num_dims
+
+  def fit_loss(offsets):
+    nelbo = sum(terms(offsets, key)[0] for key in fit_keys) / samples  # [B]
+    return jnp.sum(nelbo), nelbo  # examples are independent: per-example gradients
+
+  return terms, fit_loss
+
+
+def _keep_better(best, offsets, nelbo, allowed=True):
+  """Each example's best offsets so far (by the fitted objective `nelbo` [B])."""
+  better = (nelbo < best["nelbo"]) & allowed  # [B]
+  pick = lambda new, old: jnp.where(  # noqa: E731
+      better.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  return {"nelbo": pick(nelbo, best["nelbo"]),
+          "offsets": jax.tree_util.tree_map(pick, offsets, best["offsets"])}
+
+
+def refine_start(model: HVAE, params, image, mask, rng, init=None, samples: int = 1):
+  """The state before step 0 of `refine`: (start, carry).
+
+  start: {"nelbo": [B] the fitted objective at the starting offsets, "offsets": those};
+  carry: {"offsets", "mu", "nu" (Adam's moments), "best" (as start)}. Every leaf has the batch
+  as its first axis (Adam's step count is the step index, `refine_step`'s `i`).
+  """
+  offsets0 = _zero_offsets(model.config, image.shape[0]) if init is None else init
+  _, fit_loss = _objectives(model, params, image, mask, rng, samples)
+  start = {"nelbo": fit_loss(offsets0)[1], "offsets": offsets0}
+  adam = optax.scale_by_adam().init(offsets0)
+  return start, {"offsets": offsets0, "mu": adam.mu, "nu": adam.nu, "best": start}
+
+
+def refine_step(model: HVAE, params, image, mask, rng, free, i, steps, lr, carry,
+                samples: int = 1):
+  """Step `i` (0-based, traced) of S = `steps` of `refine`: the carry after it."""
+  _, fit_loss = _objectives(model, params, image, mask, rng, samples)
+  (_, nelbo), grads = jax.value_and_grad(fit_loss, has_aux=True)(carry["offsets"])
+  best = _keep_better(carry["best"], carry["offsets"], nelbo)
+  grads = [jax.tree_util.tree_map(lambda g, f=free[l]: g * f, g_l)
+           for l, g_l in enumerate(grads)]
+  # After i updates Adam's count is i: the state is rebuilt from the step index.
+  state = optax.ScaleByAdamState(count=jnp.asarray(i, jnp.int32), mu=carry["mu"],
+                                 nu=carry["nu"])
+  updates, state = optax.scale_by_adam().update(grads, state)
+  steps_f = jnp.maximum(jnp.asarray(steps, jnp.float32), 1.0)
+  step_size = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * i / steps_f))
+  offsets = jax.tree_util.tree_map(lambda o, u: o - step_size * u, carry["offsets"], updates)
+  return {"offsets": offsets, "mu": state.mu, "nu": state.nu, "best": best}
+
+
+def refine_end(model: HVAE, params, image, mask, rng, steps, start, carry,
+               samples: int = 1) -> dict:
+  """`refine`'s outputs from the carry after its S = `steps` steps."""
+  terms, fit_loss = _objectives(model, params, image, mask, rng, samples)
+  done = jnp.asarray(steps) > 0
+  best = _keep_better(carry["best"], carry["offsets"], fit_loss(carry["offsets"])[1],
+                      allowed=done)
+  _, recon0, kl0, num_dims = terms(start["offsets"], rng)
+  _, recon1, kl1, _ = terms(best["offsets"], rng)
+  return {"recon_before": recon0, "kl_before": kl0, "num_dims": num_dims,
+          "recon_after": jnp.where(done, recon1, recon0),  # S = 0: the same arrays, exactly
+          "kl_after": jnp.where(done, kl1, kl0),
+          "nelbo_fit_before": start["nelbo"], "nelbo_fit_after": best["nelbo"],
+          "offsets": best["offsets"]}
+
+
 def refine(model: HVAE, params, image, mask, rng, free, steps, lr, init=None,
            samples: int = 1) -> dict:
   """Refines every example's posterior offsets; the per-example terms before and after.
 
   The offsets are fitted to `samples` fixed noise draws (keys fold_in(rng, FIT_NOISE + m)) and
   scored, like the encoder's posterior, on the noise of `rng` itself, which the fit never saw.
+  All S steps in one traced loop; `RefineStep` runs the same three parts (`refine_start`,
+  S x `refine_step`, `refine_end`) as separate jitted calls, to the same numbers.
 
   Args:
     model: the model (its likelihood's gradients should be exact: `exact_gradients`).
@@ -129,62 +210,11 @@ def refine(model: HVAE, params, image, mask, rng, free, steps, lr, init=None,
     "nelbo_fit_before", "nelbo_fit_after" [B]: the fitted objective at the starting and the
     best offsets (after <= before, every example); "offsets": the best offsets.
   """
-  batch = image.shape[0]
-  offsets0 = _zero_offsets(model.config, batch) if init is None else init
-  fit_keys = [jax.random.fold_in(rng, FIT_NOISE + m) for m in range(samples)]
-
-  def terms(offsets, key):
-    out = model.apply({"params": params}, image, mask, posterior_offset=offsets,
-                      rngs={"sample": key})
-    t = objective.elbo_terms(out, mask)
-    return t.recon + jnp.sum(t.kl, axis=-1), t.recon, t.kl, t.num_dims
-
-  def fit_loss(offsets):
-    nelbo = sum(terms(offsets, key)[0] for key in fit_keys) / samples  # [B]
-    return jnp.sum(nelbo), nelbo  # examples are independent: per-example gradients
-
-  value_and_grad = jax.value_and_grad(fit_loss, has_aux=True)
-  adam = optax.scale_by_adam()
-
-  def keep_better(best, offsets, nelbo, allowed=True):
-    better = (nelbo < best["nelbo"]) & allowed  # [B]
-    pick = lambda new, old: jnp.where(  # noqa: E731
-        better.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    return {"nelbo": pick(nelbo, best["nelbo"]),
-            "offsets": jax.tree_util.tree_map(pick, offsets, best["offsets"])}
-
-  fit_before = fit_loss(offsets0)[1]
-  steps_f = jnp.maximum(jnp.asarray(steps, jnp.float32), 1.0)
-
-  def body(i, carry):
-    offsets, opt_state, best = carry
-    (_, nelbo), grads = value_and_grad(offsets)
-    best = keep_better(best, offsets, nelbo)
-    grads = [jax.tree_util.tree_map(lambda g, f=free[l]: g * f, g_l)
-             for l, g_l in enumerate(grads)]
-    updates, opt_state = adam.update(grads, opt_state)
-    step_size = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * i / steps_f))
-    offsets = jax.tree_util.tree_map(lambda o, u: o - step_size * u, offsets, updates)
-    return offsets, opt_state, best
-
-  start = {"nelbo": fit_before, "offsets": offsets0}
-  offsets, _, best = jax.lax.fori_loop(0, steps, body, (offsets0, adam.init(offsets0), start))
-  done = jnp.asarray(steps) > 0
-  best = keep_better(best, offsets, fit_loss(offsets)[1], allowed=done)
-  _, recon0, kl0, num_dims = terms(offsets0, rng)
-  _, recon1, kl1, _ = terms(best["offsets"], rng)
-  return {"recon_before": recon0, "kl_before": kl0, "num_dims": num_dims,
-          "recon_after": jnp.where(done, recon1, recon0),  # S = 0: the same arrays, exactly
-          "kl_after": jnp.where(done, kl1, kl0),
-          "nelbo_fit_before": fit_before, "nelbo_fit_after": best["nelbo"],
-          "offsets": best["offsets"]}
-
-
-def _refine_step(params, batch, rng, free, steps, lr, *, model: HVAE, samples: int):
-  out = refine(model, params, batch["image"], batch["mask"], rng, free, steps, lr,
-               samples=samples)
-  out.pop("offsets")
-  return out
+  start, carry = refine_start(model, params, image, mask, rng, init, samples)
+  body = lambda i, c: refine_step(model, params, image, mask, rng, free, i, steps, lr, c,  # noqa: E731
+                                  samples)
+  carry = jax.lax.fori_loop(0, steps, body, carry)
+  return refine_end(model, params, image, mask, rng, steps, start, carry, samples)
 
 
 def exact_gradients(model: HVAE) -> HVAE:
@@ -196,21 +226,86 @@ def exact_gradients(model: HVAE) -> HVAE:
                                   likelihood_grad_anneal=()))
 
 
+def _start(params, batch, rng, *, model: HVAE, samples: int):
+  return refine_start(model, params, batch["image"], batch["mask"], rng, samples=samples)
+
+
+def _steps(params, batch, rng, free, first, count, steps, lr, carry, *, model: HVAE,
+           samples: int):
+  """Steps first .. first + count - 1 of `refine`'s loop (a loop of traced length, like it)."""
+  body = lambda i, c: refine_step(model, params, batch["image"], batch["mask"], rng, free, i,  # noqa: E731
+                                  steps, lr, c, samples)
+  return jax.lax.fori_loop(first, first + count, body, carry)
+
+
+def _end(params, batch, rng, steps, start, carry, *, model: HVAE, samples: int):
+  out = refine_end(model, params, batch["image"], batch["mask"], rng, steps, start, carry,
+                   samples)
+  out.pop("offsets")
+  return out
+
+
+class RefineStep:
+  """(params, batch, rng, free [L], steps, lr, interrupt=None) -> per-example terms (`refine`).
+
+  Three jitted functions, each compiled once whatever S, the level mask and the step size (all
+  arguments): `refine_start`, `count` steps from step `first` (both arguments; called S times
+  with count 1) and `refine_end`. Between two steps the host asks `interrupt()`
+  (`hvae.preemption.check`), so a stop request ends even a long refinement within a step or
+  two, and keeps at most one step queued behind the running one (`hvae.preemption.Pacer`).
+  The steps run inside a loop of traced length, as in `refine`, so XLA compiles the step as it
+  does there: the numbers equal `refine`'s single traced loop bit for bit on CPU
+  (tests/test_amortisation.py), where a step jitted on its own differs in the last bit."""
+
+  def __init__(self, model: HVAE, mesh: Mesh, samples: int = 1):
+    data, replicated = shardings(mesh)
+    model = exact_gradients(model)
+    kw = {"model": model, "samples": samples}
+    # Every leaf of the carry has the batch as its first axis: split over the devices like it.
+    self.start = jax.jit(functools.partial(_start, **kw),
+                         in_shardings=(replicated, data, replicated), out_shardings=data)
+    self.step = jax.jit(functools.partial(_steps, **kw),
+                        in_shardings=(replicated, data) + (replicated,) * 6 + (data,),
+                        out_shardings=data)
+    self.end = jax.jit(functools.partial(_end, **kw),
+                       in_shardings=(replicated, data, replicated, replicated, data, data),
+                       out_shardings=data)
+    self._first_step_logged = False
+
+  def __call__(self, params, batch, rng, free, steps, lr, interrupt=None) -> dict:
+    start, carry = self.start(params, batch, rng)
+    pace = preemption.Pacer(interrupt)
+    t0 = time.perf_counter()
+    for i in range(int(steps)):
+      preemption.check(interrupt)
+      carry = pace(self.step(params, batch, rng, free, np.int32(i), np.int32(1), steps, lr,
+                             carry))
+      if not self._first_step_logged:  # compiled and run: later steps only run
+        jax.block_until_ready(carry)
+        self._first_step_logged = True
+        logging.info("refine: step 1 of %d ran (%.1f s, compilation included); a stop request "
+                     "is honoured between steps", int(steps), time.perf_counter() - t0)
+    preemption.check(interrupt)
+    return self.end(params, batch, rng, steps, start, carry)
+
+  def cache_sizes(self) -> tuple[int, int, int]:
+    """How often the start, the step and the end were compiled (1 each once called)."""
+    return tuple(f._cache_size() for f in (self.start, self.step, self.end))  # noqa: SLF001
+
+
 @functools.lru_cache(maxsize=4)
-def make_refine_step(model: HVAE, mesh: Mesh, samples: int = 1):
-  """Jits (params, batch, rng, free [L], steps, lr) -> per-example terms (`refine`), once."""
-  data, replicated = shardings(mesh)
-  return jax.jit(functools.partial(_refine_step, model=exact_gradients(model), samples=samples),
-                 in_shardings=(replicated, data, replicated, replicated, replicated, replicated),
-                 out_shardings=data)
+def make_refine_step(model: HVAE, mesh: Mesh, samples: int = 1) -> RefineStep:
+  """The refinement of a batch (`RefineStep`), built once per (model, mesh, samples)."""
+  return RefineStep(model, mesh, samples)
 
 
-def gather(step, batches: list[dict], rng, mesh: Mesh) -> dict[str, np.ndarray]:
+def gather(step, batches: list[dict], rng, mesh: Mesh, interrupt=None) -> dict[str, np.ndarray]:
   """Runs step(arrays, key_i) over `batches` with key_i = fold_in(rng, i) (the keys of the
   evaluation pass, `hvae.evaluation.run_pass`) and gathers its per-example outputs on the host,
-  padding rows dropped."""
+  padding rows dropped. `interrupt()`, if given, is asked before every batch."""
   rows = []
   for i, batch in enumerate(batches):
+    preemption.check(interrupt)
     arrays, _ = prepare(batch, mesh)
     out = step(arrays, jax.random.fold_in(rng, i))
     g = multihost_utils.process_allgather({"x": out, "w": arrays["weight"]}, tiled=True)
@@ -220,8 +315,9 @@ def gather(step, batches: list[dict], rng, mesh: Mesh) -> dict[str, np.ndarray]:
 
 
 def refine_split(refine_step, params, batches: list[dict], rng, mesh: Mesh, s: Settings,
-                 num_levels: int) -> dict[str, np.ndarray]:
-  """Refines every level together, then each level alone, over one split's batches.
+                 num_levels: int, interrupt=None) -> dict[str, np.ndarray]:
+  """Refines every level together, then each level alone, over one split's batches;
+  `interrupt()`, if given, is asked before every step (`RefineStep`).
 
   Returns:
     numpy per-example terms (nats): recon_before [N], kl_before [N, L], recon_after [N],
@@ -230,7 +326,8 @@ def refine_split(refine_step, params, batches: list[dict], rng, mesh: Mesh, s: S
   """
   steps, lr = jnp.int32(s.steps), jnp.float32(s.lr)
   run = lambda free: gather(  # noqa: E731
-      lambda arrays, key: refine_step(params, arrays, key, free, steps, lr), batches, rng, mesh)
+      lambda arrays, key: refine_step(params, arrays, key, free, steps, lr, interrupt), batches,
+      rng, mesh, interrupt)
   out = run(jnp.ones((num_levels,), jnp.float32))
   alone = []
   for l in range(num_levels):
@@ -306,15 +403,17 @@ class Split:
     self.refine_step = make_refine_step(model, mesh, s.samples)
     self.posterior_step = memorisation.make_posterior_step(model, mesh)
 
-  def __call__(self, params) -> dict[str, float]:
+  def __call__(self, params, interrupt=None) -> dict[str, float]:
+    """The metrics; `interrupt()`, if given, is asked before every refinement step and every
+    batch (`hvae.preemption.Interrupted` when it says True)."""
     L = self.model.config.num_levels
     metrics = {}
     for split, batches in self.eval_sets.items():
       terms = refine_split(self.refine_step, params, self.refine_sets[split], self.rng,
-                           self.mesh, self.settings, L)
+                           self.mesh, self.settings, L, interrupt)
       metrics.update({f"{split}/{k}": v for k, v in split_metrics(terms).items()})
       posteriors = gather(lambda arrays, key: self.posterior_step(params, arrays, key),
-                          batches, self.rng, self.mesh)
+                          batches, self.rng, self.mesh, interrupt)
       mi = memorisation.split_metrics(posteriors, L)
       metrics.update({f"{split}/{k}": v for k, v in mi.items()})
     if "eval" in self.eval_sets and "eval_train" in self.eval_sets:

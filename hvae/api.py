@@ -205,12 +205,14 @@ class Inpainter:
     out["nelbo"] = out["recon"] + out["kl"].sum(-1)
     return out
 
-  def score(self, images, masks, k: int = 8, seed: int | jax.Array = 0) -> np.ndarray:
+  def score(self, images, masks, k: int = 8, seed: int | jax.Array = 0,
+            interrupt=None) -> np.ndarray:
     """The K-sample IW bound on log p(x_inner | x_outer) of each image, nats. Returns [B]."""
-    return self.evaluate(images, masks, k=k, seed=seed, with_elbo=False)["iw_log_px"]
+    return self.evaluate(images, masks, k=k, seed=seed, with_elbo=False,
+                         interrupt=interrupt)["iw_log_px"]
 
   def evaluate(self, images, masks, k: int = 64, seed: int | jax.Array = 0,
-               with_elbo: bool = True) -> dict[str, np.ndarray]:
+               with_elbo: bool = True, interrupt=None) -> dict[str, np.ndarray]:
     """Likelihood figures of the true fill-ins: the K-sample IW bound, its ESS and the ELBO.
 
     Args:
@@ -219,6 +221,8 @@ class Inpainter:
       k: K, importance samples per example.
       seed: an int or a PRNG key.
       with_elbo: also compute the single-sample ELBO (analytic KL).
+      interrupt: asked between the IW bound's chunks (`hvae.preemption`: raises
+        `Interrupted` when it says True).
 
     Returns:
       Per-example numpy arrays: iw_log_px (nats, <= log p(x_inner | x_outer)), iw_bpd (bits per
@@ -228,7 +232,8 @@ class Inpainter:
     image, mask = _images_and_masks(images, masks)
     rng = _key(seed)
     iw_rng, elbo_rng = jax.random.split(rng)
-    est = iw.estimate(self.model, self.params, image, mask, iw_rng, k, max_rows=self.max_rows)
+    est = iw.estimate(self.model, self.params, image, mask, iw_rng, k, max_rows=self.max_rows,
+                      interrupt=interrupt)
     num_dims = missing_dims(mask)
     out = {"iw_log_px": est["log_px"], "iw_ess": est["ess"], "num_dims": num_dims,
            "iw_bpd": bits_per_dim(-est["log_px"], num_dims)}

@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hvae import grids, metric_names, objective, sampling
+from hvae import grids, metric_names, objective, preemption, sampling
 from hvae.mesh import prepare, shardings, take_rows
 from hvae.model.ladder import HVAE, POSTERIOR, PRIOR
 
@@ -48,10 +48,13 @@ def make_swap_step(model: HVAE, mesh: Mesh):
                  in_shardings=(replicated, data, replicated), out_shardings=data)
 
 
-def swap_metrics(swap_step, params, batches: list[dict], rng, mesh: Mesh) -> dict[str, float]:
-  """`swap/level_l` (without the split prefix): mean over the real examples of `batches`."""
+def swap_metrics(swap_step, params, batches: list[dict], rng, mesh: Mesh,
+                 interrupt=None) -> dict[str, float]:
+  """`swap/level_l` (without the split prefix): mean over the real examples of `batches`;
+  `interrupt()`, if given, is asked before every batch (`hvae.preemption.check`)."""
   rows = []
   for i, batch in enumerate(batches):
+    preemption.check(interrupt)
     arrays, _ = prepare(batch, mesh)
     out = swap_step(params, arrays, jax.random.fold_in(rng, i))
     g = multihost_utils.process_allgather({"s": out, "w": arrays["weight"]}, tiled=True)

@@ -34,7 +34,16 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hvae import amortisation, diagnostics, grids, metric_names, objective, sampling, verdict
+from hvae import (
+  amortisation,
+  diagnostics,
+  grids,
+  metric_names,
+  objective,
+  preemption,
+  sampling,
+  verdict,
+)
 from hvae.mesh import prepare, shardings
 from hvae.model.ladder import HVAE
 from hvae.train import latent_dims
@@ -115,14 +124,8 @@ def _row_holders(mesh: Mesh, size: int, batch: int) -> np.ndarray:
   return np.stack([owner, np.full(size, batch), row], -1)
 
 
-class Interrupted(Exception):
-  """An evaluation stopped between batches because its `interrupt()` said so (a stop request);
-  nothing of it is kept."""
-
-
-def _check(interrupt) -> None:
-  if interrupt is not None and interrupt():
-    raise Interrupted
+Interrupted = preemption.Interrupted  # re-exported: the loop catches it here
+_check = preemption.check
 
 
 def run_pass(eval_step, params, batches: list[dict], rng, mesh: Mesh, interrupt=None) -> dict:
@@ -324,7 +327,8 @@ class Evaluator:
     """Evaluates `params` (the EMA parameters) at training step `step`.
 
     `interrupt()` (a stop request; the same answer on every process) is asked before every
-    batch of the passes and between the other parts; when it says True the evaluation raises
+    batch of the passes and of the swap pass, before every step of the refinement
+    (hvae/amortisation.py) and between the other parts; when it says True the evaluation raises
     `Interrupted` before anything of it is recorded here.
     """
     t0 = time.perf_counter()
@@ -333,7 +337,7 @@ class Evaluator:
     pictures = {}
     if self.has_latents:
       _check(interrupt)
-      metrics.update(self._swap_metrics(params))
+      metrics.update(self._swap_metrics(params, interrupt))
       _check(interrupt)
       if self._evaluations % self.diagnostics_every == 0:
         pictures.update(self._diagnostic_images(params, passes))
@@ -341,17 +345,18 @@ class Evaluator:
     self._evaluations += 1
     pictures[FILL_INS] = self._fill_in_grid(params)
     if self.split is not None:
-      metrics.update(self.split(params))
+      metrics.update(self.split(params, interrupt))
     self.history.append({"step": step, **metrics})
     if self.has_latents:
       metrics.update(self._verdict())
     metrics["eval/wall_time"] = time.perf_counter() - t0
     return metrics, pictures
 
-  def _swap_metrics(self, params) -> dict[str, float]:
+  def _swap_metrics(self, params, interrupt=None) -> dict[str, float]:
     metrics = {}
     for split, batches in self.swap_sets.items():
-      m = diagnostics.swap_metrics(self.swap_step, params, batches, self.rng, self.mesh)
+      m = diagnostics.swap_metrics(self.swap_step, params, batches, self.rng, self.mesh,
+                                   interrupt)
       metrics.update(metric_names.prefixed(split, m))
     if "eval" in self.swap_sets and "eval_train" in self.swap_sets:
       levels = range(1, self.model.config.num_levels + 1)

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hvae import preemption
 from hvae.model.ladder import HVAE, POSTERIOR
 from hvae.model.trunk import Trunk
 
@@ -132,7 +133,7 @@ def chunk_size(num_samples: int, batch: int, max_rows: int = DEFAULT_MAX_ROWS) -
 
 def log_weights(model: HVAE, params, image, mask, rng, num_samples: int, *,
                 chunk: int | None = None, max_rows: int = DEFAULT_MAX_ROWS,
-                share_trunk: bool = True) -> np.ndarray:
+                share_trunk: bool = True, interrupt=None) -> np.ndarray:
   """Draws K = `num_samples` log importance weights per example.
 
   Args:
@@ -146,6 +147,8 @@ def log_weights(model: HVAE, params, image, mask, rng, num_samples: int, *,
     max_rows: bound on chunk * B when `chunk` is not given.
     share_trunk: the trunk once per batch (default), or K full forward passes (the reference;
       `make_log_weights_fn`). The same weights either way.
+    interrupt: asked before every chunk (`hvae.preemption.check`: `Interrupted` when it says
+      True); with it, at most one chunk is queued behind the running one.
 
   Returns:
     float64 numpy [K, B], nats.
@@ -155,9 +158,11 @@ def log_weights(model: HVAE, params, image, mask, rng, num_samples: int, *,
   chunk = chunk or chunk_size(num_samples, image.shape[0], max_rows)
   fn = make_log_weights_fn(model, chunk, share_trunk)
   features = make_features_fn(model)(params, image, mask) if share_trunk else None
-  parts = [fn(params, image, mask, jax.random.fold_in(rng, i), features)
-           for i in range(math.ceil(num_samples / chunk))]
-  # One host transfer at the end: the loop only enqueues work.
+  pace, parts = preemption.Pacer(interrupt), []
+  for i in range(math.ceil(num_samples / chunk)):
+    preemption.check(interrupt)
+    parts.append(pace(fn(params, image, mask, jax.random.fold_in(rng, i), features)))
+  # One host transfer at the end: without `interrupt` the loop only enqueues work.
   return np.concatenate([np.asarray(p, np.float64) for p in jax.device_get(parts)])[:num_samples]
 
 
@@ -187,7 +192,7 @@ def estimate(model: HVAE, params, image, mask, rng, num_samples: int, **kwargs) 
 
   Args:
     model, params, image, mask, rng, num_samples: as for `log_weights`.
-    **kwargs: `chunk` / `max_rows` / `share_trunk`, passed on.
+    **kwargs: `chunk` / `max_rows` / `share_trunk` / `interrupt`, passed on.
 
   Returns:
     {"log_px": [B] IW_K in nats (a lower bound on log p(x_inner | x_outer)),

@@ -8,9 +8,11 @@ Resumes by default: params, optimiser, EMA, step, RNG (derived from the step) an
 iterator position all come back from the latest checkpoint that loads (a damaged newer one is
 moved to checkpoints/corrupt/, see hvae/checkpoint.py). Metrics are fetched from the devices
 only at logging and evaluation steps (and one scalar a step, below); SIGTERM / SIGINT save a
-checkpoint and exit cleanly, also during an evaluation (it stops between two batches and is
-dropped; the resumed run evaluates that step first). One training at a time holds the workdir
-(hvae/lock.py).
+checkpoint and exit cleanly, also during an evaluation (it stops between two jitted calls, a
+batch or a refinement step, and is dropped; the resumed run evaluates that step first;
+hvae/preemption.py). One training at a time holds the workdir (hvae/lock.py). A file of the run
+that cannot be written (a full disk) ends it with `FileWriteError`, one line naming the file and
+the newest checkpoint.
 
 Repeated skipped updates: every step's count of skipped updates in a row is read one step late
 (after the next step is dispatched, when it is computed or about to be; its copy to the host
@@ -26,10 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -41,56 +41,45 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from hvae import atomic, config_file, data, eta, evaluation, grids, metric_names, rollback, sampling
+from hvae import (
+  atomic,
+  config_file,
+  data,
+  eta,
+  evaluation,
+  grids,
+  metric_names,
+  preemption,
+  rollback,
+  sampling,
+)
 from hvae import lock as workdir_lock
 from hvae.checkpoint import Checkpointer
-from hvae.errors import ConfigError, TrainingError, WorkdirLockedError  # TrainingError: re-exported
+from hvae.errors import (  # TrainingError: re-exported
+  ConfigError,
+  FileWriteError,
+  TrainingError,
+  WorkdirLockedError,
+)
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.metrics_file import read_metrics
 from hvae.model.ladder import HVAE
 from hvae.train import create_optimizer, create_train_state, make_train_step
 from hvae.typed_config import LossConfig, ModelConfig, per_level
-from hvae.writers import MetricWriter, eval_summary, periodic_actions
+from hvae.writers import MetricWriter, eval_summary, periodic_actions, writing
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
              "ml-collections", "clu", "numpy")
 
 
-class _Preemption:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. some notebooks): no handler
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("Signal %d received: saving a checkpoint and stopping.", signum)
-    self.requested = True
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
 def validate(config) -> tuple[ModelConfig, LossConfig]:
   """Checks every field the run depends on, before anything is compiled."""
   model_cfg = ModelConfig.from_config(config)
-  loss_cfg = LossConfig.from_config(config)
-  per_level("regularize.head_weight_decay", config.regularize.head_weight_decay,
-            model_cfg.num_levels)
+  loss_cfg = LossConfig.from_config(config)  # checks every loss.* and per-level regularize.* key
   if config.data.train_mask != "centre" and model_cfg.has_latents and \
       not model_cfg.posterior_sees_mask:
-    raise ValueError("model.posterior_sees_mask: must be True when data.train_mask is "
-                     f"{config.data.train_mask!r} (the posterior cannot see the hole otherwise)")
+    raise ConfigError("model.posterior_sees_mask: must be True when data.train_mask is "
+                      f"{config.data.train_mask!r} (the posterior cannot see the hole otherwise)")
   create_optimizer(config)
   if rollback.mode(config) not in rollback.MODES:
     raise ConfigError(f"optim.on_repeated_skips: {rollback.mode(config)!r} is not one of "
@@ -101,10 +90,10 @@ def validate(config) -> tuple[ModelConfig, LossConfig]:
                     "from step %d on.", schedule_steps, config.train.num_steps, schedule_steps)
   for name in ("num_steps", "batch_size", "log_every_steps", "checkpoint_every_steps"):
     if config.train[name] <= 0:
-      raise ValueError(f"train.{name}: must be > 0, got {config.train[name]}")
+      raise ConfigError(f"train.{name}: must be > 0, got {config.train[name]}")
   if config.train.batch_size % jax.device_count():
-    raise ValueError(f"train.batch_size: {config.train.batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices")
+    raise ConfigError(f"train.batch_size: {config.train.batch_size} is not divisible by the "
+                      f"{jax.device_count()} devices")
   _validate_fill_ins(config, model_cfg.num_levels)
   return model_cfg, loss_cfg
 
@@ -160,7 +149,9 @@ def _write_run_info(workdir: str) -> None:
           "packages": versions, "devices": [str(d) for d in jax.devices()],
           "process_count": jax.process_count(),
           "start_time": datetime.datetime.now(datetime.UTC).isoformat()}
-  atomic.write_json(os.path.join(workdir, "run_info.json"), info, indent=2)
+  path = os.path.join(workdir, "run_info.json")
+  with writing(path):
+    atomic.write_json(path, info, indent=2)
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
@@ -184,12 +175,12 @@ def train_and_evaluate(config, workdir: str, *, profile: bool = False) -> None:
     TrainingError: `optim.max_consecutive_skips` updates in a row were skipped (after writing a
       checkpoint of the last good state).
   """
-  model_cfg, _ = validate(config)
+  model_cfg, loss_cfg = validate(config)
   created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   try:
     with _hold_lock(workdir):
-      _train(config, workdir, model_cfg, profile=profile)
+      _train(config, workdir, model_cfg, loss_cfg, profile=profile)
   finally:
     if created and not os.listdir(workdir):
       os.rmdir(workdir)  # failed before writing anything (e.g. missing data): leave no trace
@@ -229,11 +220,43 @@ def _hold_lock(workdir: str):
     yield
 
 
-def _train(config, workdir: str, model_cfg: ModelConfig, *, profile: bool = False) -> None:
-  """`train_and_evaluate` once the workdir is locked."""
+def _train(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, *,
+           profile: bool = False) -> None:
+  """`train_and_evaluate` once the workdir is locked.
+
+  Raises:
+    FileWriteError: one of the run's files could not be written (a full disk); the checkpoint
+      saves in flight are finished first, and the message names the newest one.
+  """
   train_iter = data.create_train_iterator(config)  # missing data fails here, before any state
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  try:
+    _run(config, workdir, model_cfg, loss_cfg, train_iter, ckpt, profile=profile)
+  except FileWriteError as e:
+    raise _with_newest_checkpoint(e, ckpt) from e
+
+
+def _with_newest_checkpoint(error: FileWriteError, ckpt: Checkpointer) -> FileWriteError:
+  """`error`'s message and what a rerun resumes from, once the saves in flight are committed
+  (`CheckpointWriteError` if one of them cannot be: that message names the intact step)."""
+  ckpt.wait()
+  steps = ckpt.all_steps()
+  what = "free some space" if getattr(error, "no_space", True) else "fix that"
+  then = (f"the newest checkpoint (step {max(steps)}) is intact: {what} and run the same "
+          "command to resume from it" if steps else
+          f"no checkpoint was written yet: {what} and run the same command again")
+  text = str(error)
+  joined = f"{text} {then[0].upper()}{then[1:]}" if text.endswith("?") else f"{text}; {then}"
+  return FileWriteError(joined + ".")
+
+
+def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, train_iter,
+         ckpt: Checkpointer, *, profile: bool = False) -> None:
+  """`_train` once the data and the checkpoint directory are open."""
   if jax.process_index() == 0:
-    config_file.save_config(config, os.path.join(workdir, "config.json"))
+    path = os.path.join(workdir, "config.json")
+    with writing(path):
+      config_file.save_config(config, path)
     _write_run_info(workdir)
 
   model = HVAE(model_cfg)
@@ -248,7 +271,6 @@ def _train(config, workdir: str, model_cfg: ModelConfig, *, profile: bool = Fals
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng, eval_rng, grid_rng = jax.random.split(rng, 4)
   state = replicate(create_train_state(model, tx, init_rng), mesh)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
   start, first_data = 0, train_iter.get_state()  # a roll-back with no checkpoint goes back here
   if ckpt.latest_step() is not None:
     state, data_state, start = ckpt.restore(state)
@@ -275,7 +297,7 @@ def _train(config, workdir: str, model_cfg: ModelConfig, *, profile: bool = Fals
   actions = periodic_actions(num_steps, config.train.log_every_steps, start,
                              profile_dir=workdir if profile and jax.process_index() == 0 else None)
   progress = actions[0]
-  p_train_step = make_train_step(run_config, model, tx, mesh)
+  p_train_step = make_train_step(run_config, model, tx, mesh, loss_cfg)
   evaluator = _evaluator(config, model, mesh, eval_rng, grid_rng, history=rows)
   train_rng = replicate(train_rng, mesh)
 
@@ -283,8 +305,8 @@ def _train(config, workdir: str, model_cfg: ModelConfig, *, profile: bool = Fals
   step_timer = eta.StepTimer(config, start)  # logs the step time and the ETA at step start + 2
   max_skips = config.optim.max_consecutive_skips
   previous = None  # the last step's metrics: its skip count is read one step late
-  with _Preemption() as preemption:
-    interrupt = functools.partial(_stop_agreed, preemption)
+  with preemption.StopRequest("saving a checkpoint and stopping") as stop_request:
+    interrupt = stop_request.agreed
     if redo is not None:
       logging.info("Evaluating step %d first: its evaluation was interrupted.", start)
       if _evaluate(evaluator, workdir, writer, state, start, redo, interrupt) is None:
@@ -308,7 +330,7 @@ def _train(config, workdir: str, model_cfg: ModelConfig, *, profile: bool = Fals
       lagged, previous = previous, metrics
       too_many = lagged is not None and float(lagged["consecutive_skips"]) >= max_skips
       is_last = step == num_steps
-      stop = _stop_requested(preemption, step, config.train.log_every_steps)
+      stop = _stop_requested(stop_request, step, config.train.log_every_steps)
       row = {}  # everything logged at this step: one metrics.jsonl row (docs/design.md §7)
       if step % config.train.log_every_steps == 0 or is_last or stop or too_many:
         scalars = _mean_metrics(history)
@@ -328,7 +350,7 @@ def _train(config, workdir: str, model_cfg: ModelConfig, *, profile: bool = Fals
                 initial=lambda tx=tx: (create_train_state(model, tx, init_rng), first_data))
             run_config = rollback.lowered(config, len(rollbacks))
             tx = create_optimizer(run_config)
-            p_train_step = make_train_step(run_config, model, tx, mesh)
+            p_train_step = make_train_step(run_config, model, tx, mesh, loss_cfg)
             state = replicate(state, mesh)
             writer.close()  # the rows after the restored step go (trained again, differently)
             writer = MetricWriter(workdir, resume_step=step)
@@ -478,33 +500,26 @@ def _evaluator(config, model: HVAE, mesh, rng, grid_rng, history) -> evaluation.
 def _write_images(workdir: str, writer: MetricWriter, step: int, pictures: dict) -> None:
   """WORKDIR/images/*.png of one evaluation; the fill-in grid also to TensorBoard."""
   for name, picture in pictures.items():
-    grids.save_png(os.path.join(workdir, "images", evaluation.image_filename(name, step)),
-                   picture)
+    path = os.path.join(workdir, "images", evaluation.image_filename(name, step))
+    with writing(path):
+      grids.save_png(path, picture)
   writer.write_images(step, {evaluation.FILL_INS: pictures[evaluation.FILL_INS]})
 
 
-def _stop_requested(preemption: _Preemption, step: int, log_every: int) -> bool:
+def _stop_requested(request: preemption.StopRequest, step: int, log_every: int) -> bool:
   """Whether to checkpoint and stop now. With several processes, every host must agree (a
   checkpoint save is collective), so the flag is combined across hosts at logging steps."""
   if jax.process_count() == 1:
-    return preemption.requested
+    return request.requested
   if step % log_every:
     return False
-  flags = multihost_utils.process_allgather(np.asarray(preemption.requested))
-  return bool(np.any(flags))
-
-
-def _stop_agreed(preemption: _Preemption) -> bool:
-  """Whether a stop was requested on any process (a collective with several): asked between
-  evaluation batches, where every process is."""
-  if jax.process_count() == 1:
-    return preemption.requested
-  flags = multihost_utils.process_allgather(np.asarray(preemption.requested))
+  flags = multihost_utils.process_allgather(np.asarray(request.requested))
   return bool(np.any(flags))
 
 
 def _finish(workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "DONE"), "w") as f:
+    path = os.path.join(workdir, "DONE")
+    with writing(path), open(path, "w") as f:
       f.write(datetime.datetime.now(datetime.UTC).isoformat() + "\n")
   logging.info("Done: %s", workdir)

@@ -11,13 +11,20 @@ themselves in TensorBoard). A reader cannot tell NaN from inf there; both mean "
 Nothing goes to the console from here: the files hold every metric, and the training loop prints
 a short line per evaluation (`eval_summary`). Only process 0 writes files; other processes'
 writers do nothing.
+
+A write that fails (a full disk, a quota or file-size limit) raises `FileWriteError`, one line
+naming the file (`writing`, also used for config.json, run_info.json, images and `--mode=eval`'s
+results); a row of metrics.jsonl is written whole or not at all (a failed append is cut off).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +33,47 @@ import numpy as np
 from absl import logging
 
 from hvae import atomic, console, metric_names
+from hvae.errors import FileWriteError
 from hvae.metrics_file import METRICS_FILE, parse_lines, read_metrics  # noqa: F401  (re-exported)
+
+# The errnos of a disk without room: full, over quota, over the file-size limit (RLIMIT_FSIZE).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_failure(error: BaseException) -> bool:
+  """An OSError, or TensorFlow's error from its event writer (it names neither file nor errno)."""
+  if isinstance(error, OSError):
+    return True
+  tf = sys.modules.get("tensorflow")  # imported by clu when a writer exists
+  errors = getattr(tf, "errors", None)
+  return errors is not None and isinstance(error, errors.OpError)
+
+
+def write_error(what: str, error: BaseException) -> FileWriteError:
+  """The one-line error of a failed write of `what` (a path, or a description)."""
+  if isinstance(error, OSError) and error.errno is not None:
+    reason = f"{type(error).__name__}: [Errno {error.errno}] {os.strerror(error.errno)}"
+  else:
+    text = " ".join(str(error).split())[:200]
+    reason = type(error).__name__ + (f": {text}" if text else "")
+  space = not isinstance(error, OSError) or error.errno in NO_SPACE or error.errno is None
+  hint = " is the disk full, or a quota or file-size limit reached?" if space else ""
+  error = FileWriteError(f"{what} could not be written ({reason}):{hint}".rstrip(":"))
+  error.no_space = space  # what to do about it: free some space, or fix the cause
+  return error
+
+
+@contextlib.contextmanager
+def writing(what: str):
+  """Turns a failed write inside the block into `FileWriteError` (one line naming `what`)."""
+  try:
+    yield
+  except FileWriteError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (only write failures are converted)
+    if not _write_failure(e):
+      raise
+    raise write_error(what, e) from e
 
 
 def _scalar(value: Any) -> float:
@@ -80,10 +127,11 @@ class MetricWriter:
     self._primary = index == 0
     self._file = None
     if self._primary:
-      os.makedirs(workdir, exist_ok=True)
-      self._repair(resume_step, replace_step)
-      # Line-buffering is not enough on its own (see write_scalars): we flush explicitly.
-      self._file = open(self.metrics_path, "a", encoding="utf-8")
+      with writing(self.metrics_path):
+        os.makedirs(workdir, exist_ok=True)
+        self._repair(resume_step, replace_step)
+        # Unbuffered: a row reaches the file at once, and a failed one can be cut off.
+        self._file = open(self.metrics_path, "ab", buffering=0)
     self._writer = None
     if self._primary:
       console.quiet_libraries()
@@ -91,7 +139,12 @@ class MetricWriter:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
 
       # TensorBoard only: clu's LoggingWriter would print every metric on the console.
-      self._writer = metric_writers.SummaryWriter(workdir)
+      with writing(self._events):
+        self._writer = metric_writers.SummaryWriter(workdir)
+
+  @property
+  def _events(self) -> str:
+    return f"TensorBoard's event file in {self._workdir}"
 
   @property
   def metrics_path(self) -> str:
@@ -133,12 +186,28 @@ class MetricWriter:
     step = int(step)
     if not self._primary:
       return
-    self._writer.write_scalars(step, values)
-    self._writer.flush()
+    with writing(self._events):
+      self._writer.write_scalars(step, values)
+      self._writer.flush()
     row = {"step": step, **{name: _json_value(v) for name, v in values.items()}}
     # allow_nan=False: a stray NaN would make the file unreadable by strict JSON parsers.
-    self._file.write(json.dumps(row, allow_nan=False) + "\n")
-    self._file.flush()
+    with writing(self.metrics_path):
+      self._append((json.dumps(row, allow_nan=False) + "\n").encode())
+
+  def _append(self, data: bytes) -> None:
+    """Appends `data` whole, or (a write failed: a full disk) cuts the file back and raises."""
+    size = os.fstat(self._file.fileno()).st_size
+    try:
+      view = memoryview(data)
+      while view:
+        written = self._file.write(view)
+        if not written:
+          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+    except OSError:
+      with contextlib.suppress(OSError):
+        os.ftruncate(self._file.fileno(), size)  # no half row for the next reader
+      raise
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """Writes images to TensorBoard.
@@ -156,8 +225,9 @@ class MetricWriter:
         raise ValueError(f"image {name!r} must be [H, W, C] or [N, H, W, C]; got {image.shape}")
       batch[name] = image
     if self._primary:
-      self._writer.write_images(int(step), batch)
-      self._writer.flush()
+      with writing(self._events):
+        self._writer.write_images(int(step), batch)
+        self._writer.flush()
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     """Writes the (nested) config to TensorBoard's hparams tab under dotted names.
@@ -167,24 +237,25 @@ class MetricWriter:
     """
     flat = {name: _hparam_value(value) for name, value in _flatten(hparams).items()}
     if self._primary:
-      self._writer.write_hparams(flat)
-      self._writer.flush()
+      with writing(self._events):
+        self._writer.write_hparams(flat)
+        self._writer.flush()
 
   def flush(self) -> None:
     """Flushes both outputs (each write already does; this is for callers that want to be sure)."""
     if self._writer is not None:
-      self._writer.flush()
-    if self._file is not None:
-      self._file.flush()
+      with writing(self._events):
+        self._writer.flush()
 
   def close(self) -> None:
     """Flushes and closes both outputs; the writer is unusable afterwards."""
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
     if self._file is not None:
-      self._file.close()
+      self._file.close()  # unbuffered: nothing is left to write
       self._file = None
+    if self._writer is not None:
+      writer, self._writer = self._writer, None
+      with writing(self._events):
+        writer.close()
 
   def __enter__(self) -> MetricWriter:
     return self

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import centre_mask, random_images, tiny_model_config
 
-from hvae import amortisation, evaluation, split_report
+from hvae import amortisation, evaluation, preemption, split_report
 from hvae.mesh import make_mesh
 from hvae.model import ladder
 from hvae.model.ladder import HVAE
@@ -64,7 +64,53 @@ def test_refinement_never_lowers_an_examples_elbo_and_compiles_once(setup):
   out = _run(setup, 15)
   assert np.all(_fit(out, "after") < _fit(out, "before") - 1.0)  # it recovers on its objective
   # (scored on noise it did not fit, an example may come out worse: not asserted)
-  assert step._cache_size() == 1  # S, the level mask and the step size are arguments
+  assert step.cache_sizes() == (1, 1, 1)  # S, the level mask and the step size are arguments
+
+
+def test_the_stepwise_refinement_equals_the_single_traced_loop(setup):
+  """S = 3 jitted steps give `refine`'s numbers (all S steps in one jitted loop), bit for bit."""
+  model, params, _, step, batches = setup
+  exact = amortisation.exact_gradients(model)
+  single = jax.jit(lambda p, image, mask, rng, free, steps, lr: amortisation.refine(
+      exact, p, image, mask, rng, free, steps, lr))
+  for free in ((1.0, 1.0), (0.0, 1.0)):
+    want = jax.device_get(single(params, batches[0]["image"], batches[0]["mask"],
+                                 jax.random.PRNGKey(7), jnp.asarray(free), jnp.int32(3),
+                                 jnp.float32(0.05)))
+    got = _run(setup, 3, free)
+    assert set(got) == set(want) - {"offsets"}
+    for name, value in got.items():
+      np.testing.assert_array_equal(value, want[name], err_msg=f"{name}, free {free}")
+  # Asking for stop requests (and so waiting for each step before queueing the next) changes
+  # nothing either.
+  arrays = {k: jnp.asarray(v) for k, v in batches[0].items()}
+  paced = jax.device_get(step(params, arrays, jax.random.PRNGKey(7), jnp.asarray(free),
+                              jnp.int32(3), jnp.float32(0.05), interrupt=lambda: False))
+  for name, value in paced.items():
+    np.testing.assert_array_equal(value, got[name], err_msg=name)
+  assert step.cache_sizes() == (1, 1, 1)
+
+
+def test_a_stop_request_ends_the_refinement_between_two_steps(setup):
+  """`interrupt()` is asked before every step: once it says True, no further step runs."""
+  _, params, _, step, batches = setup
+  arrays = {k: jnp.asarray(v) for k, v in batches[0].items()}
+  asked = []
+  calls = []
+  run_steps = step.step
+
+  def counting(*args):
+    calls.append(int(args[4]))  # the first step of the call
+    return run_steps(*args)
+
+  step.step = counting
+  try:
+    with pytest.raises(preemption.Interrupted):
+      step(params, arrays, jax.random.PRNGKey(7), jnp.ones(2), jnp.int32(10**6), jnp.float32(0.05),
+           interrupt=lambda: asked.append(1) or len(asked) > 3)
+  finally:
+    step.step = run_steps
+  assert calls == [0, 1, 2] and len(asked) == 4  # a million steps asked for, three ran
 
 
 def test_levels_left_frozen_keep_the_encoders_posterior(setup):

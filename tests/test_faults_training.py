@@ -1,18 +1,23 @@
 """Fault tests of a training run (issue 14, with tests/test_faults.py): SIGKILL mid-step and
-mid-evaluation, SIGTERM mid-evaluation, NaN batches and losses, a full disk while checkpointing,
-roll-backs after repeated skipped updates. docs/reliability.md tabulates what they try.
+mid-evaluation, SIGTERM mid-evaluation and mid-refinement (also of `--mode=eval`), NaN batches
+and losses, a full disk while checkpointing and while writing metrics.jsonl, config.json or the
+event file, roll-backs after repeated skipped updates. docs/reliability.md tabulates what they
+try.
 
-Every run is experiments/tiny.py for a few steps. A run that must die (SIGKILL) is a
-subprocess of launch.py with a small hook; the other runs, the reruns and the reference run are
-in-process, so the compiled functions are shared.
+Every run is experiments/tiny.py for a few steps. A run that must die (SIGKILL), be signalled
+from outside or write under a file-size limit is a subprocess of launch.py; the other runs, the
+reruns and the reference run are in-process, so the compiled functions are shared.
 """
 
 import os
 import pathlib
+import queue
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -21,7 +26,7 @@ import numpy as np
 import pytest
 from helpers import JAX_CACHE, load_experiment
 
-from hvae import data, errors, evaluation, loop, objective, rollback
+from hvae import amortisation, data, errors, evaluation, loop, objective, rollback
 from hvae.checkpoint import Checkpointer
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.metrics_file import read_metrics
@@ -62,11 +67,12 @@ def _losses(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-  """The uninterrupted run: {step: train/loss} and its final eval/bpd."""
+  """The uninterrupted run: {step: train/loss}, its final eval/bpd and its workdir (a row every
+  step, metrics.jsonl about 8 KB; checkpoints 3 and 6, step 6 evaluated): tests copy it."""
   workdir = tmp_path_factory.mktemp("straight")
   loop.train_and_evaluate(_tiny(6), str(workdir))
   final = [r for r in read_metrics(str(workdir)) if r["step"] == 6][0]
-  return _losses(workdir), final["eval/bpd"]
+  return _losses(workdir), final["eval/bpd"], workdir
 
 
 # A launch.py run that kills itself (SIGKILL) at one moment: after dispatching its 5th training
@@ -114,7 +120,7 @@ def test_sigkill_mid_step_then_mid_evaluation_then_rerun_trains_the_same_losses(
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (workdir / "checkpoints" / "6").exists()  # killed before step 6 was saved
   loop.train_and_evaluate(_tiny(6), str(workdir))  # the same command again: resumes from 3
-  losses, bpd = straight
+  losses, bpd, _ = straight
   resumed = _losses(workdir)
   assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
@@ -154,7 +160,7 @@ def test_sigterm_during_evaluation_checkpoints_and_the_rerun_evaluates_first(tmp
   assert not (workdir / "DONE").exists() and not (workdir / "images").exists()
   monkeypatch.undo()
   loop.train_and_evaluate(_tiny(6), str(workdir))
-  losses, bpd = straight
+  losses, bpd, _ = straight
   rows = read_metrics(str(workdir))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # step 6's row replaced, not repeated
   np.testing.assert_allclose(rows[-1]["train/loss"], losses[6], rtol=1e-5)
@@ -318,3 +324,180 @@ def test_rollback_restores_the_last_checkpoint_with_a_lower_learning_rate(tmp_pa
   # A resumed run keeps the lowered rate: it comes from WORKDIR/rollbacks.json.
   assert rollback.lowered(config, len(rollback.read(str(workdir)))).optim.learning_rate == 5e-4
   assert config.optim.learning_rate == 1e-3  # the config itself is not changed
+
+
+# --- a stop request during refinement; a full disk outside the checkpoints -----------------------
+
+def _copy(straight, tmp_path) -> pathlib.Path:
+  workdir = tmp_path / "run"
+  shutil.copytree(straight[2], workdir)
+  return workdir
+
+
+def _env() -> dict:
+  """launch.py's environment in these tests: one CPU device, no bytecode written."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONDONTWRITEBYTECODE="1")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def test_sigterm_during_refinement_in_eval_mode_exits_at_once_and_writes_nothing(tmp_path,
+                                                                                 straight):
+  """`--mode=eval --refine_steps=1000000` (hours of refinement): SIGTERM once the first step has
+  run ends it within the bound, with one line, exit status 143 and no results."""
+  workdir = _copy(straight, tmp_path)
+  argv = [sys.executable, "launch.py", f"--jax_cache={JAX_CACHE}", "--mode=eval",
+          f"--workdir={workdir}", "--refine_steps=1000000", "--baselines=none"]
+  proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  lines = queue.Queue()
+
+  def read():
+    for line in proc.stderr:
+      lines.put(line)
+    lines.put(None)
+
+  threading.Thread(target=read, daemon=True).start()
+  seen = []
+  try:
+    while True:  # until refinement runs: its first step is logged once it has run
+      line = lines.get(timeout=600)
+      assert line is not None, "".join(seen)[-3000:]  # it ended before refining
+      seen.append(line)
+      if "refine: step 1 of 1000000 ran" in line:
+        break
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)  # the bound: far above the ~1 s it takes on an idle machine
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  while (line := lines.get(timeout=60)) is not None:
+    seen.append(line)
+  stderr = "".join(seen)
+  assert code == 128 + signal.SIGTERM, stderr[-3000:]
+  said = [line for line in stderr.splitlines() if line.startswith("launch.py:")]
+  assert len(said) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  assert said[0].startswith("launch.py: stopped: signal 15 during the evaluation")
+  assert "nothing was written" in said[0]
+  assert not (workdir / "eval").exists()  # no results.json, table, grid or metrics
+
+
+def test_sigterm_during_refinement_of_a_training_evaluation_checkpoints_and_drops_it(
+    tmp_path, monkeypatch):
+  """eval.refine_steps = 1000000: the signal lands during the first refinement step of the
+  final evaluation; no further step runs, the evaluation is dropped and step 3 checkpointed."""
+  calls = []
+
+  def signalling(*args, **kwargs):
+    refine = amortisation.RefineStep(*args, **kwargs)
+    run_steps = refine.step
+
+    def step(*a):
+      if not calls:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: a flag
+      calls.append(int(a[4]))  # the call's first step
+      return run_steps(*a)
+
+    refine.step = step
+    return refine
+
+  monkeypatch.setattr(amortisation, "make_refine_step", signalling)
+  config = _tiny(3)
+  config.eval.refine_steps = 10**6
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(config, str(workdir))  # returns: stopped on request
+  assert calls == [0]  # the check before step 1 saw the request
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3"]
+  rows = read_metrics(str(workdir))
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert not any(k.startswith(("eval", "gap")) for k in rows[-1])
+  assert not (workdir / "DONE").exists() and not (workdir / "images").exists()
+
+
+# Runs a command with a file-size limit (RLIMIT_FSIZE, the first argument, bytes) standing in for
+# a full disk; SIGXFSZ ignored, so a write past the limit fails with EFBIG instead of killing the
+# process. Both survive the exec (no preexec_fn: forking this multithreaded process is unsafe).
+_FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), hard))
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def _launch_on_a_full_disk(args, limit: int) -> tuple[int, str]:
+  """launch.py ARGS under a file-size limit of `limit` bytes, without the compilation cache
+  (its entries are files too): (exit status, its one `launch.py:` line). No traceback."""
+  proc = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, str(limit), "launch.py",
+                         "--jax_cache=", *args], cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=600)
+  said = [line for line in proc.stderr.splitlines() if line.startswith("launch.py:")]
+  assert len(said) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  return proc.returncode, said[0]
+
+
+def test_a_full_disk_while_writing_metrics_jsonl_is_one_line_and_keeps_the_checkpoint(tmp_path,
+                                                                                     straight):
+  """A 6 KB file-size limit lets the resumed run write the lock, config.json (2.4 KB),
+  run_info.json and its new TensorBoard event file (4.2 KB with step 7's row) but not append to
+  metrics.jsonl (already about 8 KB): the first row, step 7's, fails. Sizes, not timing, decide
+  it; no checkpoint is due before that row."""
+  workdir = _copy(straight, tmp_path)
+  metrics = workdir / "metrics.jsonl"
+  before, limit = metrics.read_bytes(), 6 * 1024
+  assert len(before) > limit > (workdir / "config.json").stat().st_size + 2048  # premise
+  code, line = _launch_on_a_full_disk([*_flags(8), f"--workdir={workdir}"], limit)
+  assert code == 2, line
+  assert line.startswith(f"launch.py: error: {metrics} could not be written (OSError: [Errno 27] "
+                         "File too large): is the disk full"), line
+  assert "The newest checkpoint (step 6) is intact" in line and "resume" in line
+  assert metrics.read_bytes() == before  # no half row
+  assert not (workdir / "train.lock").exists() and not (workdir / "DONE").exists()
+  assert int(_restored_state(workdir, _tiny(6)).step) == 6  # what the rerun resumes from
+
+
+def test_a_full_disk_while_writing_config_json_is_one_line_and_changes_nothing(tmp_path,
+                                                                             straight):
+  """A 1.5 KB file-size limit: the lock (< 1 KB) is written, config.json (2.4 KB) is not. The
+  old config.json stays whole (atomic write), no temporary file is left, and step 6 restores."""
+  workdir = _copy(straight, tmp_path)
+  config_json = workdir / "config.json"
+  before, limit = config_json.read_bytes(), 1536
+  assert len(before) > limit + 512  # premise
+  code, line = _launch_on_a_full_disk([*_flags(8), f"--workdir={workdir}"], limit)
+  assert code == 2, line
+  assert line.startswith(f"launch.py: error: {config_json} could not be written (OSError: "
+                         "[Errno 27] File too large): is the disk full"), line
+  assert "The newest checkpoint (step 6) is intact" in line
+  assert config_json.read_bytes() == before
+  assert sorted(p.name for p in workdir.iterdir() if p.name.endswith(".tmp")) == []
+  assert not (workdir / "train.lock").exists()
+  assert int(_restored_state(workdir, _tiny(6)).step) == 6
+
+
+_EVENTS_ON_A_FULL_DISK = """
+import resource, signal, sys
+from hvae import errors, writers
+writer = writers.MetricWriter(sys.argv[1], process_index=0)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+  for step in range(1, 100):  # ~2 KB of events a row, ~0.6 KB of metrics.jsonl
+    writer.write_scalars(step, {f"m{i}": 0.5 for i in range(50)})
+except errors.FileWriteError as e:
+  print(e)
+"""
+
+
+def test_a_full_disk_while_writing_tensorboard_events_is_one_error(tmp_path):
+  """The event file grows faster than metrics.jsonl, so it is the one a 4 KB limit stops."""
+  proc = subprocess.run([sys.executable, "-c", _EVENTS_ON_A_FULL_DISK, str(tmp_path)], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stdout.strip().startswith(
+      f"TensorBoard's event file in {tmp_path} could not be written ("), proc.stdout
+  assert "is the disk full" in proc.stdout and "\n" not in proc.stdout.strip()
+  assert read_metrics(str(tmp_path))  # the rows before it are whole

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import centre_mask, random_images, tiny_model_config
 
-from hvae import iw, objective
+from hvae import iw, objective, preemption
 from hvae.model import ladder
 from hvae.model.ladder import HVAE
 
@@ -127,3 +127,21 @@ def test_bound_grows_with_k_and_stays_below_the_k4096_reference(tame):
   assert means[64] > means[1]  # the gap is several standard errors on this model
   for k in ks:
     assert means[k] <= ref + 3 * np.hypot(ses[k], ref_se), (k, means[k], ref, ref_se)
+
+
+def test_a_stop_request_is_honoured_between_chunks(tame):
+  """`interrupt()` is asked before every chunk (4 here): the same weights while it says False,
+  `Interrupted` before the third chunk once it says True."""
+  model, params, image, mask = tame
+  rng = jax.random.PRNGKey(3)
+  plain = iw.log_weights(model, params, image, mask, rng, 4 * CHUNK, chunk=CHUNK)
+  asked = []
+  paced = iw.log_weights(model, params, image, mask, rng, 4 * CHUNK, chunk=CHUNK,
+                         interrupt=lambda: asked.append(1) and False)
+  np.testing.assert_array_equal(paced, plain)
+  assert len(asked) == 4
+  asked.clear()
+  with pytest.raises(preemption.Interrupted):
+    iw.log_weights(model, params, image, mask, rng, 4 * CHUNK, chunk=CHUNK,
+                   interrupt=lambda: asked.append(1) or len(asked) > 2)
+  assert len(asked) == 3

@@ -52,6 +52,7 @@ from hvae import (
   evaluation,
   grids,
   metric_names,
+  preemption,
   quality,
   sampling,
   split_report,
@@ -60,7 +61,7 @@ from hvae.data import masks as masks_lib
 from hvae.errors import ConfigError
 from hvae.mesh import allgather_rows, make_mesh
 from hvae.train import latent_dims
-from hvae.writers import MetricWriter
+from hvae.writers import MetricWriter, writing
 
 RANK_SAMPLES = 8  # K of the IW bound that scores each fill-in for reranking (at most eval K)
 PREFIXES = {"validation": "eval", "test": "test", "train": "eval_train"}
@@ -84,7 +85,7 @@ def model_fills(model: api.Inpainter, image: np.ndarray, mask: np.ndarray, *, nu
                 temperature, rng: jax.Array, rank_samples: int | None = None,
                 fills: Sequence[str] = MODEL_FILLS,
                 baseline_names: Sequence[str] = (),
-                pixels: str | None = None) -> dict[str, np.ndarray]:
+                pixels: str | None = None, interrupt=None) -> dict[str, np.ndarray]:
   """Every fill-in of one batch: the model's and the baselines'.
 
   Args:
@@ -98,6 +99,7 @@ def model_fills(model: api.Inpainter, image: np.ndarray, mask: np.ndarray, *, nu
     fills: which of "samples", "mode", "mean" to draw.
     baseline_names: classical fill-ins (hvae.baselines) to add.
     pixels: pixels of the samples, "sample" | "mean" (None: the run's default).
+    interrupt: asked between the ranking's IW chunks (`hvae.preemption`).
 
   Returns:
     uint8 composites: "samples" [N, B, ...] (with "scores" [N, B], nats, when ranked), "mode" and
@@ -111,7 +113,7 @@ def model_fills(model: api.Inpainter, image: np.ndarray, mask: np.ndarray, *, nu
     if rank_samples:
       flat = out["samples"].reshape((-1,) + out["samples"].shape[2:])
       out["scores"] = model.score(flat, np.tile(mask, (num_samples, 1, 1, 1)), k=rank_samples,
-                                  seed=keys[1]).reshape(num_samples, -1)
+                                  seed=keys[1], interrupt=interrupt).reshape(num_samples, -1)
   if "mode" in fills:
     out["mode"] = model.mode(image, mask)
   if "mean" in fills:
@@ -283,7 +285,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
         input_path: str | None = None, output: str | None = None,
         baseline_names: str | Sequence[str] = baselines.DEFAULT, likelihood: bool = True,
         model: api.Inpainter | None = None, pixels: str | None = None,
-        rank: bool = True, refine_steps: int | None = None) -> dict:
+        rank: bool = True, refine_steps: int | None = None, interrupt=None) -> dict:
   """Evaluates a trained run and writes OUT/{results.json, table.md, grid.png} and TensorBoard.
 
   Args:
@@ -314,9 +316,15 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       eval.refine_steps; > 0 adds its figures on the first eval.refine_examples examples of the
       validation and training splits (whatever `split`) and writes OUT/split.md. Not with
       input_path.
+    interrupt: a stop request (`hvae.preemption.StopRequest.agreed`; launch.py passes one),
+      asked before every batch, between the IW bound's chunks and before every refinement
+      step: when it says True, `hvae.preemption.Interrupted` is raised and nothing is written.
 
   Returns:
     The results dict written to results.json.
+
+  Raises:
+    hvae.preemption.Interrupted: `interrupt()` said True (before anything was written).
   """
   t0 = time.perf_counter()
   if split not in PREFIXES:
@@ -358,12 +366,16 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
 
   rows, methods, keeps, grid = {}, {}, [], None
   for i, batch in enumerate(batches):
+    preemption.check(interrupt)
     keys = jax.random.split(jax.random.fold_in(rng, i), 2)
     image, mask_b = batch["image"], batch["mask"]
     keep = batch["weight"] > 0
-    figures = model.evaluate(image, mask_b, k=k, seed=keys[0]) if likelihood else {}
+    figures = (model.evaluate(image, mask_b, k=k, seed=keys[0], interrupt=interrupt)
+               if likelihood else {})
+    preemption.check(interrupt)
     outputs = model_fills(model, image, mask_b, num_samples=n, temperature=temperature,
-                          rng=keys[1], rank_samples=rank_k, baseline_names=names, pixels=pixels)
+                          rng=keys[1], rank_samples=rank_k, baseline_names=names, pixels=pixels,
+                          interrupt=interrupt)
     per_method, legacy = method_figures(outputs, image, mask_b)
     figures.update(legacy)
     figures["index"] = batch["index"]
@@ -400,7 +412,7 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   text = format_table(table, reference, num_examples, title)
   split_text = ""
   if refine.steps > 0 and model.model.config.has_latents:
-    metrics.update(_refine_split(cfg, model, refine))
+    metrics.update(_refine_split(cfg, model, refine, interrupt))
     split_text = "\n".join(split_report.markdown(
         metrics, model.model.config.num_levels, f"Encoder/decoder split of the held-out gap: "
         f"{workdir} step {model.step}, S = {refine.steps}, {refine.examples} examples per "
@@ -423,15 +435,17 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   }
   if refine.steps > 0:
     results["refine"] = {"steps": refine.steps, "examples": refine.examples, "lr": refine.lr}
-  if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    atomic.write_json(os.path.join(out_dir, "results.json"), results, strict=True)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-      f.write(text)
-    if split_text:
-      with open(os.path.join(out_dir, "split.md"), "w") as f:
-        f.write(split_text)
-    grids.save_png(os.path.join(out_dir, "grid.png"), grid)
+  if jax.process_index() == 0:  # a failed write (a full disk) is one line (FileWriteError)
+    path = os.path.join(out_dir, "results.json")
+    with writing(path):
+      os.makedirs(out_dir, exist_ok=True)
+      atomic.write_json(path, results, strict=True)
+    for name, content in (("table.md", text), ("split.md", split_text)):
+      if content:
+        with writing(os.path.join(out_dir, name)), open(os.path.join(out_dir, name), "w") as f:
+          f.write(content)
+    with writing(os.path.join(out_dir, "grid.png")):
+      grids.save_png(os.path.join(out_dir, "grid.png"), grid)
     print(text + (f"\n{split_text}" if split_text else ""), flush=True)
   with MetricWriter(out_dir, replace_step=model.step) as writer:  # a re-run replaces its row
     writer.write_scalars(model.step, metrics)
@@ -443,7 +457,8 @@ def run(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   return results
 
 
-def _refine_split(cfg, model: api.Inpainter, refine: amortisation.Settings) -> dict[str, float]:
+def _refine_split(cfg, model: api.Inpainter, refine: amortisation.Settings,
+                  interrupt=None) -> dict[str, float]:
   """The encoder/decoder split at the loaded checkpoint, on the training evaluations' examples
   (eval.num_examples of each split; the first eval.refine_examples refined) and key: with
   S = eval.refine_steps it reproduces their figures."""
@@ -454,7 +469,7 @@ def _refine_split(cfg, model: api.Inpainter, refine: amortisation.Settings) -> d
   logging.info("eval: refining %d examples per split, S = %d", refine.examples, refine.steps)
   split = amortisation.Split(model.model, make_mesh(), sets, amortisation.evaluation_key(cfg),
                              refine)
-  return split(model.params)
+  return split(model.params, interrupt)
 
 
 def temperature_sweep(workdir: str, temperatures: Sequence[float] = SWEEP_TEMPERATURES, *,
