@@ -4,11 +4,18 @@ Reported figures always use the *unweighted* bound (`ElboTerms`); the training l
 (`training_loss`) may weight (beta_l), clamp (free bits) and anneal (warm-up) the KL terms.
 Bits/dim count only missing sub-pixels: D = 3 * |hole| per example, and dataset figures are
 sum(nats) / (sum(D) ln 2), so recon_bpd + sum_l kl_bpd = bpd exactly.
+
+`loss` is the one place the loss the train step differentiates is assembled from its terms: the
+weighted ELBO part (`training_loss`, with free bits per level or channel and KL balancing), the
+head weight penalties (`head_weight_penalty`) and the sleep term (`hvae.remedies.sleep_loss`,
+passed in as a function so that this module builds no model pass of its own).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -16,8 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from hvae.model.ladder import ModelOutput
+from hvae.typed_config import LossConfig
 
 LN2 = math.log(2.0)
+HEADS = ("q_head", "p_head")  # the per-level parameters that per-level remedies address
+POSTERIOR_HEADS = ("q_head",)  # the posterior's alone (`regularize.posterior_head_weight_decay`)
 
 
 @flax.struct.dataclass
@@ -170,3 +180,82 @@ def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channe
   kl_loss = beta * coeffs * jnp.asarray(kl_weight, kl_mean.dtype) * clamped  # [L]
   loss = (jnp.sum(terms.recon) + batch * jnp.sum(kl_loss)) / (jnp.sum(terms.num_dims) * LN2)
   return loss, kl_loss
+
+
+def kl_per_channel(out: ModelOutput) -> list[jnp.ndarray]:
+  """Each level's KL per channel, [B, C_l] summed over positions (free bits per channel).
+
+  The top level's vector latent counts every dimension as a channel.
+  """
+  return [lev.kl.reshape(lev.kl.shape[0], -1, lev.kl.shape[-1]).sum(1) for lev in out.levels]
+
+
+def warmup_kl_coeffs(out: ModelOutput, terms: ElboTerms, beta) -> jnp.ndarray:
+  """KL balancing as NVAE applies it: `kl_balancing_coeffs` while beta < 1, then all 1.
+
+  Each level's latent dimensions are read off its KL ([B, *S], one entry per dimension).
+  """
+  dims = jnp.asarray([math.prod(lev.kl.shape[1:]) for lev in out.levels], jnp.float32)
+  gamma = kl_balancing_coeffs(jnp.mean(terms.kl, 0) / dims)
+  return jnp.where(beta < 1.0, gamma, jnp.ones_like(gamma))
+
+
+def head_weight_penalty(params, head_weight_decay, heads=HEADS) -> jnp.ndarray:
+  """sum_l wd_l * ||level l's head kernels||^2 (biases are not decayed).
+
+  `heads` names the heads decayed: the posterior and prior heads (`HEADS`, for
+  `regularize.head_weight_decay`) or the posterior's alone (`POSTERIOR_HEADS`, for
+  `regularize.posterior_head_weight_decay`).
+  """
+  total = jnp.zeros((), jnp.float32)
+  for l, wd in enumerate(head_weight_decay, start=1):
+    level = params.get(f"level_{l}", {}) if wd > 0 else {}
+    for name in heads:
+      for path, x in jax.tree_util.tree_leaves_with_path(level.get(name, {})):
+        if "kernel" in jax.tree_util.keystr(path):
+          total += wd * jnp.sum(jnp.square(x))
+  return total
+
+
+def loss(out: ModelOutput, mask: jnp.ndarray, params, *, beta, cfg: LossConfig,
+         sleep_fn: Callable[[Any, tuple[float, ...]], jnp.ndarray] | None = None,
+         ) -> tuple[jnp.ndarray, ElboTerms]:
+  """The loss the train step differentiates (docs/design.md §2, "The training loss").
+
+  loss = training_loss(terms; kl_weight, free bits per level or channel, beta, KL balancing)
+         + head_weight_penalty(HEADS; head_weight_decay)
+         + head_weight_penalty(POSTERIOR_HEADS; posterior_head_weight_decay)
+         + sleep_fn(params, sleep_weight)
+
+  Every term that is off (weights all 0) adds nothing. The sleep term needs a pass of the model
+  on a dream, so the caller binds the model, the batch and the term's key into `sleep_fn` (as
+  `hvae.train.train_step` does around `hvae.remedies.sleep_loss`); the weights come from here.
+
+  Args:
+    out: the model's forward pass on the batch (latents from the posterior), made with `params`.
+    mask: the batch's mask [B, 64, 64, 1], 1 = given.
+    params: the model's parameters (the head penalties read them).
+    beta: the KL warm-up coefficient, a scalar.
+    cfg: the loss's weights.
+    sleep_fn: `(params, weights [L]) -> scalar`, the sleep term in bits per missing dim of the
+      batch; required when any `cfg.sleep_weight` is > 0.
+
+  Returns:
+    (loss scalar, the batch's unweighted `ElboTerms`, which the reported metrics use).
+
+  Raises:
+    ValueError: `cfg.sleep_weight` has a weight > 0 and `sleep_fn` is None.
+  """
+  terms = elbo_terms(out, mask)
+  kl_channels = kl_per_channel(out) if cfg.free_bits_per == "channel" else None
+  coeffs = warmup_kl_coeffs(out, terms, beta) if cfg.kl_balancing and out.levels else None
+  total, _ = training_loss(terms, kl_weight=cfg.kl_weight, free_bits=cfg.free_bits, beta=beta,
+                           kl_channels=kl_channels, kl_coeffs=coeffs)
+  total = total + head_weight_penalty(params, cfg.head_weight_decay)
+  if any(cfg.posterior_head_weight_decay):
+    total = total + head_weight_penalty(params, cfg.posterior_head_weight_decay, POSTERIOR_HEADS)
+  if any(cfg.sleep_weight):
+    if sleep_fn is None:
+      raise ValueError("regularize.sleep_weight is set but no sleep_fn was given")
+    total = total + sleep_fn(params, cfg.sleep_weight)
+  return total, terms

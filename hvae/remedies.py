@@ -18,8 +18,10 @@ of what the likelihood is trained on (`data.flip`, random training masks `data.t
   model of the data. Posterior samples are unlimited this way, so the encoder sees far more
   (x, z) pairs than the training set holds.
 * **Posterior-only head weight decay** (`regularize.posterior_head_weight_decay`): L2 on level
-  l's q_head kernels (`hvae.train.head_weight_penalty` with heads=("q_head",));
+  l's q_head kernels (`hvae.objective.head_weight_penalty` with `objective.POSTERIOR_HEADS`);
   `regularize.head_weight_decay` decays the q and p heads together.
+* Both terms join the loss in `hvae.objective.loss`, the one place the loss is assembled; the
+  train step binds the model, the batch and the sleep term's key into its `sleep_fn`.
 * Posterior input dropout and noise (`regularize.posterior_dropout`, `posterior_noise`) live
   in the model (`hvae.model.ladder.Level.posterior`), where the features are.
 """
@@ -32,7 +34,6 @@ import jax.numpy as jnp
 from hvae import objective, sampling
 from hvae.model.ladder import HVAE, PRIOR
 
-POSTERIOR_HEADS = ("q_head",)
 POSTERIOR_ONLY = ("q_head", "posterior_mask_proj")  # path parts used by the posterior alone
 
 

@@ -4,7 +4,7 @@
 `make_train_step` binds its static arguments and jits it once over a device `Mesh` of
 `hvae.mesh` (batch split over the `data` axis, everything else replicated, the state donated).
 The same code runs on one CPU, 8 GPUs or a TPU slice; there is no pmap. The loop that drives it
-is `hvae.loop`.
+is `hvae.loop`. The loss itself is assembled in `hvae.objective.loss`.
 """
 
 from __future__ import annotations
@@ -100,26 +100,6 @@ def kl_beta(step, warmup_steps: int):
   return jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
 
 
-HEADS = ("q_head", "p_head")  # the per-level parameters that per-level remedies address
-
-
-def head_weight_penalty(params, head_weight_decay, heads=HEADS) -> jnp.ndarray:
-  """sum_l wd_l * ||level l's head kernels||^2 (biases are not decayed).
-
-  `heads` names the heads decayed: the posterior and prior heads (`HEADS`, for
-  `regularize.head_weight_decay`) or the posterior's alone (`hvae.remedies.POSTERIOR_HEADS`,
-  for `regularize.posterior_head_weight_decay`).
-  """
-  total = jnp.zeros((), jnp.float32)
-  for l, wd in enumerate(head_weight_decay, start=1):
-    level = params.get(f"level_{l}", {}) if wd > 0 else {}
-    for name in heads:
-      for path, x in jax.tree_util.tree_leaves_with_path(level.get(name, {})):
-        if "kernel" in jax.tree_util.keystr(path):
-          total += wd * jnp.sum(jnp.square(x))
-  return total
-
-
 def latent_dims(cfg: ModelConfig) -> tuple[int, ...]:
   """Number of latent dimensions of every level (for kl_per_dim)."""
   if not cfg.has_latents:
@@ -138,6 +118,9 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
     model, tx, loss_cfg, skip_threshold, ema_decay, lr_schedule: static, bound by
       `make_train_step`.
 
+  The loss is `objective.loss` of the model's forward pass (every term is assembled there); the
+  step only supplies the forward pass, the warm-up beta and the sleep term's model pass.
+
   Returns:
     (new state, metrics): scalars named as docs/design.md §7 without the `train/` prefix. An update
     whose gradient is non-finite or whose norm exceeds `skip_threshold` (> 0) is skipped:
@@ -147,38 +130,21 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
   sample_rng, dropout_rng = jax.random.split(step_rng)
   beta = kl_beta(state.step, loss_cfg.kl_warmup_steps)
 
-  dims = jnp.asarray(latent_dims(model.config), jnp.float32)
+  level_dims = latent_dims(model.config)
 
   anneal = model.config.likelihood_grad_anneal
   # None keeps the default step's graph as it was; the power changes gradients, not values.
   grad_power = likelihoods.location_grad_power(state.step, anneal) if anneal else None
 
+  def sleep_fn(params, weights):  # its own key: the default run's streams stay as they were
+    return remedies.sleep_loss(model, params, batch["image"], batch["mask"],
+                               jax.random.fold_in(step_rng, 2), weights)[0]
+
   def loss_fn(params):
     out = model.apply({"params": params}, batch["image"], batch["mask"], train=True,
                       location_grad_power=grad_power,
                       rngs={"sample": sample_rng, "dropout": dropout_rng})
-    terms = objective.elbo_terms(out, batch["mask"])
-    kl_channels = None
-    if loss_cfg.free_bits_per == "channel":
-      kl_channels = [lev.kl.reshape(lev.kl.shape[0], -1, lev.kl.shape[-1]).sum(1)
-                     for lev in out.levels]
-    coeffs = None
-    if loss_cfg.kl_balancing and dims.size:
-      gamma = objective.kl_balancing_coeffs(jnp.mean(terms.kl, 0) / dims)
-      # Balancing acts during warm-up only (beta < 1), as in NVAE.
-      coeffs = jnp.where(beta < 1.0, gamma, jnp.ones_like(gamma))
-    loss, _ = objective.training_loss(terms, kl_weight=loss_cfg.kl_weight,
-                                      free_bits=loss_cfg.free_bits, beta=beta,
-                                      kl_channels=kl_channels, kl_coeffs=coeffs)
-    loss = loss + head_weight_penalty(params, loss_cfg.head_weight_decay)
-    if any(loss_cfg.posterior_head_weight_decay):
-      loss = loss + head_weight_penalty(params, loss_cfg.posterior_head_weight_decay,
-                                        remedies.POSTERIOR_HEADS)
-    if any(loss_cfg.sleep_weight):  # its own key: the default run's streams stay as they were
-      sleep, _ = remedies.sleep_loss(model, params, batch["image"], batch["mask"],
-                                     jax.random.fold_in(step_rng, 2), loss_cfg.sleep_weight)
-      loss = loss + sleep
-    return loss, terms
+    return objective.loss(out, batch["mask"], params, beta=beta, cfg=loss_cfg, sleep_fn=sleep_fn)
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
@@ -208,18 +174,22 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
   if anneal:
     metrics["likelihood_grad_power"] = grad_power
   metrics.update(objective.bpd_metrics(terms))
-  for l in range(1, dims.size + 1):
-    heads = {k: v for k, v in grads.get(f"level_{l}", {}).items() if k in HEADS}
+  for l, dims in enumerate(level_dims, start=1):
+    heads = {k: v for k, v in grads.get(f"level_{l}", {}).items() if k in objective.HEADS}
     metrics[f"grad_norm/level_{l}"] = optax.global_norm(heads)
-  for l, level_dims in enumerate(latent_dims(model.config), start=1):
-    metrics[f"kl_per_dim/level_{l}"] = metrics[f"kl/level_{l}"] / level_dims
+    metrics[f"kl_per_dim/level_{l}"] = metrics[f"kl/level_{l}"] / dims
   return new_state, metrics
 
 
-def make_train_step(config, model: HVAE, tx, mesh: Mesh):
-  """Binds the static arguments of `train_step` and jits it once for `mesh`."""
+def make_train_step(config, model: HVAE, tx, mesh: Mesh, loss_cfg: LossConfig | None = None):
+  """Binds the static arguments of `train_step` and jits it once for `mesh`.
+
+  `loss_cfg` is `LossConfig.from_config(config)` unless the caller has built it already.
+  """
+  if loss_cfg is None:
+    loss_cfg = LossConfig.from_config(config)
   fn = functools.partial(
-      train_step, model=model, tx=tx, loss_cfg=LossConfig.from_config(config),
+      train_step, model=model, tx=tx, loss_cfg=loss_cfg,
       skip_threshold=float(config.optim.skip_threshold),
       ema_decay=float(config.optim.ema_decay), lr_schedule=learning_rate_schedule(config))
   data, replicated = shardings(mesh)

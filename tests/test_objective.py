@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +11,11 @@ import optax
 import pytest
 from helpers import centre_mask, load_experiment, random_images, tiny_model_config
 
-from hvae import objective
+from hvae import objective, train
 from hvae.model import ladder, likelihoods
 from hvae.model.distributions import DiagGaussian
 from hvae.model.ladder import HVAE, LevelOutput, ModelOutput
-from hvae.typed_config import LIKELIHOOD_REGIONS, ConfigError, ModelConfig
+from hvae.typed_config import LIKELIHOOD_REGIONS, ConfigError, LossConfig, ModelConfig
 
 
 def _fake_output(log_px, kls, region=None):
@@ -238,3 +239,74 @@ def test_region_refuses_masks_with_missing_pixels_outside_it():
   config.data.train_mask = "boxes"
   with pytest.raises(ConfigError, match="model.likelihood_region"):
     ModelConfig.from_config(config)
+
+
+# ------------------------------------------------- the assembled loss (objective.loss)
+
+
+def _head_kernels_sq(params, level, heads):
+  """sum of squares of level `level`'s head kernels, by hand from the parameter paths."""
+  flat = flax.traverse_util.flatten_dict(params[f"level_{level}"])
+  return sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+             for path, x in flat.items() if path[0] in heads and path[-1] == "kernel")
+
+
+def test_loss_assembles_each_term_as_documented(tiny_params):
+  """objective.loss = training_loss (free bits per channel, KL balancing while beta < 1) + the
+  head weight penalties + the sleep term, each term exactly what docs/design.md §2 says."""
+  cfg = tiny_model_config()
+  model = HVAE(cfg)
+  mask = jnp.asarray(centre_mask(2))
+  out = model.apply({"params": tiny_params}, jnp.asarray(random_images(2, seed=5)), mask,
+                    rngs={"sample": jax.random.PRNGKey(3)})
+  terms = objective.elbo_terms(out, mask)
+  off = LossConfig(kl_weight=(1.0, 0.5, 2.0), free_bits=(0.0,) * 3)
+
+  def loss(cfg, beta=1.0, sleep_fn=None):
+    return float(objective.loss(out, mask, tiny_params, beta=beta, cfg=cfg, sleep_fn=sleep_fn)[0])
+
+  def training_loss(**kw):
+    return float(objective.training_loss(terms, kl_weight=off.kl_weight, **kw)[0])
+
+  # Every remedy off: the weighted ELBO part alone, and the unweighted terms come back.
+  base = training_loss(free_bits=off.free_bits)
+  assert loss(off) == base
+  returned = objective.loss(out, mask, tiny_params, beta=1.0, cfg=off)[1]
+  np.testing.assert_array_equal(returned.kl, terms.kl)
+  # Free bits per channel: each level's KL summed over positions, one floor per channel.
+  kl_channels = [jnp.sum(lev.kl, axis=(1, 2)) if lev.kl.ndim == 4 else lev.kl
+                 for lev in out.levels]
+  fb = dataclasses.replace(off, free_bits=(0.5,) * 3, free_bits_per="channel")
+  np.testing.assert_allclose(loss(fb), training_loss(free_bits=fb.free_bits,
+                                                     kl_channels=kl_channels), rtol=1e-6)
+  # KL balancing: gamma of the KL per latent dimension while beta < 1, then nothing.
+  bal = dataclasses.replace(off, kl_balancing=True)
+  gamma = objective.kl_balancing_coeffs(
+      jnp.mean(terms.kl, 0) / jnp.asarray(train.latent_dims(cfg), jnp.float32))
+  np.testing.assert_allclose(
+      loss(bal, beta=0.5), training_loss(free_bits=off.free_bits, beta=0.5, kl_coeffs=gamma),
+      rtol=1e-6)
+  assert loss(bal, beta=1.0) == base
+  # Head weight decay: sum_l wd_l ||kernels of level l's q and p heads||^2; posterior: q alone.
+  hw = dataclasses.replace(off, head_weight_decay=(0.1, 0.0, 0.2))
+  penalty = 0.1 * _head_kernels_sq(tiny_params, 1, objective.HEADS) + \
+      0.2 * _head_kernels_sq(tiny_params, 3, objective.HEADS)
+  assert penalty > 0
+  np.testing.assert_allclose(loss(hw), base + penalty, rtol=1e-6)
+  phw = dataclasses.replace(off, posterior_head_weight_decay=(0.0, 0.3, 0.0))
+  penalty = 0.3 * _head_kernels_sq(tiny_params, 2, ("q_head",))
+  assert 0 < penalty < 0.3 * _head_kernels_sq(tiny_params, 2, objective.HEADS)
+  np.testing.assert_allclose(loss(phw), base + penalty, rtol=1e-6)
+  # The sleep term: whatever sleep_fn returns for the configured weights, called only when on.
+  calls = []
+
+  def sleep_fn(params, weights):
+    calls.append((params, weights))
+    return jnp.float32(0.25)
+
+  assert loss(off, sleep_fn=sleep_fn) == base and not calls
+  sleep = dataclasses.replace(off, sleep_weight=(0.5, 0.0, 1.0))
+  np.testing.assert_allclose(loss(sleep, sleep_fn=sleep_fn), base + 0.25, rtol=1e-6)
+  assert calls == [(tiny_params, (0.5, 0.0, 1.0))]
+  with pytest.raises(ValueError, match="sleep_fn"):
+    loss(sleep)

@@ -35,7 +35,7 @@ def test_kl_balancing_coefficients_sum_to_L_and_follow_kl_per_dim():
 def test_head_weight_decay_touches_only_its_levels_heads():
   cfg = tiny_model_config()
   params = ladder.init(HVAE(cfg), jax.random.PRNGKey(0))
-  g = jax.grad(train.head_weight_penalty)(params, (0.0, 0.1, 0.0))
+  g = jax.grad(objective.head_weight_penalty)(params, (0.0, 0.1, 0.0))
   for path, x in jax.tree_util.tree_leaves_with_path(g):
     key = jax.tree_util.keystr(path)
     touched = "level_2" in key and ("q_head" in key or "p_head" in key) and "kernel" in key
@@ -97,7 +97,8 @@ def test_posterior_dropout_and_noise_act_on_the_posterior_in_training_only():
 
 def test_posterior_head_weight_decay_touches_only_the_posterior_heads():
   params = ladder.init(HVAE(tiny_model_config()), jax.random.PRNGKey(0))
-  g = jax.grad(train.head_weight_penalty)(params, (0.1, 0.0, 0.0), remedies.POSTERIOR_HEADS)
+  g = jax.grad(objective.head_weight_penalty)(params, (0.1, 0.0, 0.0),
+                                           objective.POSTERIOR_HEADS)
   for path, x in jax.tree_util.tree_leaves_with_path(g):
     key = jax.tree_util.keystr(path)
     touched = "level_1" in key and "q_head" in key and "kernel" in key

@@ -19,6 +19,9 @@ a static box around the hole only, `ModelOutput.region`).
 Which latent each level uses is chosen per call (`sources`, `latents`, `noise`, `temperature`),
 which is what the posterior->prior swap, "resample one level", temperature sampling and the
 importance-weighted bound are built on.
+
+Why one file past ~350 lines: the posterior, the prior ladder and the output head share one
+module's parameters and its per-call latent routing; split, each part would pass that routing on.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ The network's raw outputs are read on the [-1, 1] data scale (pixel v <-> v / 12
 half-width 1 / 255), so an output head initialised near zero predicts mid-grey with unit scale
 for every choice. Log-scales are clamped below at -7 (as in PixelCNN++) so densities stay
 bounded; they are clamped above only when sampling, where exp() would otherwise overflow.
+
+Why one file past ~350 lines: the three likelihoods share the data scale, the clamps, the
+location-gradient rescaling (`model.likelihood_grad`) and the base classes; each is ~100 lines.
 """
 
 from __future__ import annotations
