@@ -62,7 +62,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hvae import memorisation, objective, preemption
+from hvae import memorisation, metric_names, objective, preemption
 from hvae.errors import ConfigError
 from hvae.mesh import prepare, shardings
 from hvae.model.distributions import DiagGaussian
@@ -411,11 +411,11 @@ class Split:
     for split, batches in self.eval_sets.items():
       terms = refine_split(self.refine_step, params, self.refine_sets[split], self.rng,
                            self.mesh, self.settings, L, interrupt)
-      metrics.update({f"{split}/{k}": v for k, v in split_metrics(terms).items()})
+      metrics.update(metric_names.prefixed(split, split_metrics(terms)))
       posteriors = gather(lambda arrays, key: self.posterior_step(params, arrays, key),
                           batches, self.rng, self.mesh, interrupt)
       mi = memorisation.split_metrics(posteriors, L)
-      metrics.update({f"{split}/{k}": v for k, v in mi.items()})
+      metrics.update(metric_names.prefixed(split, mi))
     if "eval" in self.eval_sets and "eval_train" in self.eval_sets:
       metrics.update(gap_metrics(metrics, L))
     return metrics

@@ -180,7 +180,7 @@ def summarize(terms: Mapping[str, np.ndarray], dims: Sequence[int], sums: dict |
              "recon_bpd": to_bpd(terms["recon"].sum())}
   if "recon_channels" in terms:  # by channel: they sum to recon_bpd (discrete likelihoods)
     for c, channel in enumerate(CHANNELS):
-      metrics[f"recon_bpd/{channel}"] = to_bpd(terms["recon_channels"][:, c].sum())
+      metrics[metric_names.name("recon_bpd", channel)] = to_bpd(terms["recon_channels"][:, c].sum())
   for l in range(kl.shape[1]):
     name = functools.partial(metric_names.name, level=l + 1)  # quantity -> QUANTITY/level_l
     metrics[name("kl")] = float(kl[:, l].mean())

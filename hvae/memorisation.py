@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from hvae import objective
+from hvae import metric_names, objective
 from hvae.mesh import shardings
 from hvae.model.ladder import HVAE
 
@@ -113,6 +113,6 @@ def split_metrics(per_example: Mapping[str, np.ndarray], num_levels: int,
   for l in range(1, num_levels + 1):
     mi = mutual_information(per_example[f"mean/{l}"], per_example[f"log_scale/{l}"],
                             num_samples, seed=l)
-    m[f"mi/level_{l}"] = mi
-    m[f"marginal_kl/level_{l}"] = float(np.mean(per_example["kl"][:, l - 1])) - mi
+    m[metric_names.name("mi", level=l)] = mi
+    m[metric_names.name("marginal_kl", level=l)] = float(np.mean(per_example["kl"][:, l - 1])) - mi
   return m

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hvae import metric_names
 from hvae.model.ladder import ModelOutput
 from hvae.typed_config import LossConfig
 
@@ -118,8 +119,8 @@ def bpd_metrics(terms: ElboTerms) -> dict[str, jnp.ndarray]:
   metrics = {"bpd": to_bpd(terms.nelbo, terms.num_dims),
              "recon_bpd": to_bpd(terms.recon, terms.num_dims)}
   for l in range(terms.kl.shape[-1]):
-    metrics[f"kl/level_{l + 1}"] = jnp.mean(terms.kl[:, l])
-    metrics[f"kl_bpd/level_{l + 1}"] = to_bpd(terms.kl[:, l], terms.num_dims)
+    metrics[metric_names.name("kl", level=l + 1)] = jnp.mean(terms.kl[:, l])
+    metrics[metric_names.name("kl_bpd", level=l + 1)] = to_bpd(terms.kl[:, l], terms.num_dims)
   return metrics
 
 

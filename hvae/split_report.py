@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from hvae.metric_names import name as metric
+
 KEY = "gap/refine/encoder_bpd"  # a row holding it holds the whole split
 
 
@@ -61,9 +63,9 @@ def markdown(row: Mapping[str, Any], num_levels: int, title: str = "") -> list[s
        _num(row, "gap/refine/decoder_bpd", sign=True), _share(dec, gap)],
       ["  of which the likelihood", _num(row, "gap/refine/decoder_bpd/recon", sign=True),
        _share(row.get("gap/refine/decoder_bpd/recon"), gap)]]
-      + [[f"  of which level {l}'s KL", _num(row, f"gap/refine/decoder_bpd/level_{l}",
+      + [[f"  of which level {l}'s KL", _num(row, metric("gap/refine/decoder_bpd", level=l),
                                              sign=True),
-          _share(row.get(f"gap/refine/decoder_bpd/level_{l}"), gap)]
+          _share(row.get(metric("gap/refine/decoder_bpd", level=l)), gap)]
          for l in range(1, num_levels + 1)]
       + [["encoder part on the fitted noise (optimistic; for comparison)",
           _num(row, "gap/refine/encoder_bpd_fit", sign=True),
@@ -76,16 +78,17 @@ def markdown(row: Mapping[str, Any], num_levels: int, title: str = "") -> list[s
                "marginal KL held-out / train"]
   rows = []
   for l in range(1, num_levels + 1):
-    r = [str(l), _num(row, f"eval/refine/recovered/level_{l}", 2),
-         _num(row, f"eval_train/refine/recovered/level_{l}", 2),
-         _num(row, f"gap/refine/encoder_bpd/level_{l}", sign=True),
-         _num(row, f"gap/refine/decoder_bpd/level_{l}", sign=True),
-         f"{_num(row, f'eval/refine/kl_after/level_{l}', 2)} / "
-         f"{_num(row, f'eval_train/refine/kl_after/level_{l}', 2)}"]
+    r = [str(l), _num(row, metric("eval/refine/recovered", level=l), 2),
+         _num(row, metric("eval_train/refine/recovered", level=l), 2),
+         _num(row, metric("gap/refine/encoder_bpd", level=l), sign=True),
+         _num(row, metric("gap/refine/decoder_bpd", level=l), sign=True),
+         f"{_num(row, metric('eval/refine/kl_after', level=l), 2)} / "
+         f"{_num(row, metric('eval_train/refine/kl_after', level=l), 2)}"]
     if has_mi:
-      r += [f"{_num(row, f'eval/mi/level_{l}', 2)} / {_num(row, f'eval_train/mi/level_{l}', 2)}",
-            f"{_num(row, f'eval/marginal_kl/level_{l}', 2)} / "
-            f"{_num(row, f'eval_train/marginal_kl/level_{l}', 2)}"]
+      r += [f"{_num(row, metric('eval/mi', level=l), 2)} / "
+            f"{_num(row, metric('eval_train/mi', level=l), 2)}",
+            f"{_num(row, metric('eval/marginal_kl', level=l), 2)} / "
+            f"{_num(row, metric('eval_train/marginal_kl', level=l), 2)}"]
     rows.append(r)
   lines += _table(header, rows) + [""]
   lines += ["Encoder part: what refining the posterior per example (decoder and prior frozen) "

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from hvae import objective, remedies
+from hvae import metric_names, objective, remedies
 from hvae.mesh import shardings
 from hvae.model import ladder, likelihoods
 from hvae.model.ladder import HVAE
@@ -176,8 +176,9 @@ def train_step(state: TrainState, batch, rng, *, model: HVAE, tx, loss_cfg: Loss
   metrics.update(objective.bpd_metrics(terms))
   for l, dims in enumerate(level_dims, start=1):
     heads = {k: v for k, v in grads.get(f"level_{l}", {}).items() if k in objective.HEADS}
-    metrics[f"grad_norm/level_{l}"] = optax.global_norm(heads)
-    metrics[f"kl_per_dim/level_{l}"] = metrics[f"kl/level_{l}"] / dims
+    metrics[metric_names.name("grad_norm", level=l)] = optax.global_norm(heads)
+    metrics[metric_names.name("kl_per_dim", level=l)] = (
+        metrics[metric_names.name("kl", level=l)] / dims)
   return new_state, metrics
 
 

@@ -169,7 +169,8 @@ def attribute(rows: Sequence[Mapping[str, Any]], level: int,
     (part: ENCODER, DECODER or KL, its bits/dim, the held-out gap in bits/dim, a sentence with
     the figures), or None when no row splits the gap.
   """
-  enc, dec = f"gap/refine/encoder_bpd/level_{level}", f"gap/refine/decoder_bpd/level_{level}"
+  enc = metric("gap/refine/encoder_bpd", level=level)
+  dec = metric("gap/refine/decoder_bpd", level=level)
   names = (enc, dec, "gap/refine/bpd")
   row = split_row if split_row is not None and all(_finite(split_row.get(n)) for n in names) \
       else _newest(rows, names)
@@ -178,12 +179,12 @@ def attribute(rows: Sequence[Mapping[str, Any]], level: int,
     gap = row["gap/refine/bpd"]
     text = (f"encoder part {row[enc]:+.4f}, decoder/prior part {row[dec]:+.4f} bits/dim of the "
             f"held-out gap {gap:+.4f} on the refined examples (step {row.get('step', '?')})")
-    mi = [f"eval_train/mi/level_{level}", f"eval/mi/level_{level}", "eval/mi_max"]
+    mi = [metric("eval_train/mi", level=level), metric("eval/mi", level=level), "eval/mi_max"]
     if all(_finite(row.get(n)) for n in mi):
       text += (f"; I(n; z_{level}) {row[mi[0]]:.2f} nats on the training split, "
                f"{row[mi[1]]:.2f} held-out (log N = {row[mi[2]]:.2f})")
     return part, value, gap, text
-  held, train = f"eval/kl_bpd/level_{level}", f"eval_train/kl_bpd/level_{level}"
+  held, train = metric("eval/kl_bpd", level=level), metric("eval_train/kl_bpd", level=level)
   row = _newest(rows, (held, train, "gap/bpd"))
   if row is None:
     return None
@@ -277,8 +278,8 @@ def part_metrics(verdicts: Mapping[int, LevelVerdict]) -> dict[str, float]:
   split attributed it."""
   out = {}
   for l, v in sorted(verdicts.items()):
-    out[f"verdict/material/level_{l}"] = float(v.material)
+    out[metric("verdict/material", level=l)] = float(v.material)
     if v.part in (ENCODER, DECODER):
-      out[f"verdict/encoder/level_{l}"] = float(v.flagged and v.part == ENCODER)
-      out[f"verdict/decoder/level_{l}"] = float(v.flagged and v.part == DECODER)
+      out[metric("verdict/encoder", level=l)] = float(v.flagged and v.part == ENCODER)
+      out[metric("verdict/decoder", level=l)] = float(v.flagged and v.part == DECODER)
   return out
