@@ -144,7 +144,8 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
   compile_s = time.perf_counter() - t0
   # The rate uses the lowered step's FLOPs (eta.xla_flops, sweep.train_step_flops say why); the
   # compiled step's, one device's share, is reported beside it. The share is per device.
-  flops = sweep.train_step_flops(config)["flops_per_step"] or float("nan")
+  flops = (eta.xla_flops(lowered)  # where the backend cannot cost it, lowered again for the CPU
+           or sweep.train_step_flops(config)["flops_per_step"] or float("nan"))
   compiled_flops = eta.xla_flops(compiled) or float("nan")
   mem = compiled.memory_analysis()
 

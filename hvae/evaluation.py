@@ -124,13 +124,9 @@ def _row_holders(mesh: Mesh, size: int, batch: int) -> np.ndarray:
   return np.stack([owner, np.full(size, batch), row], -1)
 
 
-Interrupted = preemption.Interrupted  # re-exported: the loop catches it here
-_check = preemption.check
-
-
 def run_pass(eval_step, params, batches: list[dict], rng, mesh: Mesh, interrupt=None) -> dict:
   """Runs `eval_step` over `batches`; `interrupt()`, if given, is asked before every batch
-  (`Interrupted` when it says True; with several processes it must agree on all of them).
+  (`preemption.Interrupted` when it says True; with several processes all must agree on it).
 
   Returns:
     {"per_example": numpy arrays over the real examples, "sums": numpy sums, "count": N,
@@ -138,7 +134,7 @@ def run_pass(eval_step, params, batches: list[dict], rng, mesh: Mesh, interrupt=
   """
   per_example, sums, count, where = [], {}, 0, []
   for i, batch in enumerate(batches):
-    _check(interrupt)
+    preemption.check(interrupt)
     arrays, _ = prepare(batch, mesh)
     out = eval_step(params, arrays, jax.random.fold_in(rng, i))
     gathered = multihost_utils.process_allgather(
@@ -329,19 +325,19 @@ class Evaluator:
     `interrupt()` (a stop request; the same answer on every process) is asked before every
     batch of the passes and of the swap pass, before every step of the refinement
     (hvae/amortisation.py) and between the other parts; when it says True the evaluation raises
-    `Interrupted` before anything of it is recorded here.
+    `preemption.Interrupted` before anything of it is recorded here.
     """
     t0 = time.perf_counter()
     metrics, passes = evaluate_passes(self.eval_step, params, self.eval_sets, self.rng,
                                       self.mesh, self.model, interrupt)
     pictures = {}
     if self.has_latents:
-      _check(interrupt)
+      preemption.check(interrupt)
       metrics.update(self._swap_metrics(params, interrupt))
-      _check(interrupt)
+      preemption.check(interrupt)
       if self._evaluations % self.diagnostics_every == 0:
         pictures.update(self._diagnostic_images(params, passes))
-    _check(interrupt)
+    preemption.check(interrupt)
     self._evaluations += 1
     pictures[FILL_INS] = self._fill_in_grid(params)
     if self.split is not None:

@@ -406,7 +406,7 @@ def _evaluate(evaluator: evaluation.Evaluator, workdir: str, writer: MetricWrite
   """
   try:
     eval_metrics, eval_images = evaluator(state.ema_params, step, interrupt=interrupt)
-  except evaluation.Interrupted:
+  except preemption.Interrupted:
     logging.warning("Stop requested during the evaluation of step %d: it is dropped (not "
                     "logged); the next run evaluates step %d first.", step, step)
     return None
@@ -509,12 +509,9 @@ def _write_images(workdir: str, writer: MetricWriter, step: int, pictures: dict)
 def _stop_requested(request: preemption.StopRequest, step: int, log_every: int) -> bool:
   """Whether to checkpoint and stop now. With several processes, every host must agree (a
   checkpoint save is collective), so the flag is combined across hosts at logging steps."""
-  if jax.process_count() == 1:
-    return request.requested
-  if step % log_every:
+  if jax.process_count() > 1 and step % log_every:
     return False
-  flags = multihost_utils.process_allgather(np.asarray(request.requested))
-  return bool(np.any(flags))
+  return request.agreed()
 
 
 def _finish(workdir: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from hvae import atomic, eta
+from hvae import atomic
 from hvae.errors import SweepPointsFailed
 from hvae.sweep_points import (
   EVAL_CHECKPOINT,
@@ -50,7 +50,7 @@ def train_step_flops(config: ml_collections.ConfigDict) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from hvae import train
+  from hvae import eta, train
   from hvae.mesh import make_mesh
   from hvae.model.ladder import HVAE
 
