@@ -58,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.level_widths = (0,)  # per level: channels at 64/2^l (0 = model.width); cheap capacity
   m.blocks_per_level = 2  # residual blocks per resolution, in the trunk and in the decoder
   m.upsample = "nearest"  # nearest | bilinear: 2x upsampling of the decoder state
+  m.hole_fill = "zeros"  # zeros | pull_push: the prior input's hole (x * m, or a smooth fill of it)
+  m.fill_residual = False  # the likelihood's locations = the prior input's pixels + the head's
   m.likelihood = "dmol"  # dmol | discretized_gaussian | gaussian (continuous, dequantised)
   m.num_mixtures = 5  # logistic components per pixel for likelihood=dmol
   m.likelihood_grad = "exact"  # exact | scaled: likelihood locations' gradients x their scale,

@@ -1,5 +1,10 @@
 """The amortisation split of the held-out gap: how much of it is the encoder's, per level.
 
+Why one file past ~350 lines: the refinement (its objective, the compiled steps over the mesh,
+the per-split driver) and the metrics it publishes are one method: the gap's exact split reads
+the per-example terms the refinement keeps, and its invariants (S = 0 is the evaluation pass)
+tie both halves to the same keys.
+
 The negative ELBO of an example is evaluated at the encoder's posterior. An encoder that fits
 training images better than new ones (amortisation overfitting; Zhang, Hayes & Barber 2022)
 raises the held-out bound through the reconstruction *and* the KL terms, so the report's

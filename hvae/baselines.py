@@ -11,6 +11,13 @@ exactly (floats are rounded).
 * `ring_mean`: the hole filled with one colour, the mean of its border ring: the given pixels
   4-adjacent to a missing one (the mean of every given pixel if the ring is empty, grey 128 if
   nothing is given).
+* `pull_push`: the smooth fill the model's prior input holds with `model.hole_fill=pull_push`
+  (`hvae.model.layers.pull_push_fill`: 2x2 weighted means down to 1x1, then bilinear back up,
+  each level keeping its own colour with its weight): a convex combination of given pixels.
+* `multiscale`: the fill of `model.hole_fill=multiscale` (`layers.multiscale_fill`): coarse to
+  fine, a few conjugate-gradient steps of biharmonic smoothing per resolution from the
+  upsampled coarser solution.
+  Both run in JAX; an image whose sides are not one power of 2 is padded with missing pixels.
 
 `BASELINES` names them for `--baselines=biharmonic,ring_mean` (`--mode=eval`, `--mode=inpaint`);
 `fill_batch` applies one to a batch.
@@ -18,6 +25,7 @@ exactly (floats are rounded).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -81,9 +89,48 @@ def ring_mean(image, mask) -> np.ndarray:
   return _finish(image, np.broadcast_to(colour, image.shape), missing)
 
 
+def pull_push(image, mask) -> np.ndarray:
+  """The pull-push fill of the missing pixels; arguments and result as every baseline's (module
+  docstring)."""
+  return _jax_fill("pull_push_fill", image, mask)
+
+
+def multiscale(image, mask) -> np.ndarray:
+  """The multiscale fill of the missing pixels; arguments and result as every baseline's
+  (module docstring)."""
+  return _jax_fill("multiscale_fill", image, mask)
+
+
+@functools.cache
+def _jitted(name: str):
+  """`hvae.model.layers.<name>`, jitted once (eagerly, its loops would recompile every call)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from hvae.model import layers  # pylint: disable=g-import-not-at-top
+
+  return jax.jit(getattr(layers, name))
+
+
+def _jax_fill(name: str, image, mask) -> np.ndarray:
+  """`hvae.model.layers.<name>` on one image, padded to a power-of-2 square."""
+  image, missing = _prepare(image, mask)
+  if missing.all():
+    return _finish(image, np.full_like(image, NO_CONTEXT_GREY), missing)
+  h, w = missing.shape
+  side = 1 << max(h - 1, w - 1, 7).bit_length()  # the next power of 2 >= both sides and 8
+  x = np.zeros((1, side, side, 3), np.float32)
+  m = np.zeros((1, side, side, 1), np.float32)
+  x[0, :h, :w] = image / 127.5 - 1.0
+  m[0, :h, :w, 0] = ~missing
+  fill = np.asarray(_jitted(name)(x, m))[0, :h, :w]
+  return _finish(image, (fill.astype(np.float64) + 1.0) * 127.5, missing)
+
+
 BASELINES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "biharmonic": biharmonic,
     "ring_mean": ring_mean,
+    "pull_push": pull_push,
+    "multiscale": multiscale,
 }
 DEFAULT = "biharmonic,ring_mean"  # the --baselines default
 

@@ -92,21 +92,19 @@ class StepTimer:
     self.batch_size = int(config.train.batch_size)
     self.evaluations = num_evaluations(self.num_steps, config.eval.every_steps, self.start)
     self._t0: float | None = None
-    self.done = False
-    self.step_seconds: float | None = None
+    self.step_seconds: float | None = None  # set once measured (the line is logged then)
 
   def before_step(self, step: int, previous) -> None:
     """At step start + 1 (the compiled one done): the clock starts when its outputs are ready."""
-    if not self.done and step == self.start + 1 and previous is not None:
+    if self.step_seconds is None and step == self.start + 1 and previous is not None:
       jax.block_until_ready(previous)
       self._t0 = time.perf_counter()
 
   def after_step(self, step: int, outputs) -> None:
     """At step start + 2: waits for its outputs, logs the line."""
-    if self.done or step != self.start + 2 or self._t0 is None:
+    if self.step_seconds is not None or step != self.start + 2 or self._t0 is None:
       return
     jax.block_until_ready(outputs)
     self.step_seconds = time.perf_counter() - self._t0
-    self.done = True
     logging.info("%s", eta_line(self.step_seconds, self.batch_size, self.num_steps - self.start,
                                 self.evaluations, resumed=self.start > 0))

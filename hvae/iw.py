@@ -17,10 +17,10 @@ triggers a recompile. Samples of the last chunk beyond K are dropped.
 
 The trunk's features (h^p of the context and h^q of the whole image) depend on (image, mask)
 only, not on z: they are computed once per batch and tiled, and only the top-down path (priors,
-posteriors, decoder blocks, output head and likelihood) runs once per sample. The model is not
-changed for this: `flax.linen.intercept_methods` records the trunk's outputs in one pass and
-hands them back in the sampled passes, so the log weights are those of K full forward passes
-with the same noise, bit for bit on CPU (tests/test_iw.py), at a fraction of their cost
+posteriors, decoder blocks, output head and likelihood) runs once per sample. One pass records
+the trunk's outputs (flax's `capture_intermediates`) and the sampled passes take them tiled
+(`HVAE(..., features=)`), so the log weights are those of K full forward passes with the same
+noise, bit for bit on CPU (tests/test_iw.py), at a fraction of their cost
 (`benchmarks/eval_cost.py` prints it in units of one forward pass).
 
 The effective sample size of the normalised weights, ESS = (sum_k w_k)^2 / sum_k w_k^2, is in
@@ -30,11 +30,9 @@ bound is little better than the ELBO, and the K-sample estimate of log p is unre
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,27 +44,17 @@ from hvae.model.trunk import Trunk
 DEFAULT_MAX_ROWS = 256  # forward-pass rows (samples x examples) per chunk, bounds memory
 
 
-def _is_trunk_call(context) -> bool:
-  return isinstance(context.module, Trunk) and context.method_name == "__call__"
-
-
 def _features(params, image, mask, *, model: HVAE) -> tuple:
-  """The outputs of every trunk call of one posterior forward pass, in call order.
+  """(h^p, h^q): the outputs of the two trunk calls of one posterior forward pass.
 
   Everything else the pass computes is unused, and XLA drops it.
   """
-  calls = []
-
-  def record(method, args, kwargs, context):
-    out = method(*args, **kwargs)
-    if _is_trunk_call(context):
-      calls.append(out)
-    return out
-
-  with nn.intercept_methods(record):
-    model.apply({"params": params}, image, mask, sources=POSTERIOR, compute_posterior=True,
-                rngs={"sample": jax.random.PRNGKey(0)})
-  return tuple(calls)
+  _, state = model.apply(
+      {"params": params}, image, mask, sources=POSTERIOR, compute_posterior=True,
+      rngs={"sample": jax.random.PRNGKey(0)}, mutable=["intermediates"],
+      capture_intermediates=lambda module, method: (
+          isinstance(module, Trunk) and method == "__call__"))
+  return tuple(state["intermediates"]["trunk"]["__call__"])
 
 
 @functools.lru_cache(maxsize=32)
@@ -80,19 +68,14 @@ def _log_weights(params, image, mask, rng, features=None, *, model: HVAE, chunk:
   """[chunk, B] log importance weights (nats) of `chunk` posterior samples per example."""
   batch = image.shape[0]
   tile = lambda x: jnp.tile(jnp.asarray(x), (chunk,) + (1,) * (x.ndim - 1))  # noqa: E731
-  reuse = contextlib.nullcontext()
   if share_trunk:
-    calls = iter(_features(params, image, mask, model=model) if features is None else features)
-
-    def tiled_features(method, args, kwargs, context):
-      if not _is_trunk_call(context):
-        return method(*args, **kwargs)
-      return [tile(h) for h in next(calls)]  # rows sample-major, as the tiled inputs
-
-    reuse = nn.intercept_methods(tiled_features)
-  with reuse:
-    out = model.apply({"params": params}, tile(image), tile(mask), sources=POSTERIOR,
-                      compute_posterior=True, rngs={"sample": rng})
+    if features is None:
+      features = _features(params, image, mask, model=model)
+    features = jax.tree_util.tree_map(tile, features)  # rows sample-major, as the tiled inputs
+  else:
+    features = None
+  out = model.apply({"params": params}, tile(image), tile(mask), sources=POSTERIOR,
+                    compute_posterior=True, features=features, rngs={"sample": rng})
   missing = 1.0 - jnp.asarray(tile(mask), jnp.float32)[..., 0]
   log_w = jnp.sum(out.log_px * missing, axis=(1, 2))  # [chunk * B]
   for lev in out.levels:

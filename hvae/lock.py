@@ -20,6 +20,11 @@ process's start time in clock ticks after boot, from /proc, so a reused pid is r
    flock is not supported, its liveness cannot be checked from here and it keeps the lock;
 3. write our own record. On exit (normal, exception, SIGTERM, Ctrl-C) the file is removed.
 
+A lock file that cannot be created or written (a full disk, a quota or file-size limit) stops
+the training before it starts with `FileWriteError`, one line naming the file, as any other
+file of a run does; a half-written record is removed. With several processes only process 0
+takes the lock, and tells the others what happened (`hold_job`).
+
 While the lock is held and no other handler is installed, SIGTERM raises `SystemExit` in the main
 thread, so a run stopped before its training loop starts (data preparation, compilation) still
 releases the lock; the training loop installs its own handler (checkpoint, then stop).
@@ -39,9 +44,12 @@ import sys
 import threading
 from collections.abc import Iterator
 
+import jax
 from absl import logging
 
-from hvae.errors import WorkdirLockedError
+from hvae import preemption
+from hvae.errors import USER_ERRORS, FileWriteError, WorkdirLockedError
+from hvae.writers import writing
 
 LOCK_FILE = "train.lock"
 
@@ -135,10 +143,16 @@ def hold(workdir: str) -> Iterator[None]:
   Raises:
     WorkdirLockedError: another live process holds the lock (the message names its pid and
       host, and what to do).
+    FileWriteError: the lock file could not be created or written (a full disk, a quota or
+      file-size limit, no permission): one line; no partial lock file is left.
   """
   path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
   host, pid = socket.gethostname(), os.getpid()
-  fd, flocked = _open_locked(path)
+  try:
+    with writing(path):
+      fd, flocked = _open_locked(path)
+  except FileWriteError as e:
+    raise _not_started(e) from e
   try:
     holder = _read(fd)
     if holder is not None:
@@ -157,10 +171,13 @@ def hold(workdir: str) -> Iterator[None]:
     mine = {"pid": pid, "host": host, "start_ticks": _start_ticks(pid),
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": sys.argv}
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(mine).encode() + b"\n")
-    os.fsync(fd)
+    try:
+      with writing(path):
+        _write_record(fd, mine)
+    except FileWriteError as e:
+      with contextlib.suppress(OSError):
+        os.remove(path)  # our half-written record (a stale one was taken over: logged above)
+      raise _not_started(e) from e
   except BaseException:
     os.close(fd)
     raise
@@ -177,6 +194,54 @@ def hold(workdir: str) -> Iterator[None]:
     except OSError as e:
       logging.warning("Could not remove the lock %s: %s", path, e)
     os.close(fd)  # releases the flock
+
+
+def _write_record(fd: int, record: dict) -> None:
+  """Replaces the open lock file's content with `record` (a write may be cut short near a
+  file-size limit: the rest is written, or the next write raises)."""
+  os.ftruncate(fd, 0)
+  os.lseek(fd, 0, os.SEEK_SET)
+  rest = memoryview(json.dumps(record).encode() + b"\n")
+  while rest:
+    rest = rest[os.write(fd, rest):]
+  os.fsync(fd)
+
+
+def _not_started(error: FileWriteError) -> FileWriteError:
+  """`error` (one line naming the lock file), and what to do: nothing else was written yet."""
+  what = "free some space" if getattr(error, "no_space", True) else "fix that"
+  then = f"the training did not start: {what} and run the same command again."
+  text = str(error)
+  joined = FileWriteError(f"{text} {then[0].upper()}{then[1:]}" if text.endswith("?") else
+                          f"{text}; {then}")
+  joined.no_space = getattr(error, "no_space", True)
+  return joined
+
+
+_KINDS = {kind.__name__: kind for kind in USER_ERRORS}  # what `hold_job` re-raises elsewhere
+
+
+@contextlib.contextmanager
+def hold_job(workdir: str) -> Iterator[None]:
+  """`hold` for a job of one or several processes: process 0 takes the lock (the others write
+  no workdir file of their own) and tells every process whether it could, so a refusal or a
+  failed write is the same one-line error everywhere instead of the others waiting in a
+  collective (`preemption.broadcast_message`)."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(hold(workdir))
+      except Exception as e:  # pylint: disable=broad-except  (every process must hear of it)
+        error = e
+    said = preemption.broadcast_message(
+        "" if error is None else f"{type(error).__name__}\n{error}")
+    if error is not None:
+      raise error
+    if said:
+      kind, _, message = said.partition("\n")
+      raise _KINDS.get(kind, RuntimeError)(message or kind)
+    yield
 
 
 def _raise_on_sigterm():

@@ -1,75 +1,58 @@
 """`train_and_evaluate(config, workdir)`: the training run behind `launch.py --mode=train`.
 
-Why one file past ~350 lines: the loop and what it must do between two steps (skip
-counting, preemption, the lock and its agreement across processes, the dropped-evaluation
-redo) share its state; each helper is a module-level function a test can call.
-
 Resumes by default: params, optimiser, EMA, step, RNG (derived from the step) and the data
 iterator position all come back from the latest checkpoint that loads (a damaged newer one is
 moved to checkpoints/corrupt/, see hvae/checkpoint.py). Metrics are fetched from the devices
 only at logging and evaluation steps (and one scalar a step, below); SIGTERM / SIGINT save a
-checkpoint and exit cleanly, also during an evaluation (it stops between two jitted calls, a
-batch or a refinement step, and is dropped; the resumed run evaluates that step first;
-hvae/preemption.py). One training at a time holds the workdir (hvae/lock.py). A file of the run
-that cannot be written (a full disk) ends it with `FileWriteError`, one line naming the file and
-the newest checkpoint.
+checkpoint and exit cleanly, also during an evaluation (dropped between two jitted calls and
+done first by the resumed run; hvae/preemption.py, hvae/loop_eval.py). One training at a time
+holds the workdir (hvae/lock.py). A file of the run that cannot be written (a full disk) ends it
+with `FileWriteError`, one line naming the file and the newest checkpoint; with several
+processes only process 0 writes, and its failure reaches every process at the agreement right
+after the writes (`preemption.HeldWrites`), so none waits in a collective.
 
 Repeated skipped updates: every step's count of skipped updates in a row is read one step late
-(after the next step is dispatched, when it is computed or about to be; its copy to the host
-starts as soon as its step is dispatched), so the check runs at every step without making the
-host wait for the step it has just dispatched. At
-`optim.max_consecutive_skips` the run writes a checkpoint (skipped updates change no parameter,
-so it holds the last good state) and stops with `TrainingError` (one line, exit 2 in launch.py),
-or, with `optim.on_repeated_skips = "rollback"`, restores the last checkpoint and trains on at a
-lower learning rate (hvae/rollback.py).
+(after the next step is dispatched; its copy to the host starts as soon as its step is), so the
+check runs at every step without making the host wait for the step it has just dispatched. At
+`optim.max_consecutive_skips` the run checkpoints and stops with `TrainingError`, or rolls back
+(`optim.on_repeated_skips`, hvae/rollback.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
-import platform
-import subprocess
-import sys
 import time
-from importlib import metadata
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from hvae import (
-  atomic,
   config_file,
   data,
   eta,
-  evaluation,
-  grids,
+  loop_eval,
   metric_names,
   preemption,
   rollback,
+  run_info,
   sampling,
 )
 from hvae import lock as workdir_lock
 from hvae.checkpoint import Checkpointer
-from hvae.errors import (  # TrainingError: re-exported
+from hvae.errors import (
   ConfigError,
   FileWriteError,
-  TrainingError,
-  WorkdirLockedError,
+  TrainingError,  # noqa: F401  (re-exported: hvae.loop.TrainingError)
 )
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.metrics_file import read_metrics
 from hvae.model.ladder import HVAE
 from hvae.train import create_optimizer, create_train_state, make_train_step
 from hvae.typed_config import LossConfig, ModelConfig, per_level
-from hvae.writers import MetricWriter, eval_summary, periodic_actions, writing
-
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "grain",
-             "ml-collections", "clu", "numpy")
+from hvae.writers import MetricWriter, periodic_actions, writing
 
 
 def validate(config) -> tuple[ModelConfig, LossConfig]:
@@ -120,40 +103,6 @@ def _validate_fill_ins(config, num_levels: int) -> None:
     raise ConfigError(f"eval.{err} (or '' for the default)") from None
 
 
-def _git(*args: str) -> str | None:
-  try:
-    proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                          cwd=os.path.dirname(__file__))
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return proc.stdout.strip() if proc.returncode == 0 else None
-
-
-def _git_commit() -> tuple[str | None, bool | None]:
-  """(HEAD, whether tracked files differ from it): a run from an uncommitted tree says so."""
-  commit = _git("rev-parse", "HEAD") or None
-  status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-  return commit, (bool(status) if status is not None else None)
-
-
-def _write_run_info(workdir: str) -> None:
-  versions = {}
-  for p in _PACKAGES:
-    try:
-      versions[p] = metadata.version(p)
-    except metadata.PackageNotFoundError:
-      versions[p] = None
-  commit, dirty = _git_commit()
-  info = {"command": sys.argv, "git_commit": commit, "git_dirty": dirty,
-          "python": platform.python_version(),
-          "packages": versions, "devices": [str(d) for d in jax.devices()],
-          "process_count": jax.process_count(),
-          "start_time": datetime.datetime.now(datetime.UTC).isoformat()}
-  path = os.path.join(workdir, "run_info.json")
-  with writing(path):
-    atomic.write_json(path, info, indent=2)
-
-
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
   """One device->host transfer for a whole logging window."""
   stacked = jax.device_get({k: jnp.stack([h[k] for h in history]) for k in history[0]})
@@ -174,50 +123,17 @@ def train_and_evaluate(config, workdir: str, *, profile: bool = False) -> None:
     WorkdirLockedError: another live training holds `workdir` (before anything is written).
     TrainingError: `optim.max_consecutive_skips` updates in a row were skipped (after writing a
       checkpoint of the last good state).
+    FileWriteError: one of the run's files (the lock included) could not be written.
   """
   model_cfg, loss_cfg = validate(config)
   created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   try:
-    with _hold_lock(workdir):
+    with workdir_lock.hold_job(workdir):
       _train(config, workdir, model_cfg, loss_cfg, profile=profile)
   finally:
     if created and not os.listdir(workdir):
       os.rmdir(workdir)  # failed before writing anything (e.g. missing data): leave no trace
-
-
-_MESSAGE_BYTES = 4096  # the longest error message process 0 broadcasts to the others
-
-
-def _broadcast_message(message: str) -> str:
-  """Process 0's `message` ('' for none) on every process: a collective with several."""
-  if jax.process_count() == 1:
-    return message
-  raw = np.frombuffer(message.encode()[:_MESSAGE_BYTES], np.uint8).astype(np.int32)
-  buffer = np.zeros(_MESSAGE_BYTES, np.int32)
-  buffer[:raw.size] = raw
-  received = np.asarray(multihost_utils.broadcast_one_to_all(buffer)).astype(np.uint8)
-  return bytes(received).rstrip(b"\0").decode(errors="replace")
-
-
-@contextlib.contextmanager
-def _hold_lock(workdir: str):
-  """WORKDIR/train.lock for the job: process 0 takes it (the others write no workdir file of
-  their own) and tells every process whether it could, so a refusal is the same one-line
-  `WorkdirLockedError` everywhere instead of the others waiting in a collective."""
-  with contextlib.ExitStack() as stack:
-    error = None
-    if jax.process_index() == 0:
-      try:
-        stack.enter_context(workdir_lock.hold(workdir))
-      except Exception as e:  # pylint: disable=broad-except  (every process must hear of it)
-        error = e
-    refusal = _broadcast_message("" if error is None else str(error) or type(error).__name__)
-    if error is not None:
-      raise error
-    if refusal:
-      raise WorkdirLockedError(refusal)
-    yield
 
 
 def _train(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, *,
@@ -252,12 +168,16 @@ def _with_newest_checkpoint(error: FileWriteError, ckpt: Checkpointer) -> FileWr
 
 def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, train_iter,
          ckpt: Checkpointer, *, profile: bool = False) -> None:
-  """`_train` once the data and the checkpoint directory are open."""
+  """`_train` once the data and the checkpoint directory are open. Process 0's writes are
+  `writes.held()`; every process calls `writes.agree()` after them, before any other collective."""
+  writes = preemption.HeldWrites()
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "config.json")
-    with writing(path):
-      config_file.save_config(config, path)
-    _write_run_info(workdir)
+    with writes.held():
+      path = os.path.join(workdir, "config.json")
+      with writing(path):
+        config_file.save_config(config, path)
+      run_info.write(workdir)
+  writes.agree()
 
   model = HVAE(model_cfg)
   rollbacks = rollback.read(workdir)  # earlier roll-backs lowered the learning rate for good
@@ -282,23 +202,28 @@ def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, tra
   rows = [r for r in read_metrics(workdir) if r["step"] <= start]  # before the writer drops any
   # An evaluation that a stop request interrupted was dropped: it is done first now, and its row
   # replaces the step's row of training metrics (merged into it).
-  redo = _dropped_evaluation(config, start, rows)
-  writer = MetricWriter(workdir, resume_step=start, replace_step=start if redo else None)
-  done_path = os.path.join(workdir, "DONE")
-  if start < num_steps and os.path.exists(done_path) and jax.process_index() == 0:
-    os.remove(done_path)  # train.num_steps was raised: the run is not done any more
+  redo = loop_eval.dropped_evaluation(config, start, rows)
+  with writes.held():
+    writer = MetricWriter(workdir, resume_step=start, replace_step=start if redo else None)
+    done_path = os.path.join(workdir, "DONE")
+    if start < num_steps and os.path.exists(done_path) and jax.process_index() == 0:
+      with writing(done_path):
+        os.remove(done_path)  # train.num_steps was raised: the run is not done any more
+  writes.agree()
   if start >= num_steps and redo is None:
     logging.info("Nothing to do: step %d >= train.num_steps = %d.", start, num_steps)
-    _finish(workdir)
+    _finish(workdir, writes)
     return
 
-  writer.write_hparams(config.to_dict())  # TensorBoard's hparams tab (process 0 writes)
+  with writes.held():
+    writer.write_hparams(config.to_dict())  # TensorBoard's hparams tab (process 0 writes)
+  writes.agree()
   # Progress (steps/s, % done, ETA, the evaluations' share of the time) and the optional trace.
   actions = periodic_actions(num_steps, config.train.log_every_steps, start,
                              profile_dir=workdir if profile and jax.process_index() == 0 else None)
   progress = actions[0]
   p_train_step = make_train_step(run_config, model, tx, mesh, loss_cfg)
-  evaluator = _evaluator(config, model, mesh, eval_rng, grid_rng, history=rows)
+  evaluator = loop_eval.make_evaluator(config, model, mesh, eval_rng, grid_rng, history=rows)
   train_rng = replicate(train_rng, mesh)
 
   history, window_start, t_start = [], time.perf_counter(), time.perf_counter()
@@ -309,10 +234,13 @@ def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, tra
     interrupt = stop_request.agreed
     if redo is not None:
       logging.info("Evaluating step %d first: its evaluation was interrupted.", start)
-      if _evaluate(evaluator, workdir, writer, state, start, redo, interrupt) is None:
-        writer.close()
+      if loop_eval.evaluate(evaluator, workdir, writer, state, start, redo, interrupt,
+                            writes) is None:
+        _close(writer, writes)
         return
-      writer.write_scalars(start, redo)
+      with writes.held():
+        writer.write_scalars(start, redo)
+      writes.agree()
     step = start
     while step < num_steps:
       step_timer.before_step(step, previous)
@@ -330,7 +258,7 @@ def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, tra
       lagged, previous = previous, metrics
       too_many = lagged is not None and float(lagged["consecutive_skips"]) >= max_skips
       is_last = step == num_steps
-      stop = _stop_requested(stop_request, step, config.train.log_every_steps)
+      stop = _stop_requested(stop_request)
       row = {}  # everything logged at this step: one metrics.jsonl row (docs/design.md §7)
       if step % config.train.log_every_steps == 0 or is_last or stop or too_many:
         scalars = _mean_metrics(history)
@@ -341,182 +269,81 @@ def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, tra
         logging.info("step %d/%d  loss %.4f  bpd %.4f  %.0f img/s", step, num_steps,
                      scalars["train/loss"], scalars["train/bpd"], rate * config.train.batch_size)
         if too_many or scalars["train/max_consecutive_skips"] >= max_skips:
-          writer.write_scalars(step, row)
-          streak = _streak(step, jax.device_get(metrics),
-                           None if lagged is None else jax.device_get(lagged))
+          with writes.held():
+            writer.write_scalars(step, row)
+          writes.agree()
+          streak = rollback.streak(step, jax.device_get(metrics),
+                                   None if lagged is None else jax.device_get(lagged))
           if rollback.mode(config) == "rollback" and len(rollbacks) < rollback.MAX_ROLLBACKS:
-            state, step, rollbacks = _roll_back(
+            state, step, rollbacks = rollback.roll_back(
                 config, workdir, ckpt, state, train_iter, step, streak, rollbacks,
-                initial=lambda tx=tx: (create_train_state(model, tx, init_rng), first_data))
+                initial=lambda tx=tx: (create_train_state(model, tx, init_rng), first_data),
+                writes=writes)
             run_config = rollback.lowered(config, len(rollbacks))
             tx = create_optimizer(run_config)
             p_train_step = make_train_step(run_config, model, tx, mesh, loss_cfg)
             state = replicate(state, mesh)
-            writer.close()  # the rows after the restored step go (trained again, differently)
-            writer = MetricWriter(workdir, resume_step=step)
+            with writes.held():
+              writer.close()  # the rows after the restored step go (trained again, differently)
+              writer = MetricWriter(workdir, resume_step=step)
+            writes.agree()
             evaluator.history = [r for r in evaluator.history if r["step"] <= step]
             actions = periodic_actions(num_steps, config.train.log_every_steps, step)
             progress, previous = actions[0], None
             history, window_start = [], time.perf_counter()
             continue
-          _stop_after_skips(config, ckpt, writer, step, state, train_iter.get_state(), streak,
-                            rollbacks)
+          rollback.stop_after_skips(config, ckpt, writer, step, state, train_iter.get_state(),
+                                    streak, rollbacks, writes)
         history, window_start = [], time.perf_counter()
       eval_metrics = None
-      if _is_eval_step(config, step):
+      if loop_eval.is_eval_step(config, step):
         with progress.timed("eval", wait_jax_async_dispatch=False):
-          eval_metrics = _evaluate(evaluator, workdir, writer, state, step, row, interrupt)
+          eval_metrics = loop_eval.evaluate(evaluator, workdir, writer, state, step, row,
+                                            interrupt, writes)
         stop = stop or eval_metrics is None  # interrupted: checkpoint and stop, below
       if row:
-        writer.write_scalars(step, row)
+        with writes.held():
+          writer.write_scalars(step, row)
+        stop = _agreed(stop_request, writes) or stop
       if (step % config.train.checkpoint_every_steps == 0 or is_last or stop
           or eval_metrics is not None):
         ckpt.save(step, state, data_state=train_iter.get_state(), metrics=eval_metrics,
                   force=is_last or stop)
       if stop:
         ckpt.wait()
-        writer.flush()
+        _close(writer, writes, flush_only=True)
         logging.warning("Stopped at step %d on request; run the same command to resume.", step)
         return
   ckpt.wait()
-  writer.close()
-  _finish(workdir)
+  _close(writer, writes)
+  _finish(workdir, writes)
 
 
-def _is_eval_step(config, step: int) -> bool:
-  return step % config.eval.every_steps == 0 or step == config.train.num_steps
+def _stop_requested(request: preemption.StopRequest) -> bool:
+  """Whether to checkpoint and stop now, before the step is logged: with several processes
+  False, as they must agree (a save is collective), which they do after the step's row."""
+  return request.requested if jax.process_count() == 1 else False
 
 
-def _dropped_evaluation(config, start: int, rows: list[dict]) -> dict | None:
-  """The row to complete when the evaluation of the restored step `start` was dropped (a stop
-  request interrupted it): that step's training metrics, if logged ({} if not); else None."""
-  if start == 0 or not _is_eval_step(config, start):
-    return None
-  here = [r for r in rows if r["step"] == start]
-  if any("eval/bpd" in r for r in here):
-    return None
-  return {k: v for r in here for k, v in r.items() if k != "step"}
+def _agreed(request: preemption.StopRequest, writes: preemption.HeldWrites) -> bool:
+  """After the writes of a step's row. With several processes one collective: whether any asks
+  to stop, or process 0's failed write raised everywhere. With one process False (its flag was
+  read by `_stop_requested`; a failed write was raised at once)."""
+  return writes.agree(request if jax.process_count() > 1 else None)
 
 
-def _evaluate(evaluator: evaluation.Evaluator, workdir: str, writer: MetricWriter, state,
-              step: int, row: dict, interrupt) -> dict | None:
-  """The evaluation of `step`: its images written, its metrics added to `row` and returned.
+def _close(writer: MetricWriter, writes: preemption.HeldWrites, *, flush_only: bool = False):
+  """Flushes (or closes) the writer: its last events reach the disk, or every process raises."""
+  with writes.held():
+    writer.flush() if flush_only else writer.close()
+  writes.agree()
 
-  Returns None, recording nothing, when a stop request interrupts it (between batches).
-  """
-  try:
-    eval_metrics, eval_images = evaluator(state.ema_params, step, interrupt=interrupt)
-  except preemption.Interrupted:
-    logging.warning("Stop requested during the evaluation of step %d: it is dropped (not "
-                    "logged); the next run evaluates step %d first.", step, step)
-    return None
+
+def _finish(workdir: str, writes: preemption.HeldWrites) -> None:
   if jax.process_index() == 0:
-    _write_images(workdir, writer, step, eval_images)
-  row.update(eval_metrics)
-  # A short line; every metric goes to metrics.jsonl and TensorBoard.
-  logging.info("%s", eval_summary(step, eval_metrics, evaluator.flagged,
-                                  eval_metrics["eval/wall_time"]))
-  return eval_metrics
-
-
-def _streak(step: int, last: dict, before: dict | None) -> tuple[int, dict]:
-  """(the step the streak of skipped updates ends at, that step's metrics): `step`, or (read one
-  step late) the one before it."""
-  if last["consecutive_skips"] >= 1 or before is None:
-    return step, last
-  return step - 1, before
-
-
-def _streak_text(config, streak: tuple[int, dict]) -> str:
-  end, info = streak
-  count = int(info["consecutive_skips"])
-  o = config.optim
-  return (f"{count} updates in a row were skipped (steps {end - count + 1}-{end}, "
-          f"optim.max_consecutive_skips = {o.max_consecutive_skips}; at step {end} the gradient "
-          f"norm was {float(info['grad_norm']):.4g} and the loss {float(info['loss']):.4g}, "
-          f"optim.skip_threshold = {o.skip_threshold})")
-
-
-def _roll_back(config, workdir: str, ckpt: Checkpointer, state, train_iter, step: int,
-               streak: tuple[int, dict], rollbacks: list[dict], initial):
-  """Restores the newest checkpoint (`initial()`'s state and data position when there is none)
-  and records the roll-back (hvae/rollback.py).
-
-  Returns:
-    (the restored state, not yet placed; its step; every roll-back so far, this one last).
-  """
-  ckpt.wait()
-  if ckpt.latest_step() is None:
-    restored, data_state = initial()
-    restored_step = 0
-  else:
-    restored, data_state, restored_step = ckpt.restore(state)
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  learning_rate = rollback.lowered(config, len(rollbacks) + 1).optim.learning_rate
-  entry = {"step": step, "restored_step": restored_step, "learning_rate": learning_rate,
-           "skipped": int(streak[1]["consecutive_skips"])}
-  if jax.process_index() == 0:
-    rollback.record(workdir, entry)
-  logging.warning("%s: rolled back to step %d and lowered the learning rate to %g (roll-back %d "
-                  "of %d, optim.on_repeated_skips = rollback; recorded in %s).",
-                  _streak_text(config, streak), restored_step, learning_rate,
-                  len(rollbacks) + 1, rollback.MAX_ROLLBACKS, os.path.join(workdir, rollback.FILE))
-  return restored, restored_step, rollbacks + [entry]
-
-
-def _stop_after_skips(config, ckpt: Checkpointer, writer: MetricWriter, step: int, state,
-                      data_state, streak: tuple[int, dict], rollbacks: list[dict]) -> None:
-  """Checkpoints the state (skipped updates leave it at the last good one) and raises."""
-  ckpt.save(step, state, data_state=data_state, force=True)
-  ckpt.wait()
-  writer.close()
-  o = config.optim
-  tried, other = "", ", or set optim.on_repeated_skips = rollback"
-  if rollbacks:
-    tried = (f" It had rolled back {len(rollbacks)} time(s) already (optim.on_repeated_skips = "
-             f"rollback; the learning rate is now {rollbacks[-1]['learning_rate']:g}).")
-    other = ""
-  raise TrainingError(
-      f"{_streak_text(config, streak)}: stopped at step {step} with a checkpoint of the last "
-      f"good state (skipped updates change no parameter).{tried} Try a lower "
-      f"optim.learning_rate (now {o.learning_rate}), or raise optim.skip_threshold / "
-      f"optim.grad_clip (now {o.grad_clip}){other}, then run the same command to resume.")
-
-
-def _evaluator(config, model: HVAE, mesh, rng, grid_rng, history) -> evaluation.Evaluator:
-  """The evaluation of `config.eval`: held-out and training-split examples, the fill-in grid."""
-  e = config.eval
-  eval_sets = {"eval": data.eval_batches(config, "validation", e.num_examples, e.batch_size),
-               "eval_train": data.eval_batches(config, "train", e.num_examples, e.batch_size)}
-  # The same grid examples on every host (process_count=1): the grid's jitted calls see
-  # identical inputs everywhere, and process 0 writes the picture.
-  grid_batch = data.eval_batches(config, "validation", e.num_grid_examples,
-                                 e.num_grid_examples, process_index=0, process_count=1)[0]
-  return evaluation.Evaluator(config, model, mesh, eval_sets, grid_batch, rng=rng,
-                              grid_rng=grid_rng, history=history)
-
-
-def _write_images(workdir: str, writer: MetricWriter, step: int, pictures: dict) -> None:
-  """WORKDIR/images/*.png of one evaluation; the fill-in grid also to TensorBoard."""
-  for name, picture in pictures.items():
-    path = os.path.join(workdir, "images", evaluation.image_filename(name, step))
-    with writing(path):
-      grids.save_png(path, picture)
-  writer.write_images(step, {evaluation.FILL_INS: pictures[evaluation.FILL_INS]})
-
-
-def _stop_requested(request: preemption.StopRequest, step: int, log_every: int) -> bool:
-  """Whether to checkpoint and stop now. With several processes, every host must agree (a
-  checkpoint save is collective), so the flag is combined across hosts at logging steps."""
-  if jax.process_count() > 1 and step % log_every:
-    return False
-  return request.agreed()
-
-
-def _finish(workdir: str) -> None:
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, "DONE")
-    with writing(path), open(path, "w") as f:
-      f.write(datetime.datetime.now(datetime.UTC).isoformat() + "\n")
+    with writes.held():
+      path = os.path.join(workdir, "DONE")
+      with writing(path), open(path, "w") as f:
+        f.write(datetime.datetime.now(datetime.UTC).isoformat() + "\n")
+  writes.agree()
   logging.info("Done: %s", workdir)

@@ -1,4 +1,5 @@
-"""Stop requests (SIGTERM / SIGINT) and the checks that honour them between jitted calls.
+"""Stop requests (SIGTERM / SIGINT) and the checks that honour them between jitted calls; how
+every process of a job stops together (on a stop request, or on a write that failed).
 
 A cluster preempts a job with SIGTERM and kills it (SIGKILL) some seconds later. `StopRequest`
 turns SIGTERM and SIGINT into a flag; every long host loop of an evaluation asks
@@ -11,16 +12,28 @@ the swap pass, each step of the posterior refinement, the memorisation pass) and
 Asynchronous dispatch would defeat the checks: a host loop that only enqueues its calls has
 queued all of them before the signal comes. `Pacer` keeps at most one call queued behind the
 running one, so a stop request is honoured after at most two jitted calls.
+
+Several processes (hosts) must stop at the same point, or the others wait forever in their next
+collective. `agree` is the one collective that decides it: every process gives its stop flag and
+whether a write of its own failed; all learn whether any asked to stop, and a failed write is
+raised on every process as the same one-line `FileWriteError` (the failing process's message,
+broadcast). Only process 0 writes a run's files, so `HeldWrites` keeps its failure until the next
+`agree` instead of raising it while the others go on (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+
+from hvae.errors import FileWriteError
+
+_MESSAGE_BYTES = 4096  # the longest message `broadcast_message` carries
 
 
 class Interrupted(Exception):
@@ -90,8 +103,78 @@ class StopRequest:
 
   def agreed(self) -> bool:
     """Whether a stop was requested on any process: with several, a collective (every process
-    must ask at the same points, as the evaluation loops do)."""
-    if jax.process_count() == 1:
-      return self.requested
-    flags = multihost_utils.process_allgather(np.asarray(self.requested))
-    return bool(np.any(flags))
+    must ask at the same points, as the evaluation loops do; `agree`)."""
+    return agree(self.requested)
+
+
+def agree(requested: bool, failure: FileWriteError | None = None) -> bool:
+  """Whether any process asks to stop (`requested`), unless a write failed on one of them.
+
+  With several processes this is one collective, which every process must reach at the same
+  point; with one it is `requested` (or `failure` raised).
+
+  Raises:
+    FileWriteError: `failure` on the process that holds it, and on every other process a
+      `FileWriteError` with its message (that of the lowest-numbered failing process).
+  """
+  if jax.process_count() == 1:
+    if failure is not None:
+      raise failure
+    return requested
+  mine = np.asarray([bool(requested), failure is not None,
+                     bool(getattr(failure, "no_space", True))], np.int32)
+  flags = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
+  failed = np.flatnonzero(flags[:, 1])
+  if not failed.size:
+    return bool(flags[:, 0].any())
+  source = int(failed[0])
+  here = jax.process_index() == source
+  message = broadcast_message(str(failure) if here else "", is_source=here)
+  if here:
+    raise failure
+  error = FileWriteError(message or f"process {source} could not write one of the run's files")
+  error.no_space = bool(flags[source, 2])  # what to do about it (hvae.writers.write_error)
+  raise error
+
+
+def broadcast_message(message: str, *, is_source: bool | None = None) -> str:
+  """The source's `message` ('' for none; process 0 unless `is_source` says otherwise, which
+  must be True on exactly one process) on every process: with several, a collective."""
+  if jax.process_count() == 1:
+    return message
+  raw = np.frombuffer(message.encode()[:_MESSAGE_BYTES], np.uint8).astype(np.int32)
+  buffer = np.zeros(_MESSAGE_BYTES, np.int32)
+  buffer[:raw.size] = raw
+  received = multihost_utils.broadcast_one_to_all(buffer, is_source=is_source)
+  return bytes(np.asarray(received).astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+
+
+class HeldWrites:
+  """Writes of process 0 whose failure every process must hear of.
+
+  With several processes only process 0 writes the run's files. Raising its `FileWriteError` at
+  once would leave the other processes waiting for it in their next collective, so `held()`
+  keeps the failure of a write inside it and the next `agree()` (a collective every process
+  reaches at the same point, before any other) raises it on every process. With one process
+  the failure is raised at once and `agree()` is free."""
+
+  def __init__(self):
+    self._failure = None
+
+  @contextlib.contextmanager
+  def held(self):
+    """Around process 0's writes: see the class docstring. The rest of the block is skipped
+    after a failure; what follows must not need it before `agree()`."""
+    try:
+      yield
+    except FileWriteError as e:
+      if jax.process_count() == 1:
+        raise
+      logging.error("%s", e)
+      self._failure = self._failure or e
+
+  def agree(self, request: StopRequest | None = None) -> bool:
+    """`agree`, with `request`'s flag (False without one) and the failure held since the last
+    call: whether to stop, or the held `FileWriteError` raised on every process."""
+    failure, self._failure = self._failure, None
+    return agree(bool(request and request.requested), failure)

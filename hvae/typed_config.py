@@ -23,6 +23,8 @@ TOP_PRIORS = ("conditional", "standard_normal")
 LIKELIHOODS = ("dmol", "discretized_gaussian", "gaussian")
 LIKELIHOOD_GRADS = ("exact", "scaled", "scaled_mean")  # hvae.model.likelihoods.LOCATION_GRADS
 UPSAMPLING = ("nearest", "bilinear")  # methods of hvae.model.layers.upsample
+# What a_p holds in the hole (hvae.model.ladder.preprocess).
+HOLE_FILLS = ("zeros", "pull_push", "multiscale")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Static boxes (top, bottom, left, right), end-exclusive, of the 64x64 image the training pass may
 # restrict the likelihood head to (`model.likelihood_region`); "all" = the whole image.
@@ -95,6 +97,8 @@ class ModelConfig:
   level_widths: tuple[int, ...] = ()  # level l's channels at 64/2^l; () or 0 = `width`
   blocks_per_level: int = 2
   upsample: str = "nearest"
+  hole_fill: str = "zeros"  # HOLE_FILLS: the prior input's missing pixels (x * m, or a smooth fill)
+  fill_residual: bool = False  # likelihood locations = a_p's pixels (the fill) + the head's output
   likelihood: str = "dmol"
   num_mixtures: int = 5
   likelihood_grad: str = "exact"
@@ -134,6 +138,7 @@ class ModelConfig:
         raise ConfigError("model.likelihood_grad_anneal: anneals a scaled mode to exact "
                           "gradients, but model.likelihood_grad is already 'exact'")
     _choice("model.upsample", self.upsample, UPSAMPLING)
+    _choice("model.hole_fill", self.hole_fill, HOLE_FILLS)
     _choice("model.likelihood_region", self.likelihood_region, tuple(LIKELIHOOD_REGIONS))
     if self.likelihood_region != "all" and self.likelihood_grad == "scaled_mean":
       raise ConfigError("model.likelihood_region: 'scaled_mean' location gradients normalise by "
@@ -199,7 +204,8 @@ class ModelConfig:
         top_latent_dim=int(m.top_latent_dim), width=int(m.width),
         level_widths=per_level("model.level_widths", m.get("level_widths", (0,)), L, int),
         blocks_per_level=int(m.blocks_per_level), upsample=m.get("upsample", "nearest"),
-        likelihood=m.likelihood,
+        hole_fill=m.get("hole_fill", "zeros"),
+        fill_residual=_strict_bool(m.get("fill_residual", False)), likelihood=m.likelihood,
         num_mixtures=int(m.num_mixtures),
         likelihood_grad=m.get("likelihood_grad", "exact"),  # runs saved before the key: exact
         likelihood_grad_anneal=tuple(int(t) for t in m.get("likelihood_grad_anneal", ()) or ()),

@@ -1,14 +1,16 @@
 """`hvae.load`, `--mode=eval` and `--mode=inpaint` end to end on a workdir of experiments/tiny.py.
 
 The workdir is trained once per module, in-process (tests/test_launch.py trains through
-launch.py itself); the modes run through launch.py in subprocesses, `hvae.load` in-process.
+launch.py itself); the modes run through launch.py's main and `hvae.load`, all in this process:
+no interpreter start-up or imports per mode, and what one compiles the next finds (launch.py in
+a process of its own: tests/test_launch.py, and `--mode=eval` in tests/test_multihost.py).
 """
 
 import json
 
 import numpy as np
 import pytest
-from helpers import centre_mask, launch, load_experiment, random_images
+from helpers import centre_mask, launch_in_process, load_experiment, random_images
 from PIL import Image
 
 import hvae
@@ -17,8 +19,11 @@ from hvae.data import image_files
 from hvae.data import masks as masks_lib
 
 
-def _launch(*args, timeout=300):
-  return launch(*args, timeout=timeout, check=True)
+def _launch(capsys, monkeypatch, *args) -> str:
+  """launch.py ARGS in this process; its stdout. Exit status 0, or the test fails."""
+  code, stderr, stdout = launch_in_process(capsys, monkeypatch, *args, stdout=True)
+  assert code == 0, stderr[-3000:]
+  return stdout
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +41,9 @@ METHODS = ("mode", "mean", "sample", "best_of_N", "ranked", "mean_of_samples", "
            "ring_mean")
 
 
-def test_eval_mode_writes_results_table_grid_and_tensorboard(workdir):
-  proc = _launch("--mode=eval", f"--workdir={workdir}", "--mask=boxes", "--num_samples=3",
-                 "--temperature=0.9")
+def test_eval_mode_writes_results_table_grid_and_tensorboard(workdir, capsys, monkeypatch):
+  stdout = _launch(capsys, monkeypatch, "--mode=eval", f"--workdir={workdir}", "--mask=boxes",
+                   "--num_samples=3", "--temperature=0.9")
   out = workdir / "eval"
   results = json.loads((out / "results.json").read_text())
   assert results["split"] == "validation" and results["mask"] == "boxes"
@@ -69,7 +74,7 @@ def test_eval_mode_writes_results_table_grid_and_tensorboard(workdir):
   assert m["eval/psnr_mean"] == pytest.approx(m["eval/sample/psnr"])
   assert len(results["per_example"]["iw_bpd"]) == 8
   table = (out / "table.md").read_text()
-  assert "| mode |" in table and "ΔPSNR vs biharmonic" in table and table in proc.stdout
+  assert "| mode |" in table and "ΔPSNR vs biharmonic" in table and table in stdout
   # context, truth, biharmonic, mode, mean, 3 samples
   assert _read(out / "grid.png").shape[1] > 2 * 64 * 8
   assert list(out.glob("events.out.tfevents*"))
@@ -216,7 +221,8 @@ def test_default_temperature_comes_from_eval_temperature():
   assert sampling.default_temperature(None) == sampling.DEFAULT_TEMPERATURE
 
 
-def test_inpaint_mode_keeps_the_given_pixels_exactly(workdir, tmp_path):
+def test_inpaint_mode_keeps_the_given_pixels_exactly(workdir, tmp_path, capsys, monkeypatch,
+                                                     caplog):
   src = tmp_path / "in"
   (src / "sub").mkdir(parents=True)
   rs = np.random.RandomState(0)
@@ -225,9 +231,9 @@ def test_inpaint_mode_keeps_the_given_pixels_exactly(workdir, tmp_path):
   Image.fromarray(rs.randint(0, 256, (80, 70), dtype=np.uint8), "L").save(src / "sub" / "c.jpg")
   (src / "broken.jpg").write_bytes(b"not an image")
   out = tmp_path / "out"
-  proc = _launch("--mode=inpaint", f"--workdir={workdir}", f"--input={src}", f"--output={out}",
-                 "--mask=box:8,16,20,12", "--num_samples=2", "--rank")
-  assert "broken.jpg" in proc.stderr  # named, skipped, and the run goes on
+  _launch(capsys, monkeypatch, "--mode=inpaint", f"--workdir={workdir}", f"--input={src}",
+          f"--output={out}", "--mask=box:8,16,20,12", "--num_samples=2", "--rank")
+  assert "broken.jpg" in caplog.text  # named, skipped, and the run goes on
   mask = np.ones((64, 64, 1), bool)
   mask[16:28, 8:28] = False  # box:X=8,Y=16,W=20,H=12
   results = json.loads((out / "results.json").read_text())

@@ -62,3 +62,16 @@ def test_parse_and_fill_batch():
   out = baselines.fill_batch("ring_mean", images, masks)
   assert out.shape == (2, 64, 64, 3)
   np.testing.assert_array_equal(out[1], baselines.ring_mean(images[1], masks[1]))
+
+
+def test_pull_push_fills_any_size_within_the_context_range():
+  image = random_images(1, seed=4)[0][:48, :40]  # sides that are no power of 2
+  mask = np.ones((48, 40, 1), np.float32)
+  mask[10:30, 12:30] = 0.0
+  out = baselines.pull_push(image, mask)
+  assert out.shape == image.shape
+  given = mask[..., 0] > 0.5
+  np.testing.assert_array_equal(out[given], image[given])
+  for c in range(3):  # a convex combination of given pixels
+    assert image[given][:, c].min() <= out[~given][:, c].min()
+    assert out[~given][:, c].max() <= image[given][:, c].max()

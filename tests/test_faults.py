@@ -1,9 +1,10 @@
-"""Fault tests (issue 14): damaged checkpoints, two trainers, repeated skipped updates, one-line
+"""Fault tests (issue 14): damaged checkpoints, two trainers, a full disk while taking the lock
+or recording a roll-back, a failed write of process 0 among several, repeated skipped updates,
+one-line user errors, unique inpaint names, PNM inputs, the schedule's length.
+docs/reliability.md tabulates what these tests try.
 
 Why one file past ~350 lines: docs/reliability.md tabulates these faults from this one file;
 the checkpoint, lock and launch tests of the happy path are in their own modules.
-user errors, unique inpaint names, PNM inputs, the schedule's length. docs/reliability.md
-tabulates what these tests try.
 
 Checkpoint damage is tried on a tiny pytree (no model); the training-level tests run
 experiments/tiny.py for a few steps, in-process (launch.main included, so a failure's stderr
@@ -16,6 +17,7 @@ import logging
 import os
 import pathlib
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -29,7 +31,7 @@ from absl import app
 from helpers import launch_in_process, load_experiment
 from PIL import Image
 
-from hvae import api, checkpoint, config_file, errors, lock, loop
+from hvae import api, checkpoint, config_file, errors, lock, loop, preemption, rollback, writers
 from hvae.checkpoint import CORRUPT_DIR, Checkpointer
 from hvae.data import folder, image_files
 from hvae.errors import CheckpointUnavailableError, WorkdirLockedError
@@ -274,34 +276,168 @@ def test_another_host_s_lock_is_taken_over_only_when_we_get_the_flock(tmp_path, 
   assert json.loads(path.read_text())["host"] == "old-node"  # untouched
 
 
+_WRITE = os.write
+
+
+def _fail_writes_to(monkeypatch, name: str, error: int, after: int = 0) -> None:
+  """`os.write` to a file named `name` fails with `error` once the file holds `after` bytes (a
+  write that crosses the mark is cut short there, as under RLIMIT_FSIZE); other writes go on."""
+  real = _WRITE
+
+  def write(fd, data):
+    try:
+      target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+      target = ""
+    if os.path.basename(target) != name:
+      return real(fd, data)
+    size = os.fstat(fd).st_size
+    if size < after:
+      return real(fd, bytes(data[:after - size]))
+    raise OSError(error, os.strerror(error))
+
+  monkeypatch.setattr(os, "write", write)
+
+
 def test_every_process_raises_process_0_s_lock_refusal(tmp_path, monkeypatch, sleeper):
   """Process 0 takes the lock and broadcasts its outcome (simulated for two processes): a
-  refusal is the same error on every process, never a hang in the next collective."""
+  refusal, or a lock file it cannot write, is the same error on every process, never a hang in
+  the next collective."""
   _write_lock(tmp_path / "w", sleeper)
   sent = []
 
-  def broadcast(buffer):  # every process receives process 0's buffer
+  def broadcast(buffer, is_source=None):  # every process receives process 0's buffer
     sent.append(np.asarray(buffer))
     return sent[0]
 
-  monkeypatch.setattr(loop.multihost_utils, "broadcast_one_to_all", broadcast)
+  monkeypatch.setattr(preemption.multihost_utils, "broadcast_one_to_all", broadcast)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  messages = []
-  for index in (0, 1):
-    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-    with pytest.raises(WorkdirLockedError) as info:
-      with loop._hold_lock(str(tmp_path / "w")):
-        pass
-    messages.append(str(info.value))
-  assert messages[0] == messages[1] and f"pid {sleeper} on host" in messages[0]
+
+  def outcomes() -> list[Exception]:
+    raised = []
+    for index in (0, 1):
+      monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+      with pytest.raises(Exception) as info:
+        with lock.hold_job(str(tmp_path / "w")):
+          pass
+      raised.append(info.value)
+    return raised
+
+  refusals = outcomes()
+  assert [type(e) for e in refusals] == [WorkdirLockedError] * 2
+  assert str(refusals[0]) == str(refusals[1]) and f"pid {sleeper} on host" in str(refusals[0])
   assert not sent[1].any()  # process 1 sent nothing of its own
   # No refusal: process 0 holds the lock inside, and nobody raises.
   (tmp_path / "w" / lock.LOCK_FILE).unlink()
   sent.clear()
   monkeypatch.setattr(jax, "process_index", lambda: 0)
-  with loop._hold_lock(str(tmp_path / "w")):
+  with lock.hold_job(str(tmp_path / "w")):
     assert json.loads((tmp_path / "w" / lock.LOCK_FILE).read_text())["pid"] == os.getpid()
   assert not (tmp_path / "w" / lock.LOCK_FILE).exists()
+  # Process 0 cannot write the lock file: the same FileWriteError everywhere.
+  sent.clear()
+  _fail_writes_to(monkeypatch, lock.LOCK_FILE, errno.ENOSPC)
+  failures = outcomes()
+  assert [type(e) for e in failures] == [errors.FileWriteError] * 2
+  assert str(failures[0]) == str(failures[1]) and "No space left" in str(failures[0])
+
+
+def test_a_full_disk_while_taking_the_lock_is_one_line_and_leaves_nothing(tmp_path, capsys,
+                                                                          monkeypatch):
+  """The lock file cannot be written (ENOSPC, through launch.py; or cut short, then EFBIG, as
+  under a file-size limit, while a stale lock is taken over): one line naming the file, exit
+  status 2, and no lock file or other trace is left."""
+  workdir = tmp_path / "w"
+  _fail_writes_to(monkeypatch, lock.LOCK_FILE, errno.ENOSPC)
+  code, stderr = _main(capsys, monkeypatch, f"--config={ROOT / 'experiments' / 'tiny.py'}",
+                       f"--workdir={workdir}")
+  assert code == 2, stderr[-3000:]
+  assert _error_line(stderr) == (
+      f"launch.py: error: {workdir / lock.LOCK_FILE} could not be written (OSError: [Errno 28] "
+      "No space left on device): is the disk full, or a quota or file-size limit reached? The "
+      "training did not start: free some space and run the same command again.")
+  assert not workdir.exists()  # made for the run and removed again: nothing was written
+  path = _write_lock(workdir, 1, host="old-node")  # a stale lock: taken over, then the write
+  (workdir / "config.json").write_text("{}")
+  _fail_writes_to(monkeypatch, lock.LOCK_FILE, errno.EFBIG, after=10)
+  with pytest.raises(errors.FileWriteError, match=r"\[Errno 27\] File too large\): is the disk"):
+    with lock.hold(str(workdir)):
+      pass
+  assert not path.exists() and (workdir / "config.json").read_text() == "{}"
+
+
+def test_a_full_disk_while_recording_a_rollback_is_one_line_and_keeps_the_record(tmp_path):
+  """rollbacks.json cannot be rewritten (RLIMIT_FSIZE just above its size): one line naming it;
+  the old record stays whole (a resumed run keeps the learning rate it set), no temporary file."""
+  entry = {"step": 4, "restored_step": 3, "learning_rate": 5e-4, "skipped": 2}
+  rollback.record(str(tmp_path), entry)
+  path = tmp_path / rollback.FILE
+  before = path.read_bytes()
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+  resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 16, limits[1]))
+  try:
+    with pytest.raises(errors.FileWriteError) as info:
+      rollback.record(str(tmp_path), dict(entry, step=8))
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, old)
+  assert str(info.value) == (f"{path} could not be written (OSError: [Errno 27] File too large): "
+                             "is the disk full, or a quota or file-size limit reached?")
+  assert path.read_bytes() == before and os.listdir(tmp_path) == [rollback.FILE]
+  assert rollback.read(str(tmp_path)) == [entry]
+
+
+def test_process_0_s_failed_write_stops_every_process_with_its_line(tmp_path, monkeypatch):
+  """Two processes (simulated, the collectives faked in one process): process 0's write fails
+  inside `held()`. The failure is held, and the next agreement (the stop-flag collective,
+  carrying a failure flag) raises it on process 0 and the same one-line `FileWriteError` on
+  process 1, which would otherwise go on and wait for process 0 in its next collective. Without
+  a failure, the agreement is whether any process asks to stop."""
+  path = str(tmp_path / "metrics.jsonl")
+  sent, broadcast_from = {1: np.asarray([0, 0, 1])}, []  # process 1: no stop, nothing failed
+
+  def allgather(flags):  # every process receives every process's flags
+    sent[jax.process_index()] = np.asarray(flags)
+    return np.stack([sent[0], sent[1]])
+
+  def broadcast(buffer, is_source=None):
+    if is_source:
+      broadcast_from.append(np.asarray(buffer))
+    return broadcast_from[0]  # the source (process 0) runs first
+
+  monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
+  monkeypatch.setattr(preemption.multihost_utils, "broadcast_one_to_all", broadcast)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for code, no_space in ((errno.ENOSPC, True), (errno.EACCES, False)):
+    broadcast_from.clear()
+    raised = []
+    for index in (0, 1):
+      monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+      writes = preemption.HeldWrites()
+      if index == 0:
+        with writes.held(), writers.writing(path):
+          raise OSError(code, os.strerror(code))  # held: process 0 goes on to the agreement
+      with pytest.raises(errors.FileWriteError) as info:
+        writes.agree()
+      raised.append(info.value)
+    assert str(raised[0]) == str(raised[1])
+    assert str(raised[0]).startswith(f"{path} could not be written (")
+    assert f"[Errno {code}] {os.strerror(code)})" in str(raised[0])
+    assert raised[0].no_space == raised[1].no_space == no_space  # "free some space" or not
+  # No failure: whether any process asks to stop (process 1 was sent SIGTERM).
+  request = preemption.StopRequest("stopping")  # not entered: this process's flag stays False
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  sent[1] = np.asarray([1, 0, 1])
+  assert preemption.HeldWrites().agree(request) and request.agreed()
+  sent[1] = np.asarray([0, 0, 1])
+  assert not preemption.HeldWrites().agree(request) and not request.agreed()
+  # One process: a failed write is raised at once, and the agreement is free.
+  monkeypatch.undo()
+  with pytest.raises(errors.FileWriteError, match="No space left"):
+    with preemption.HeldWrites().held(), writers.writing(path):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  assert not preemption.HeldWrites().agree(request)
 
 
 def test_the_lock_is_released_on_errors_and_sigterm(tmp_path):

@@ -131,17 +131,18 @@ def test_bound_grows_with_k_and_stays_below_the_k4096_reference(tame):
 
 def test_a_stop_request_is_honoured_between_chunks(tame):
   """`interrupt()` is asked before every chunk (4 here): the same weights while it says False,
-  `Interrupted` before the third chunk once it says True."""
+  `Interrupted` before the third chunk once it says True. Chunks of 2 samples: a compile of its
+  own, and ten small calls instead of ten of `CHUNK` rows."""
   model, params, image, mask = tame
-  rng = jax.random.PRNGKey(3)
-  plain = iw.log_weights(model, params, image, mask, rng, 4 * CHUNK, chunk=CHUNK)
+  rng, chunk = jax.random.PRNGKey(3), 2
+  plain = iw.log_weights(model, params, image, mask, rng, 4 * chunk, chunk=chunk)
   asked = []
-  paced = iw.log_weights(model, params, image, mask, rng, 4 * CHUNK, chunk=CHUNK,
+  paced = iw.log_weights(model, params, image, mask, rng, 4 * chunk, chunk=chunk,
                          interrupt=lambda: asked.append(1) and False)
   np.testing.assert_array_equal(paced, plain)
   assert len(asked) == 4
   asked.clear()
   with pytest.raises(preemption.Interrupted):
-    iw.log_weights(model, params, image, mask, rng, 4 * CHUNK, chunk=CHUNK,
+    iw.log_weights(model, params, image, mask, rng, 4 * chunk, chunk=chunk,
                    interrupt=lambda: asked.append(1) or len(asked) > 2)
   assert len(asked) == 3

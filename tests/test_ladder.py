@@ -1,4 +1,9 @@
-"""Tests of hvae/model/ladder.py: shapes, no leakage, latent sources, parameter paths."""
+"""Tests of hvae/model/ladder.py: shapes, no leakage, latent sources, parameter paths, the
+prior input's hole fills.
+
+Why one file past ~350 lines: every test here builds the same tiny HVAE and shares its compiled
+fixtures; split, each module would compile them again.
+"""
 
 import dataclasses
 import functools
@@ -159,9 +164,11 @@ def _leak_probe(cfg):
           np.asarray(jax.jit(jax.grad(posterior))(image)), np.asarray(mask))
 
 
-@pytest.mark.parametrize("posterior", ["bottom_up", "top_down"])
-def test_no_leakage_from_missing_pixels(posterior):
-  cfg = tiny_model_config(posterior=posterior, posterior_sees_mask=True)
+@pytest.mark.parametrize("posterior,hole_fill",
+                         [("bottom_up", "zeros"), ("top_down", "multiscale")])
+def test_no_leakage_from_missing_pixels(posterior, hole_fill):
+  cfg = tiny_model_config(posterior=posterior, posterior_sees_mask=True, hole_fill=hole_fill,
+                          fill_residual=hole_fill != "zeros")
   g_prior, g_post, mask = _leak_probe(cfg)
   missing = np.broadcast_to(mask == 0, g_prior.shape)
   # Priors and decoder: exactly zero gradient from every missing pixel ...
@@ -337,3 +344,59 @@ def test_upsampling_methods():
   np.testing.assert_array_equal(nearest[:, 1::2, 1::2], x)
   with pytest.raises(ConfigError, match="model.upsample"):
     tiny_model_config(upsample="bicubic")
+
+
+@pytest.mark.parametrize("name", ["pull_push_fill", "multiscale_fill"])
+def test_hole_fills_keep_the_context_and_fill_the_hole_from_it_alone(name):
+  from hvae.model import layers
+
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3), minval=-1.0, maxval=1.0)
+  mask = jnp.asarray(centre_mask(2))
+  fill = jax.jit(lambda x, mask=mask: getattr(layers, name)(x, mask))
+  out = np.asarray(fill(x))
+  given = np.broadcast_to(np.asarray(mask) > 0, out.shape)
+  np.testing.assert_array_equal(out[given], np.asarray(x)[given])  # the context, exactly
+  if name == "pull_push_fill":  # a convex combination of given pixels: within their range
+    lo = np.where(given, x, np.inf).min((1, 2), keepdims=True)
+    hi = np.where(given, x, -np.inf).max((1, 2), keepdims=True)
+    assert np.all(out >= lo - 1e-6) and np.all(out <= hi + 1e-6)
+  # A constant context fills with that constant, and nothing of the hole reaches the fill.
+  np.testing.assert_allclose(fill(jnp.full_like(x, 0.3)), 0.3, atol=1e-5)
+  g = np.asarray(jax.grad(lambda x: jnp.sum(fill(x) ** 2))(x))
+  assert np.all(g[~given] == 0.0) and np.abs(g[given]).max() > 0.0
+  # Smooth: a horizontal ramp is continued across the hole, close to the ramp itself.
+  ramp = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, 64)[None, None, :, None], x.shape)
+  row = np.asarray(fill(ramp))[0, 32, :, 0]
+  assert np.abs(np.diff(row)).max() < 4 * (2.0 / 63)
+  assert np.abs(row - np.linspace(-1.0, 1.0, 64)).max() < 0.2
+  # An image with no given pixel fills with 0 (mid-grey), not NaN.
+  np.testing.assert_array_equal(fill(x, jnp.zeros_like(mask)), 0.0)
+  with pytest.raises(ConfigError, match="model.hole_fill"):
+    tiny_model_config(hole_fill="biharmonic")
+
+
+def test_multiscale_fill_approaches_the_biharmonic_solution_with_more_steps():
+  from hvae import baselines
+  from hvae.model import layers
+
+  image = random_images(1, seed=5)[0].astype(np.float32)
+  mask = centre_mask(1)
+  reference = baselines.biharmonic(image, mask[0]).astype(np.float32) / 127.5 - 1.0
+  x = jnp.asarray(image[None] / 127.5 - 1.0)
+  fill = jax.jit(layers.multiscale_fill, static_argnames="steps")
+  error = [float(np.sqrt(np.mean((np.asarray(fill(x, mask, steps=s))[0] - reference) ** 2)))
+           for s in (10, 200)]
+  assert error[1] < 0.5 * error[0]
+
+
+def test_fill_residual_moves_the_likelihood_by_the_prior_input_s_fill():
+  from hvae.model import layers
+
+  cfg = tiny_model_config(hole_fill="multiscale", kind="deterministic")
+  params = _init(cfg)  # fill_residual adds no parameter: the same tree serves both
+  image, mask = jnp.asarray(random_images(B, seed=3)), jnp.asarray(centre_mask(B))
+  out = {r: jax.jit(HVAE(dataclasses.replace(cfg, fill_residual=r)).apply)(
+      {"params": params}, image, mask) for r in (False, True)}
+  fill = layers.multiscale_fill(jnp.asarray(image, jnp.float32) / 127.5 - 1.0, mask)
+  np.testing.assert_allclose(out[True].px_params,
+                             HVAE(cfg).likelihood.add_base(out[False].px_params, fill), atol=1e-5)

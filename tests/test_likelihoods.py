@@ -572,3 +572,26 @@ def test_box_log_prob_is_the_whole_image_log_prob_on_the_box(name):
   boxed = _box_log_prob(lik, params[:, 2:6, 1:7], image, rng, box)
   assert boxed.shape == (2, 4, 6)
   np.testing.assert_allclose(boxed, whole, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", likelihoods.NAMES)
+def test_add_base_moves_every_channel_s_location_by_the_base(name):
+  # x ~ add_base(params, base) iff x - base ~ params: every (coupled) location moves by base.
+  lik = likelihoods.get(name, K)
+  params = jax.random.normal(jax.random.PRNGKey(3), (4, 5, lik.num_params))
+  base = jax.random.uniform(jax.random.PRNGKey(4), (4, 5, 3), minval=-0.5, maxval=0.5)
+  x = jax.random.uniform(jax.random.PRNGKey(5), (4, 5, 3), minval=-1.0, maxval=1.0)
+  moved = lik.add_base(params, base)
+  if name == "dmol":
+    _, means, log_scales, coeffs = lik._split(params)
+    logits2, means2, log_scales2, coeffs2 = lik._split(moved)
+    np.testing.assert_array_equal(log_scales2, log_scales)
+    np.testing.assert_array_equal(coeffs2, coeffs)
+    np.testing.assert_array_equal(logits2, lik._split(params)[0])
+    d = x - base
+    before = lik._coupled_means(means, coeffs, d[..., :1], d[..., 1:2])
+    after = lik._coupled_means(means2, coeffs2, x[..., :1], x[..., 1:2])
+    np.testing.assert_allclose(after, before + base[..., None], atol=1e-5)
+  else:
+    np.testing.assert_allclose(moved[..., :3], params[..., :3] + base, atol=1e-6)
+    np.testing.assert_array_equal(moved[..., 3:], params[..., 3:])

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import JAX_CACHE, load_experiment
+from helpers import JAX_CACHE, launch_in_process, load_experiment
 from PIL import Image
 
 from hvae import api, baselines, data, quality
@@ -172,19 +172,30 @@ def test_eval_mode_scores_every_example_once_in_order(runs):
   np.testing.assert_allclose(results["per_example"]["mode/psnr"], mode["psnr"], rtol=1e-3)
 
 
-@pytest.mark.parametrize("args,env,expected", [
-    # The issue's case: JAX only infers the count and id on clusters it detects.
-    ([], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, "Number of processes must be defined"),
-    (["--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"], {},
-     "--process_id=2 must be below --num_processes=2"),
-])
-def test_a_job_that_cannot_be_joined_is_one_line(tmp_path, args, env, expected):
+def _error_line(stderr: str) -> str:
+  """The one `launch.py: error:` line of a failed command; no traceback."""
+  lines = [line for line in stderr.splitlines() if line.startswith("launch.py: error:")]
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  return lines[0]
+
+
+def test_a_job_that_cannot_be_joined_is_one_line(tmp_path):
+  """The issue's case: JAX only infers the count and id on clusters it detects. A process of its
+  own: JAX must join a job before it computes anything, and this one has computed."""
   proc = subprocess.run([sys.executable, "launch.py", "--mode=eval", f"--workdir={tmp_path}",
-                         "--jax_cache=", *args], cwd=ROOT, env=dict(os.environ, **env),
+                         "--jax_cache="], cwd=ROOT,
+                        env=dict(os.environ, JAX_COORDINATOR_ADDRESS="127.0.0.1:1"),
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith("launch.py: error:")]
-  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  assert expected in lines[0]
-  if not args:
-    assert "--num_processes, --process_id and --coordinator_address" in lines[0]
+  line = _error_line(proc.stderr)
+  assert "Number of processes must be defined" in line
+  assert "--num_processes, --process_id and --coordinator_address" in line
+
+
+def test_a_process_id_out_of_range_is_one_line(tmp_path, capsys, monkeypatch):
+  """Checked before JAX is asked to join, so in this process."""
+  code, stderr = launch_in_process(
+      capsys, monkeypatch, "--mode=eval", f"--workdir={tmp_path}", "--num_processes=2",
+      "--process_id=2", "--coordinator_address=127.0.0.1:1")
+  assert code == 2, stderr[-3000:]
+  assert "--process_id=2 must be below --num_processes=2" in _error_line(stderr)

@@ -106,8 +106,13 @@ def test_kl_weight_and_beta_scale_only_the_kl_part():
 
 
 # (likelihood, likelihood_grad, required drop): the scaled location gradients give up the fast
-# early gains of ever-sharper pixel scales (measured here: 9.13 -> 6.96 bits/dim in 300 steps,
-# against 0.7x with exact gradients); both must still drive the bound down steadily.
+# early gains of ever-sharper pixel scales (measured here: 0.75x in 250 steps, against 0.66x with
+# exact gradients); both must still drive the bound down steadily. Two images a step: a step
+# costs about what its batch does, and the drops are larger than with four images in 300 steps
+# (0.76x and 0.68x), the test before.
+TRAIN_STEPS = 250
+
+
 @pytest.mark.parametrize("likelihood,likelihood_grad,factor",
                          [("dmol", "exact", 0.7), ("dmol", "scaled", 0.8),
                           ("gaussian", "scaled", 0.7)])
@@ -115,7 +120,7 @@ def test_a_few_hundred_steps_drive_the_negative_elbo_down(likelihood, likelihood
   cfg = tiny_model_config(num_levels=2, likelihood=likelihood, likelihood_grad=likelihood_grad)
   model = HVAE(cfg)
   params = ladder.init(model, jax.random.PRNGKey(0))
-  image, mask = jnp.asarray(random_images(4, seed=3)), jnp.asarray(centre_mask(4))
+  image, mask = jnp.asarray(random_images(2, seed=3)), jnp.asarray(centre_mask(2))
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
 
@@ -133,7 +138,7 @@ def test_a_few_hundred_steps_drive_the_negative_elbo_down(likelihood, likelihood
   # The losses stay on the device until the end: no host sync per step, one transfer at the end.
   # (A lax.scan over the steps was measured 3-4x slower per step on XLA:CPU than this loop.)
   losses = []
-  for i in range(300):
+  for i in range(TRAIN_STEPS):
     params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(i))
     losses.append(loss)
   losses = np.asarray(jax.device_get(losses))
@@ -142,7 +147,8 @@ def test_a_few_hundred_steps_drive_the_negative_elbo_down(likelihood, likelihood
       [np.ravel(x) for x in jax.tree_util.tree_leaves(params)])))
   first, last = losses[:10].mean(), losses[-10:].mean()
   assert last < factor * first, (first, last)
-  assert np.mean(losses[-10:]) < np.mean(losses[140:160]), "still falling in the second half"
+  half = losses[TRAIN_STEPS // 2 - 10:TRAIN_STEPS // 2 + 10]
+  assert np.mean(losses[-10:]) < np.mean(half), "still falling in the second half"
 
 
 # ------------------------------------------------- the likelihood on the hole's box only

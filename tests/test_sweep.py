@@ -1,6 +1,7 @@
 """Sweeps (hvae/sweep_points.py, hvae/sweep.py, hvae/sweep_report.py): expansion, names,
 selection, the sweep report, and a two-point sweep of experiments/tiny.py: point 0 through
-launch.py, then the whole sweep again in this process (point 0 skipped), then its report."""
+launch.py's main, then the whole sweep again (point 0 skipped), then its report, all in this
+process (the dry run and a bad index run launch.py in processes of their own)."""
 
 import csv
 import json
@@ -9,7 +10,7 @@ import os
 import pathlib
 
 import pytest
-from helpers import ROOT, launch, load_experiment
+from helpers import ROOT, launch, launch_in_process, load_experiment
 
 from hvae import report, sweep, sweep_points, sweep_report
 from hvae.typed_config import ConfigError
@@ -177,11 +178,13 @@ def test_sweep_report_tabulates_points_and_aggregates_seeds(tmp_path):
   assert {"sweep_bpd.png", "sweep_curves.png", "sweep_levels.png"} <= set(os.listdir(out))
 
 
-def test_two_point_sweep_end_to_end_skips_the_finished_point(tmp_path, caplog):
+def test_two_point_sweep_end_to_end_skips_the_finished_point(tmp_path, caplog, capsys,
+                                                             monkeypatch):
   workdir = tmp_path / "sweep"
-  common = ("--config=experiments/tiny.py", f"--workdir={workdir}")
-  proc = _launch(*common, "--sweep_index=0")
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  tiny = ROOT / "experiments" / "tiny.py"
+  code, stderr = launch_in_process(capsys, monkeypatch, f"--config={tiny}", f"--workdir={workdir}",
+                                   "--sweep_index=0")
+  assert code == 0, stderr[-4000:]
   first, second = workdir / "baseline_seed0", workdir / "baseline_seed1"
   for name in ("DONE", "config.json", "metrics.jsonl", sweep_points.FLOPS_FILE,
                "eval/results.json"):
@@ -196,14 +199,14 @@ def test_two_point_sweep_end_to_end_skips_the_finished_point(tmp_path, caplog):
   # The whole sweep (what `--sweep` runs), in this process: point 0 is skipped, point 1 trained.
   caplog.set_level(logging.INFO)
   caplog.set_level(logging.INFO, logger="absl")
-  sweep.main(str(ROOT / "experiments" / "tiny.py"), load_experiment("tiny"), str(workdir))
+  sweep.main(str(tiny), load_experiment("tiny"), str(workdir))
   assert "baseline_seed0: done, skipped" in caplog.text
   assert (first / "metrics.jsonl").read_text() == before
   assert (second / "DONE").is_file() and (second / "eval" / "results.json").is_file()
   assert json.loads((second / "config.json").read_text())["seed"] == 1
 
-  proc = _launch("--mode=report", f"--workdir={workdir}", timeout=120)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  code, stderr = launch_in_process(capsys, monkeypatch, "--mode=report", f"--workdir={workdir}")
+  assert code == 0, stderr[-4000:]
   md = (workdir / "report" / "sweep.md").read_text()
   assert f"| 0 | {first.name} |" in md and f"| 1 | {second.name} |" in md
   with open(workdir / "report" / "sweep.csv", newline="") as f:

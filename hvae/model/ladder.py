@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from hvae.model import layers, likelihoods
 from hvae.model.distributions import DiagGaussian
 from hvae.model.trunk import Trunk
-from hvae.typed_config import LIKELIHOOD_REGIONS, ModelConfig
+from hvae.typed_config import HOLE_FILLS, LIKELIHOOD_REGIONS, ModelConfig
 
 POSTERIOR = "posterior"
 PRIOR = "prior"
@@ -74,20 +74,31 @@ class ModelOutput:
   region: tuple[int, int, int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
 
-def preprocess(image: jnp.ndarray, mask: jnp.ndarray):
+def preprocess(image: jnp.ndarray, mask: jnp.ndarray, hole_fill: str = "zeros"):
   """The network inputs of docs/design.md §2 from raw pixels.
 
   Args:
     image: [B, 64, 64, 3] pixel values in [0, 255] (uint8 or float; differentiable if float).
     mask: [B, 64, 64, 1] float, 1 = given, 0 = missing.
+    hole_fill: `model.hole_fill`: "zeros" (the seed's x * m), "pull_push" or "multiscale" (the
+      hole holds `layers.pull_push_fill` / `layers.multiscale_fill` of x * m: a smooth fill
+      computed from the context alone).
 
   Returns:
-    (a_q, a_p), each [B, 64, 64, 4]: concat(x, 1) and concat(x * m, m), x in [-1, 1].
+    (a_q, a_p), each [B, 64, 64, 4]: concat(x, 1) and concat(fill(x * m), m), x in [-1, 1].
   """
   x = jnp.asarray(image, jnp.float32) / 127.5 - 1.0
   mask = jnp.asarray(mask, jnp.float32)
   a_q = jnp.concatenate([x, jnp.ones_like(mask)], axis=-1)
-  a_p = jnp.concatenate([x * mask, mask], axis=-1)
+  if hole_fill == "zeros":
+    given = x * mask
+  elif hole_fill == "pull_push":
+    given = layers.pull_push_fill(x, mask)
+  elif hole_fill == "multiscale":
+    given = layers.multiscale_fill(x, mask)
+  else:
+    raise ValueError(f"hole_fill: {hole_fill!r} is not one of {HOLE_FILLS}")
+  a_p = jnp.concatenate([given, mask], axis=-1)
   return a_q, a_p
 
 
@@ -111,19 +122,15 @@ class DecoderBlock(nn.Module):
     return h
 
 
-def _remat(cfg: ModelConfig, level: int) -> bool:
-  """Whether level `level`'s residual blocks are rematerialised (`model.remat`)."""
-  return bool(cfg.remat) and cfg.remat[level - 1]
-
-
 class Level(nn.Module):
   """Everything that belongs to level l: its heads, its z projection and its decoder f_l."""
 
   config: ModelConfig
   level: int
+  dtype: Any = jnp.float32  # compute dtype (`model.compute_dtype`)
 
   def setup(self):
-    cfg, l = self.config, self.level
+    cfg, l, dtype = self.config, self.level, self.dtype
     self.is_top = l == cfg.num_levels
     if cfg.has_latents:
       channels = cfg.top_latent_dim if self.is_top else cfg.latent_channels[l - 1]
@@ -133,15 +140,14 @@ class Level(nn.Module):
       self.q_head = head()
       if not (self.is_top and cfg.top_prior == "standard_normal"):
         self.p_head = head()
-      dtype = jnp.dtype(cfg.compute_dtype)
       if self.is_top:
         r = cfg.resolution(l)
         self.z_proj = nn.Dense(r * r * cfg.level_width(l), dtype=dtype, param_dtype=jnp.float32)
       else:
         self.z_proj = layers.conv(cfg.level_width(l), 1, dtype=dtype)
     if not self.is_top:
-      self.decoder = DecoderBlock(cfg.level_width(l), cfg.blocks_per_level,
-                                  jnp.dtype(cfg.compute_dtype), _remat(cfg, l))
+      self.decoder = DecoderBlock(cfg.level_width(l), cfg.blocks_per_level, dtype,
+                                  layers.remat_level(cfg.remat, l))
 
   def decode(self, u, skip):
     """d_l = f_l(u, [h^p_l]) for the upsampled state u."""
@@ -263,6 +269,7 @@ class HVAE(nn.Module):
       posterior_offset: Sequence[DiagGaussian | None] | None = None,
       location_grad_power: jnp.ndarray | float | None = None,
       likelihood_region: str | None = None,
+      features: tuple[Sequence[jnp.ndarray], Sequence[jnp.ndarray] | None] | None = None,
   ) -> ModelOutput:
     """Runs the model.
 
@@ -297,6 +304,9 @@ class HVAE(nn.Module):
         all lie in the box: `objective.elbo_terms` refuses others. None (the default):
         `model.likelihood_region` in a training pass (`train=True`, the train step's), "all"
         in every other, so sampling, evaluation and the IW bound always get every pixel.
+      features: (h^p, h^q), the trunk's outputs for these inputs (h^q None when the posterior
+        is not computed), used instead of running the trunk; None (the default) runs it. The
+        IW bound (hvae/iw.py) computes them once per batch and tiles them over its samples.
 
     Returns:
       A `ModelOutput`.
@@ -325,19 +335,22 @@ class HVAE(nn.Module):
         s == POSTERIOR and z is None for s, z in zip(sources, latents)) and cfg.has_latents:
       raise ValueError("a level draws from the posterior but compute_posterior=False")
 
-    a_q, a_p = preprocess(image, mask)
-    trunk = Trunk(tuple(cfg.level_width(l) for l in range(L + 1)), L, cfg.blocks_per_level,
-                  dtype=dtype, remat=cfg.remat, name="trunk")
-    h_p = trunk(a_p)
-    h_q = None
-    if compute_posterior:
-      extra = None
-      if cfg.posterior_sees_mask:
-        extra = layers.conv(cfg.width, 1, name="posterior_mask_proj", dtype=dtype)(
-            jnp.asarray(mask, a_q.dtype))
-      h_q = trunk(a_q, extra)
+    a_q, a_p = preprocess(image, mask, cfg.hole_fill)
+    if features is not None:
+      h_p, h_q = features
+    else:
+      trunk = Trunk(tuple(cfg.level_width(l) for l in range(L + 1)), L, cfg.blocks_per_level,
+                    dtype=dtype, remat=cfg.remat, name="trunk")
+      h_p = trunk(a_p)
+      h_q = None
+      if compute_posterior:
+        extra = None
+        if cfg.posterior_sees_mask:
+          extra = layers.conv(cfg.width, 1, name="posterior_mask_proj", dtype=dtype)(
+              jnp.asarray(mask, a_q.dtype))
+        h_q = trunk(a_q, extra)
 
-    levels = {l: Level(cfg, l, name=f"level_{l}") for l in range(1, L + 1)}
+    levels = {l: Level(cfg, l, dtype, name=f"level_{l}") for l in range(1, L + 1)}
     outputs = []
     state = h_p[L]  # d_L = h^p_L
     for l in range(L, 0, -1):
@@ -376,8 +389,11 @@ class HVAE(nn.Module):
     if location_grad_power is not None:
       lik = dataclasses.replace(lik, location_grad_power=location_grad_power)
     head = OutputHead(cfg.width, cfg.blocks_per_level, lik.num_params, cfg.context_skips,
-                      dtype=dtype, remat=_remat(cfg, 1), name="output_head")
+                      dtype=dtype, remat=layers.remat_level(cfg.remat, 1), name="output_head")
     px_params = head(layers.upsample(state, cfg.upsample), h_p[0], a_p, box)
+    if cfg.fill_residual:  # the head predicts the residual of the prior input's pixels (the fill)
+      y0, y1, x0, x1 = box or (0, a_p.shape[1], 0, a_p.shape[2])
+      px_params = lik.add_base(px_params, a_p[:, y0:y1, x0:x1, :3])
     rng = self.make_rng("sample") if cfg.likelihood == "gaussian" else None
     if box is None:
       log_px = lik.log_prob(px_params, image, rng)

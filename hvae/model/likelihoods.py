@@ -156,6 +156,17 @@ class Likelihood(abc.ABC):
     """Channels the network must output per pixel."""
 
   @abc.abstractmethod
+  def add_base(self, params: jnp.ndarray, base: jnp.ndarray) -> jnp.ndarray:
+    """Raw params whose distribution is that of `params` moved by `base` (`model.fill_residual`):
+    x ~ add_base(params, base) iff x - base ~ params, on the [-1, 1] data scale (up to the
+    8-bit bins and the [-1, 1] edges, which stay where they are).
+
+    Args:
+      params: [..., num_params] raw network output.
+      base: [..., 3] values on the [-1, 1] scale (the prior input's fill).
+    """
+
+  @abc.abstractmethod
   def log_prob(
     self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None = None
   ) -> jnp.ndarray:
@@ -247,6 +258,20 @@ class DiscretizedMixLogistic(Likelihood):
   @property
   def num_params(self) -> int:
     return 10 * self.num_mixtures
+
+  def add_base(self, params, base):
+    # The coupled means (`_coupled_means`) act on x - base: mean_g = m_g + c0 r must become
+    # base_g + m_g + c0 (r - base_r), so m_g moves by base_g - c0 base_r (and m_b likewise).
+    # Without the correction a grey image's G would have to cancel the fill to follow R.
+    params = _check_params(params, self.num_params)
+    k = self.num_mixtures
+    _, _, _, coeffs = self._split(params)
+    r, g, b = (base[..., c:c + 1] for c in range(3))
+    shift = jnp.stack([jnp.broadcast_to(r, coeffs[..., 0, :].shape),
+                       g - coeffs[..., 0, :] * r,
+                       b - coeffs[..., 1, :] * r - coeffs[..., 2, :] * g], axis=-2)
+    means = params[..., k:4 * k] + shift.reshape(params.shape[:-1] + (3 * k,))
+    return jnp.concatenate([params[..., :k], means, params[..., 4 * k:]], axis=-1)
 
   def _split(self, params: jnp.ndarray):
     """Raw params -> (logits [..., K], means, log_scales, coeffs, each [..., 3, K])."""
@@ -385,9 +410,16 @@ class _ChannelGaussians(Likelihood):
   def num_params(self) -> int:
     return 6
 
+  def add_base(self, params, base):
+    params = _check_params(params, self.num_params)
+    return jnp.concatenate([params[..., :3] + base, params[..., 3:]], axis=-1)
+
   def _split(self, params):
     params = _check_params(params, self.num_params)
     return params[..., :3], jnp.maximum(params[..., 3:], MIN_LOG_SCALE)
+
+  def log_prob(self, params, image, rng=None):
+    return jnp.sum(self.channel_log_prob(params, image, rng), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,16 +433,8 @@ class DiscretizedGaussian(_ChannelGaussians):
   def channel_log_prob(
     self, params: jnp.ndarray, image: jnp.ndarray, rng: jax.Array | None = None
   ) -> jnp.ndarray:
-    """Log-probability of each sub-pixel's bin (`rng` is unused: it is deterministic).
-
-    Args:
-      params: [..., 6] raw network output.
-      image: [..., 3] pixel values in 0..255.
-      rng: unused.
-
-    Returns:
-      [..., 3] nats.
-    """
+    """[..., 3] log-probability (nats) of each sub-pixel's bin, from params [..., 6] and image
+    [..., 3] in 0..255; deterministic: `rng` is unused."""
     del rng
     mu, log_s = self._split(params)
     mu = location(mu, log_s, self.location_grad, self.location_grad_power)
@@ -435,10 +459,6 @@ class DiscretizedGaussian(_ChannelGaussians):
     log_pdf_mid = -0.5 * jnp.square(mid) - log_s - _HALF_LOG_2PI
     interior = jnp.where(log_mass > math.log(_MIN_BIN_MASS), log_mass, log_pdf_mid + _LOG_BIN_WIDTH)
     return jnp.where(pixels < 0.5, log_cdf_hi, jnp.where(pixels > 254.5, log_sf_lo, interior))
-
-  def log_prob(self, params, image, rng=None):
-    del rng  # deterministic
-    return jnp.sum(self.channel_log_prob(params, image), axis=-1)
 
   def sample(self, params, rng, temperature=1.0):
     mu, log_s = self._split(params)
@@ -499,9 +519,6 @@ class Gaussian(_ChannelGaussians):
     z = (y - mu) * jnp.exp(-log_s)
     # -log(128): change of variables from the [-1, 1) scale back to pixel units.
     return -0.5 * jnp.square(z) - log_s - _HALF_LOG_2PI - math.log(128.0)
-
-  def log_prob(self, params, image, rng=None):
-    return jnp.sum(self.channel_log_prob(params, image, rng), axis=-1)
 
   def sample(self, params, rng, temperature=1.0):
     mu, log_s = self._split(params)

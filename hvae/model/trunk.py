@@ -47,7 +47,7 @@ class Trunk(nn.Module):
       h = h + extra
     hs = [h]
     for level in range(1, self.num_levels + 1):
-      block = layers.res_block(bool(self.remat) and self.remat[level - 1])
+      block = layers.res_block(layers.remat_level(self.remat, level))
       for b in range(self.blocks_per_level):
         h = block(self.widths[level - 1], dtype=self.dtype, name=f"g{level}_block{b}")(h)
       h = layers.downsample(h)
