@@ -90,14 +90,11 @@ def preprocess(image: jnp.ndarray, mask: jnp.ndarray, hole_fill: str = "zeros"):
   x = jnp.asarray(image, jnp.float32) / 127.5 - 1.0
   mask = jnp.asarray(mask, jnp.float32)
   a_q = jnp.concatenate([x, jnp.ones_like(mask)], axis=-1)
-  if hole_fill == "zeros":
-    given = x * mask
-  elif hole_fill == "pull_push":
-    given = layers.pull_push_fill(x, mask)
-  elif hole_fill == "multiscale":
-    given = layers.multiscale_fill(x, mask)
-  else:
+  fills = {"zeros": lambda x, m: x * m, "pull_push": layers.pull_push_fill,
+           "multiscale": layers.multiscale_fill}
+  if hole_fill not in fills:
     raise ValueError(f"hole_fill: {hole_fill!r} is not one of {HOLE_FILLS}")
+  given = fills[hole_fill](x, mask)
   a_p = jnp.concatenate([given, mask], axis=-1)
   return a_q, a_p
 

@@ -58,6 +58,15 @@ def _upsample_linear(x: jnp.ndarray, axis: int) -> jnp.ndarray:
   return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
 
 
+def _pull(c: jnp.ndarray, w: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """One pull step of the hole fills: ([B, r, r, C] the w-weighted mean of each 2x2 block of `c`,
+  [B, r, r, 1] the block's summed weight) from c [B, 2r, 2r, C] and its weights w."""
+  b, h, wd, ch = c.shape
+  w_sum = w.reshape(b, h // 2, 2, wd // 2, 2, w.shape[-1]).sum((2, 4))
+  wc = (w * c).reshape(b, h // 2, 2, wd // 2, 2, ch).sum((2, 4))
+  return wc / jnp.maximum(w_sum, 1e-6), w_sum
+
+
 def pull_push_fill(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
   """Fills the missing pixels of `x` smoothly from the given ones (pull-push, Gortler et al.
   1996, with bilinear push): given pixels are returned exactly, missing ones become a convex
@@ -78,15 +87,10 @@ def pull_push_fill(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     [B, H, W, C]: x where mask = 1, the fill elsewhere; all-missing images get 0.
   """
   colours, weights = [x * mask], [mask]  # level 0's colour where its weight > 0
-  c, w = x * mask, mask
-  while c.shape[1] > 1:
-    b, h, wd, ch = c.shape
-    wc = (w * c).reshape(b, h // 2, 2, wd // 2, 2, ch).sum((2, 4))
-    w_sum = w.reshape(b, h // 2, 2, wd // 2, 2, w.shape[-1]).sum((2, 4))
-    c = wc / jnp.maximum(w_sum, 1e-6)
-    w = jnp.minimum(w_sum, 1.0)
+  while colours[-1].shape[1] > 1:
+    c, w_sum = _pull(colours[-1], weights[-1])
     colours.append(c)
-    weights.append(w)
+    weights.append(jnp.minimum(w_sum, 1.0))
   out = colours[-1]
   for c, w in zip(reversed(colours[:-1]), reversed(weights[:-1])):
     out = w * c + (1.0 - w) * upsample(out, "bilinear")
@@ -152,12 +156,9 @@ def multiscale_fill(x: jnp.ndarray, mask: jnp.ndarray, steps: int = 10,
     [B, H, W, C]: x where mask = 1, the fill elsewhere; all-missing images get 0.
   """
   images, masks = [x * mask], [mask]
-  c, w = x * mask, mask
-  while c.shape[1] > coarsest:
-    b, h, wd, ch = c.shape
-    w_sum = w.reshape(b, h // 2, 2, wd // 2, 2, 1).sum((2, 4))
-    c = (w * c).reshape(b, h // 2, 2, wd // 2, 2, ch).sum((2, 4)) / jnp.maximum(w_sum, 1e-6)
-    w = (w_sum > 3.5).astype(x.dtype)
+  while images[-1].shape[1] > coarsest:
+    c, w_sum = _pull(images[-1], masks[-1])
+    w = (w_sum > 3.5).astype(x.dtype)  # given only if all 4 children are
     images.append(c * w)
     masks.append(w)
   u = _biharmonic_steps(images[-1], masks[-1], pull_push_fill(images[-1], masks[-1]), steps)
