@@ -18,6 +18,12 @@ host transfers, images and the evaluation's own compiles are not in it, and weig
 models: `python -m benchmarks.eval_cost --evaluator` measures one evaluation;
 `--eval_estimate=false` skips the estimate).
 
+Any config override (`--config.model.compute_dtype=bfloat16`, ...) times the step with that
+setting. Beside the wall clock it gives the process's CPU time per step (user + system, all
+threads: on a machine shared with other work the better comparison of two settings) and the
+minor page faults per step (XLA allocates each step's temporaries afresh; large ones are mapped
+and unmapped every step).
+
 `measure(config)` returns the figures as a dict (tests/test_benchmarks.py); training runs log
 the same step time and ETA from their own first steps (hvae/eta.py).
 """
@@ -119,7 +125,8 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
 
   Returns:
     {"num_params", "batch_size", "num_devices", "device_kind", "compile_s", "first_step_s",
-     "second_step_s", "median_step_s", "steps_per_s", "images_per_s", "flops_per_step"
+     "second_step_s", "median_step_s", "steps_per_s", "images_per_s", "median_step_cpu_s"
+     (process CPU seconds, all threads), "page_faults_per_step" (minor), "flops_per_step"
      (the lowered step's: the same on every backend), "compiled_flops_per_step",
      "achieved_flops_per_s", "matmul_flops_per_s", "matmul_fraction", "device_peak_mib" (None
      where the backend has no statistics), "xla_memory_mib" (None without memory analysis),
@@ -149,15 +156,21 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
   compiled_flops = eta.xla_flops(compiled) or float("nan")
   mem = compiled.memory_analysis()
 
+  cpu_times = []
+
   def timed_step(i: int) -> float:
     nonlocal state
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batches[i % len(batches)], rng)
     jax.block_until_ready(metrics)
+    cpu_times.append(time.process_time() - c0)
     return time.perf_counter() - t0
 
   first, second = timed_step(0), timed_step(1)
+  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   median = float(np.median([timed_step(i) for i in range(max(steps, 1))]))
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(steps, 1)
+  median_cpu = float(np.median(cpu_times[2:]))
   peak = matmul_flops_per_sec(matmul_size, matmul_repeats, matmul_dtype)
 
   stats = jax.devices()[0].memory_stats() or {}
@@ -172,6 +185,7 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
       "num_devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
       "compile_s": compile_s, "first_step_s": first, "second_step_s": second,
       "median_step_s": median, "steps_per_s": 1 / median, "images_per_s": batch_size / median,
+      "median_step_cpu_s": median_cpu, "page_faults_per_step": faults,
       "flops_per_step": flops, "compiled_flops_per_step": compiled_flops,
       "achieved_flops_per_s": flops / median,
       "matmul_flops_per_s": peak, "matmul_fraction": flops / median / peak / jax.device_count(),
@@ -212,6 +226,9 @@ def rows(r: dict, config_name: str = "", steps: int = 20,
       (f"median step of {steps}, s", f"{r['median_step_s']:.4f}"),
       ("steps/s", f"{r['steps_per_s']:.2f}"),
       ("images/s", f"{r['images_per_s']:.1f}"),
+      (f"median step of {steps}, CPU s (process, all threads)",
+       f"{r.get('median_step_cpu_s', float('nan')):.4f}"),
+      ("minor page faults per step", f"{r.get('page_faults_per_step', float('nan')):.0f}"),
       ("FLOPs per step (XLA cost analysis of the lowered step)", f"{r['flops_per_step']:.3e}"),
       ("FLOPs per step and device (compiled; misses library calls such as cuDNN's)",
        f"{r.get('compiled_flops_per_step', float('nan')):.3e}"),

@@ -42,6 +42,7 @@ def _swap_step(params, batch, rng, *, model: HVAE):
   return jnp.stack(swaps, axis=-1)
 
 
+@functools.lru_cache(maxsize=4)
 def make_swap_step(model: HVAE, mesh: Mesh):
   data, replicated = shardings(mesh)
   return jax.jit(functools.partial(_swap_step, model=model),
@@ -88,6 +89,7 @@ def _resample_step(params, image, mask, rng, *, model: HVAE, num_samples: int):
   return filled.reshape((L, num_samples, C) + filled.shape[1:])
 
 
+@functools.lru_cache(maxsize=4)
 def make_resample_fn(model: HVAE, num_samples: int):
   return jax.jit(functools.partial(_resample_step, model=model, num_samples=num_samples))
 

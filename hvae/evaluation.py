@@ -106,8 +106,11 @@ def _eval_step(params, batch, rng, *, model: HVAE):
   return {"per_example": per_example, "sums": sums}
 
 
+@functools.lru_cache(maxsize=4)
 def make_eval_step(model: HVAE, mesh: Mesh):
-  """Jits the eval step: (params, batch, rng) -> per-example terms and batch sums."""
+  """Jits the eval step: (params, batch, rng) -> per-example terms and batch sums. Built once
+  per (model, mesh), like the evaluation's other functions: a second run in the same process
+  (a sweep's next seed, a resumed run, a test) traces and compiles none of them again."""
   data, replicated = shardings(mesh)
   return jax.jit(functools.partial(_eval_step, model=model),
                  in_shardings=(replicated, data, replicated),
@@ -217,6 +220,7 @@ def evaluate_passes(eval_step, params, eval_sets: dict[str, list[dict]], rng, me
   return metrics, passes
 
 
+@functools.lru_cache(maxsize=8)
 def make_fill_in_fn(model: HVAE, num_samples: int, pixels: str = "sample",
                     temperature: float | tuple[float, ...] = 1.0):
   """Jitted (params, image, mask, rng) -> [N, B, 64, 64, 3] composited samples."""
@@ -229,6 +233,7 @@ def _fill_ins(params, image, mask, rng, *, model, num_samples, pixels, temperatu
                                   temperature=temperature, pixels=pixels)
 
 
+@functools.lru_cache(maxsize=4)
 def make_mode_fn(model: HVAE):
   """Jitted (params, image, mask) -> [B, 64, 64, 3] mode fill-in."""
   return jax.jit(functools.partial(sampling.mode_fill_in, model))

@@ -211,10 +211,11 @@ def head_weight_penalty(params, head_weight_decay, heads=HEADS) -> jnp.ndarray:
   total = jnp.zeros((), jnp.float32)
   for l, wd in enumerate(head_weight_decay, start=1):
     level = params.get(f"level_{l}", {}) if wd > 0 else {}
-    for name in heads:
-      for path, x in jax.tree_util.tree_leaves_with_path(level.get(name, {})):
-        if "kernel" in jax.tree_util.keystr(path):
-          total += wd * jnp.sum(jnp.square(x))
+    # the level's own heads and those of its latent groups (level_l/group_g/q_head, ...)
+    for path, x in jax.tree_util.tree_leaves_with_path(level):
+      names = [getattr(k, "key", None) for k in path]
+      if "kernel" in names and any(name in names for name in heads):
+        total += wd * jnp.sum(jnp.square(x))
   return total
 
 

@@ -16,8 +16,9 @@ then the config keys that differ between them). SWEEP_DIR/report/ gets
   (`eval/bpd` over steps, one colour per group) and `sweep_levels.png` (held-out KL and gap per
   level and group).
 
-Reads files only, like hvae/report.py (the run loader of hvae/metrics_file.py, the tables and
-plots of hvae/figures.py): no JAX.
+Reads files only, like hvae/report.py: the numbers come from hvae/sweep_results.py (which reads
+the runs with hvae/metrics_file.py), the tables and plots from hvae/figures.py; no JAX.
+`is_sweep_dir` is sweep_results' (re-exported here for hvae/report.py).
 """
 
 from __future__ import annotations
@@ -26,17 +27,16 @@ import csv
 import json
 import math
 import os
-import statistics
 from collections.abc import Sequence
-from typing import Any
 
 from absl import logging
 from matplotlib.figure import Figure
 
-from hvae import sweep_points, verdict
+from hvae import sweep_points, sweep_results
 from hvae.figures import REPORT_DIR, line_plot, markdown_table
 from hvae.metric_names import name as metric
-from hvae.metrics_file import Run, finite, load_run
+from hvae.metrics_file import finite
+from hvae.sweep_results import is_sweep_dir  # noqa: F401  (re-exported: hvae/report.py)
 
 OUT_FILES = ("sweep.md", "sweep.csv", "sweep_groups.csv")
 # Numeric columns of both tables: (key, markdown header, digits).
@@ -48,99 +48,6 @@ _METRICS = [("eval/bpd", "eval/bpd final", 4), ("eval/bpd_best", "eval/bpd best"
             ("gap/refine/decoder_bpd", "gap: decoder/prior", 4)]
 
 
-def is_sweep_dir(workdir: str) -> bool:
-  """True for a directory with sweep.json, or with run subdirectories but no run of its own."""
-  if os.path.exists(os.path.join(workdir, sweep_points.MANIFEST)):
-    return True
-  if os.path.exists(os.path.join(workdir, "config.json")) or not os.path.isdir(workdir):
-    return False
-  return bool(_run_subdirs(workdir))
-
-
-def _run_subdirs(workdir: str) -> list[str]:
-  return sorted(d for d in os.listdir(workdir)
-                if os.path.exists(os.path.join(workdir, d, "config.json")))
-
-
-def _points(workdir: str) -> tuple[str, list[dict]]:
-  """(experiment, [{"index", "name", "group", "overrides"}]) from sweep.json, else inferred."""
-  manifest = sweep_points.read_manifest(workdir)
-  if manifest is not None:
-    return manifest.get("experiment", "?"), manifest["points"]
-  names = _run_subdirs(workdir)
-  flat = {}
-  for n in names:
-    with open(os.path.join(workdir, n, "config.json"), encoding="utf-8") as f:
-      flat[n] = sweep_points.flatten(json.load(f))
-  keys = sorted({k for f in flat.values() for k in f})
-  varying = [k for k in keys if len({json.dumps(f.get(k)) for f in flat.values()}) > 1]
-  points = []
-  for i, n in enumerate(names):
-    overrides = {k: flat[n].get(k) for k in varying}
-    points.append({"index": i, "name": n, "group": sweep_points.group_name(overrides),
-                   "overrides": overrides})
-  return "(no sweep.json: overrides are the config keys that differ)", points
-
-
-def _wall_time(run: Run) -> float | None:
-  """Training wall time summed over restarts (`train/wall_time` restarts at 0 on resume)."""
-  _, values = run.series("train/wall_time")
-  values = [v for v in values if math.isfinite(v)]
-  if not values:
-    return None
-  total = sum(a for a, b in zip(values, values[1:]) if b < a)  # the last value before a restart
-  return total + values[-1]
-
-
-def point_figures(workdir: str, point: dict) -> dict[str, Any]:
-  """Everything the tables show about one point, as numbers (None where unknown)."""
-  d = os.path.join(workdir, point["name"])
-  run = load_run(d, point["name"])
-  f = {"index": point["index"], "name": point["name"], "group": point["group"],
-       "overrides": point["overrides"], "status": sweep_points.status(d), "run": run,
-       "num_levels": run.num_levels}
-  f["steps"] = run.rows[-1]["step"] if run.rows else None
-  f["num_steps"] = run.config.get("train", {}).get("num_steps")
-  f["batch_size"] = run.config.get("train", {}).get("batch_size")
-  for name in ("eval/bpd", "eval_train/bpd", "gap/bpd"):
-    f[name] = run.last(name)[1]
-  steps, values = run.series("eval/bpd")
-  best = min(((v, s) for s, v in zip(steps, values) if math.isfinite(v)), default=(None, None))
-  f["eval/bpd_best"], f["eval/bpd_best_step"] = best
-  results_path = os.path.join(d, "eval", "results.json")
-  f["eval/iw_bpd"] = f["iw_checkpoint_step"] = None
-  if os.path.exists(results_path):
-    with open(results_path, encoding="utf-8") as fh:
-      results = json.load(fh)
-    f["eval/iw_bpd"] = results.get("metrics", {}).get("eval/iw_bpd")
-    for name in ("gap/refine/encoder_bpd", "gap/refine/decoder_bpd"):  # at that checkpoint
-      f[name] = results.get("metrics", {}).get(name)
-    f["iw_checkpoint_step"] = results.get("checkpoint_step")
-  for name in ("gap/refine/encoder_bpd", "gap/refine/decoder_bpd"):
-    if f.get(name) is None:  # no closing evaluation's split: the last training evaluation's
-      f[name] = run.last(name)[1]
-  for l in range(1, run.num_levels + 1):
-    for split in ("eval", "gap"):
-      f[metric(split, "kl", level=l)] = run.last(metric(split, "kl", level=l))[1]
-  verdicts = verdict.explain(run.rows, run.num_levels, verdict.settings(run.config))
-  f["overfit_levels"] = [l for l, v in verdicts.items() if v.flagged]
-  flops_path = os.path.join(d, sweep_points.FLOPS_FILE)
-  f["flops_per_step"] = None
-  if os.path.exists(flops_path):
-    with open(flops_path, encoding="utf-8") as fh:
-      f["flops_per_step"] = json.load(fh).get("flops_per_step")
-  f["wall_time_s"] = _wall_time(run)
-  return f
-
-
-def _stats(values: Sequence) -> tuple[float | None, float | None, int]:
-  """Mean, sample standard deviation (None for n < 2) and n of the finite values."""
-  v = [x for x in values if finite(x)]
-  if not v:
-    return None, None, 0
-  return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None), len(v)
-
-
 def _num(v, digits: int = 4) -> str:
   if not finite(v):
     return "—"
@@ -148,7 +55,7 @@ def _num(v, digits: int = 4) -> str:
 
 
 def _pm(values: Sequence, digits: int = 4) -> str:
-  mean, std, n = _stats(values)
+  mean, std, n = sweep_results.stats(values)
   if not n:
     return "—"
   return _num(mean, digits) + (f" ± {_num(std, digits)}" if std is not None else "")
@@ -157,13 +64,6 @@ def _pm(values: Sequence, digits: int = 4) -> str:
 def _overrides_text(overrides: dict, drop_seed: bool = False) -> str:
   items = [(k, v) for k, v in sorted(overrides.items()) if not (drop_seed and k == "seed")]
   return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in items) or "(none)"
-
-
-def _groups(figures: list[dict]) -> dict[str, list[dict]]:
-  out = {}
-  for f in figures:
-    out.setdefault(f["group"], []).append(f)
-  return out
 
 
 def _markdown(workdir: str, experiment: str, figures: list[dict], levels: range,
@@ -199,7 +99,7 @@ def _markdown(workdir: str, experiment: str, figures: list[dict], levels: range,
                    _num((f["wall_time_s"] or math.nan) / 60, 1)])
   lines += ["## Points", ""] + markdown_table(header, rows) + [""]
 
-  groups = _groups(figures)
+  groups = sweep_results.groups(figures)
   header = (["group", "overrides (seed aside)", "n", "seeds"] + [m[1] for m in _METRICS]
             + [f"L{l} kl" for l in levels] + [f"L{l} gap" for l in levels]
             + ["overfit: level (seeds)", "GFLOPs/step", "wall min"])
@@ -243,12 +143,12 @@ def _csv_rows(figures: list[dict], levels: range) -> tuple[list[dict], list[dict
                 "overfit_levels": " ".join(map(str, f["overfit_levels"]))})
     point_rows.append(row)
   group_rows = []
-  for g, fs in _groups(figures).items():
+  for g, fs in sweep_results.groups(figures).items():
     row = {"group": g, "n": len(fs)}
     row.update({f"override:{k}": json.dumps(fs[0]["overrides"][k])
                 if k in fs[0]["overrides"] else "" for k in keys if k != "seed"})
     for m in metric_names:
-      mean, std, n = _stats([f.get(m) for f in fs])
+      mean, std, n = sweep_results.stats([f.get(m) for f in fs])
       row.update({f"{m}_mean": mean, f"{m}_std": std, f"{m}_n": n})
     group_rows.append(row)
   return point_rows, group_rows
@@ -264,7 +164,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 
 def _dot_plot(path: str, figures: list[dict]) -> str | None:
   """Held-out bpd per group: mean ± std (error bar) and every seed (dots), three metrics."""
-  groups = _groups(figures)
+  groups = sweep_results.groups(figures)
   metrics = [("eval/bpd", "final eval/bpd"), ("eval/bpd_best", "best eval/bpd"),
              ("eval/iw_bpd", "eval/iw_bpd")]
   metrics = [m for m in metrics if any(finite(f[m[0]]) for f in figures)]
@@ -277,7 +177,7 @@ def _dot_plot(path: str, figures: list[dict]) -> str | None:
     for i, fs in enumerate(groups.values()):
       x = i - 0.4 + width * (j + 0.5)
       values = [f[m] for f in fs if finite(f[m])]
-      mean, std, n = _stats(values)
+      mean, std, n = sweep_results.stats(values)
       if not n:
         continue
       ax.errorbar([x], [mean], yerr=[std or 0.0], fmt="o", color=f"C{j}", capsize=4, ms=6,
@@ -298,9 +198,10 @@ def _levels_plot(path: str, figures: list[dict], levels: range) -> str | None:
   fig = Figure(figsize=(10, 3.8), layout="constrained")
   axes = fig.subplots(1, 2)
   drawn = False
-  for i, (g, fs) in enumerate(_groups(figures).items()):
+  for i, (g, fs) in enumerate(sweep_results.groups(figures).items()):
     for ax, split in zip(axes, ("eval", "gap")):
-      stats = [(l, *_stats([f.get(metric(split, "kl", level=l)) for f in fs])) for l in levels]
+      stats = [(l, *sweep_results.stats([f.get(metric(split, "kl", level=l)) for f in fs]))
+               for l in levels]
       stats = [s for s in stats if s[3]]
       if stats:
         ax.errorbar([s[0] for s in stats], [s[1] for s in stats],
@@ -328,12 +229,12 @@ def write(workdir: str, output: str | None = None) -> str:
   Returns:
     The output directory.
   """
-  experiment, points = _points(workdir)
+  experiment, points = sweep_results.list_points(workdir)
   out = output or os.path.join(workdir, REPORT_DIR)
   os.makedirs(out, exist_ok=True)
-  figures = [point_figures(workdir, p) for p in points]
+  figures = [sweep_results.point_figures(workdir, p) for p in points]
   levels = range(1, max((f["num_levels"] for f in figures), default=0) + 1)
-  colour = {g: dict(color=f"C{i % 10}") for i, g in enumerate(_groups(figures))}
+  colour = {g: dict(color=f"C{i % 10}") for i, g in enumerate(sweep_results.groups(figures))}
   labelled = {f["group"]: f["name"] for f in reversed(figures)}  # one legend entry per group
   curves = [(f["run"], "eval/bpd", f["group"] if labelled[f["group"]] == f["name"] else None,
              colour[f["group"]]) for f in figures]

@@ -92,6 +92,9 @@ class ModelConfig:
   top_prior: str = "conditional"
   posterior_sees_mask: bool = False
   latent_channels: tuple[int, ...] = (8, 8, 8, 8)  # entry L unused: the top is top_latent_dim
+  # per level: z_l's channels in this many groups, each drawn given the ones before it (VDVAE's
+  # groups at one resolution); () = 1 everywhere; entry L unused (the top is one vector)
+  latent_groups: tuple[int, ...] = ()
   top_latent_dim: int = 64
   width: int = 64
   level_widths: tuple[int, ...] = ()  # level l's channels at 64/2^l; () or 0 = `width`
@@ -163,6 +166,14 @@ class ModelConfig:
         raise ConfigError(f"{field}: has {len(value)} entries for {L} levels")
     for l, c in enumerate(self.latent_channels[:-1], start=1):
       _positive(f"model.latent_channels (level {l})", c)
+    if self.latent_groups and len(self.latent_groups) != L:
+      raise ConfigError(
+          f"model.latent_groups: has {len(self.latent_groups)} entries for {L} levels")
+    for l, (g, c) in enumerate(zip(self.latent_groups[:-1], self.latent_channels), start=1):
+      _positive(f"model.latent_groups (level {l})", g)
+      if c % g:
+        raise ConfigError(f"model.latent_groups (level {l}): {g} groups do not divide "
+                          f"model.latent_channels = {c}; give a divisor of {c}")
     for l, w in enumerate(self.level_widths, start=1):
       _positive(f"model.level_widths (level {l})", w, allow_zero=True)
     for l, p in enumerate(self.dropout, start=1):
@@ -201,6 +212,7 @@ class ModelConfig:
         kind=m.kind, num_levels=L, posterior=m.posterior, context_skips=bool(m.context_skips),
         top_prior=m.top_prior, posterior_sees_mask=bool(m.posterior_sees_mask),
         latent_channels=per_level("model.latent_channels", m.latent_channels, L, int),
+        latent_groups=per_level("model.latent_groups", m.get("latent_groups", (1,)), L, int),
         top_latent_dim=int(m.top_latent_dim), width=int(m.width),
         level_widths=per_level("model.level_widths", m.get("level_widths", (0,)), L, int),
         blocks_per_level=int(m.blocks_per_level), upsample=m.get("upsample", "nearest"),
@@ -227,6 +239,12 @@ class ModelConfig:
     if level == 0 or not self.level_widths:
       return self.width
     return self.level_widths[level - 1] or self.width
+
+  def groups(self, level: int) -> int:
+    """How many latent groups z_level is drawn in (`model.latent_groups`; 1 at the top)."""
+    if level == self.num_levels or not self.latent_groups:
+      return 1
+    return self.latent_groups[level - 1]
 
   def resolution(self, level: int) -> int:
     """Spatial size of the features h_l / d_l at level `level` (0 = the 64x64 input)."""

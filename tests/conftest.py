@@ -3,6 +3,8 @@
 * 8 fake CPU devices (set before JAX starts) so the multi-device paths run on any machine.
 * JAX's persistent compilation cache, so re-runs skip most XLA compiles.
 * Tiny configs: every compile in the suite is of a model a few thousand parameters big.
+* `tiny_straight`: one uninterrupted tiny training run per test process, which the resume and
+  fault tests compare against or copy (never change).
 """
 
 import logging
@@ -14,7 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from helpers import JAX_CACHE  # noqa: E402
+from helpers import JAX_CACHE, tiny_run_config  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -24,6 +26,24 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 @pytest.fixture(scope="session")
 def rng():
   return jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_straight(tmp_path_factory):
+  """The uninterrupted run of `tiny_run_config(6)`, trained in this process: ({step:
+  train/loss}, the final eval/bpd, the workdir). A row every step (metrics.jsonl about 8 KB),
+  checkpoints 3 and 6, step 6 evaluated. Tests read it or copy the workdir, never change it."""
+  from hvae import loop
+  from hvae.metrics_file import read_metrics
+
+  workdir = tmp_path_factory.mktemp("tiny_straight")
+  loop.train_and_evaluate(tiny_run_config(6), str(workdir))
+  rows = read_metrics(str(workdir))
+  steps = [r["step"] for r in rows]
+  assert steps == [1, 2, 3, 4, 5, 6], f"missing or repeated steps: {steps}"
+  losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  final = [r for r in rows if r["step"] == 6][0]
+  return losses, final["eval/bpd"], workdir
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Small factories shared by tests: tiny model configs, fake batches, running launch.py."""
+"""Small factories shared by tests: tiny model and run configs, fake batches, running launch.py."""
 
 import importlib.util
 import os
@@ -67,6 +67,27 @@ def launch_in_process(capsys, monkeypatch, *args: str, stdout: bool = False) -> 
       delattr(flags.FLAGS, name)
   out = capsys.readouterr()
   return (code, out.err, out.out) if stdout else (code, out.err)
+
+
+def tiny_run_config(num_steps: int, **optim):
+  """experiments/tiny.py for `num_steps` steps with a constant schedule (the history must not
+  depend on where a run stopped), a metrics row every step, checkpoints every 3 steps and one
+  evaluation, at the last step; `optim` overrides `config.optim` fields."""
+  config = load_experiment("tiny")
+  config.optim.schedule = "constant"
+  config.train.num_steps = num_steps
+  config.train.log_every_steps = 1
+  config.eval.every_steps = 100
+  for key, value in optim.items():
+    config.optim[key] = value
+  return config
+
+
+def tiny_run_flags(num_steps: int) -> list[str]:
+  """launch.py's flags for `tiny_run_config(num_steps)`."""
+  return [f"--config={ROOT / 'experiments' / 'tiny.py'}", "--config.optim.schedule=constant",
+          f"--config.train.num_steps={num_steps}", "--config.train.log_every_steps=1",
+          "--config.eval.every_steps=100"]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

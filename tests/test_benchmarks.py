@@ -30,6 +30,7 @@ def test_train_step_benchmark_gives_every_figure_and_an_eta():
   result = train_step.measure(config, steps=2, matmul_size=256, matmul_repeats=3)
   _positive(result, ["num_params", "batch_size", "num_devices", "compile_s", "first_step_s",
                      "second_step_s", "median_step_s", "steps_per_s", "images_per_s",
+                     "median_step_cpu_s",
                      "flops_per_step", "achieved_flops_per_s", "matmul_flops_per_s",
                      "matmul_fraction", "host_peak_rss_mib", "num_steps", "eta_steps_s",
                      "forward_s_per_image", "eval_forwards", "eval_s", "num_evaluations",
@@ -53,6 +54,7 @@ def test_train_step_benchmark_gives_every_figure_and_an_eta():
   assert "ETA of train.num_steps = 6 steps (steps only)" in table
   assert "float32 256^3 matmul FLOP/s (this machine, median of 3)" in table
   assert table["model.compute_dtype"] == "float32"
+  assert result["page_faults_per_step"] >= 0
   assert train_step.matmul_flops_per_sec(64, 1, "bfloat16") > 0
   assert table["evaluations in the run (every eval.every_steps, and the last step)"] == 2
   assert table["ETA with the evaluations (estimate)"].endswith(" s")

@@ -18,6 +18,7 @@ import os
 import pathlib
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import app
-from helpers import launch_in_process, load_experiment
+from helpers import launch_in_process, load_experiment, tiny_run_config
 from PIL import Image
 
 from hvae import api, checkpoint, config_file, errors, lock, loop, preemption, rollback, writers
@@ -179,23 +180,17 @@ def test_processes_agree_on_the_step_and_all_reach_the_barrier(tmp_path, caplog,
   assert checkpoint._on_every_process(True) and not checkpoint._on_every_process(False)
 
 
-def _tiny(num_steps: int, **optim):
-  config = load_experiment("tiny")
-  config.optim.schedule = "constant"  # the schedule must not depend on where the run stopped
-  config.train.num_steps = num_steps
-  config.train.log_every_steps = 1
-  config.eval.every_steps = 100  # evaluated at the last step only
-  for key, value in optim.items():
-    config.optim[key] = value
-  return config
+_tiny = tiny_run_config  # a constant schedule, a row every step, evaluated at the last step only
 
 
-def test_training_resumes_from_the_newest_step_that_loads(tmp_path, caplog):
+def test_training_resumes_from_the_newest_step_that_loads(tmp_path, caplog, tiny_straight):
+  """A copy of the uninterrupted run (conftest's `tiny_straight`: checkpoints 3 and 6) with step
+  6 damaged: the same command resumes from step 3 and trains steps 4-6 again."""
   workdir = tmp_path / "run"
-  loop.train_and_evaluate(_tiny(6), str(workdir))
+  shutil.copytree(tiny_straight[2], workdir)
   loss = lambda: {r["step"]: r["train/loss"]  # noqa: E731
                   for r in read_metrics(str(workdir)) if "train/loss" in r}
-  straight = loss()
+  straight = tiny_straight[0]
   _damage(workdir / "checkpoints" / "6", "truncated_array")
   with caplog.at_level(logging.WARNING):
     loop.train_and_evaluate(_tiny(6), str(workdir))

@@ -4,12 +4,15 @@ checkpoint mid-write) and mid-evaluation, SIGTERM mid-evaluation and mid-refinem
 metrics.jsonl, config.json or the event file, roll-backs after repeated skipped updates.
 docs/reliability.md tabulates what they try.
 
-Every run is experiments/tiny.py for a few steps. A run that must die (SIGKILL), be signalled
-from outside or write under a file-size limit is a subprocess of launch.py; the other runs, the
-reruns and the reference run are in-process, so the compiled functions are shared.
+Every run is experiments/tiny.py for a few steps (`helpers.tiny_run_config`). A run that must
+die (SIGKILL), be signalled from outside or write to a file past a small file-size limit is a
+subprocess of launch.py, with the suite's compilation cache (read-only where writes fail); the
+other runs, the reruns and the reference run are in-process, so the evaluation's compiled
+functions are shared (hvae/evaluation.py builds them once per model).
 
 Why one file past ~350 lines: docs/reliability.md tabulates these faults from this file and
-tests/test_faults.py; the runs here share one reference run (`straight`) and its compiles.
+tests/test_faults.py; the runs here share one reference run (conftest's `tiny_straight`, also
+used by tests/test_faults.py and tests/test_launch.py) and its compiles.
 """
 
 import os
@@ -21,15 +24,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import JAX_CACHE, load_experiment
+from helpers import JAX_CACHE, ROOT, launch_in_process, tiny_run_config, tiny_run_flags
 
-from hvae import amortisation, data, errors, evaluation, loop, objective, rollback
+from hvae import amortisation, data, errors, evaluation, loop, objective, rollback, writers
 from hvae.checkpoint import Checkpointer
 from hvae.mesh import make_mesh, replicate, shard_batch
 from hvae.metrics_file import read_metrics
@@ -37,28 +39,10 @@ from hvae.model.ladder import HVAE
 from hvae.train import create_optimizer, create_train_state, make_train_step
 from hvae.typed_config import ModelConfig
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def _tiny(num_steps: int, **optim):
-  """tiny.py with a constant schedule (the history must not depend on where a run stopped),
-  a row every step, checkpoints every 3 steps and one evaluation, at the last step."""
-  config = load_experiment("tiny")
-  config.optim.schedule = "constant"
-  config.train.num_steps = num_steps
-  config.train.log_every_steps = 1
-  config.eval.every_steps = 100
-  for key, value in optim.items():
-    config.optim[key] = value
-  return config
-
-
-def _flags(num_steps: int) -> list[str]:
-  """launch.py's flags for `_tiny(num_steps)`."""
-  return [f"--config={ROOT / 'experiments' / 'tiny.py'}", "--config.optim.schedule=constant",
-          f"--config.train.num_steps={num_steps}", "--config.train.log_every_steps=1",
-          "--config.eval.every_steps=100"]
+_tiny, _flags = tiny_run_config, tiny_run_flags
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -66,16 +50,6 @@ def _losses(workdir) -> dict[int, float]:
   steps = [r["step"] for r in rows]
   assert steps == sorted(set(steps)), f"missing or repeated steps: {steps}"
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-  """The uninterrupted run: {step: train/loss}, its final eval/bpd and its workdir (a row every
-  step, metrics.jsonl about 8 KB; checkpoints 3 and 6, step 6 evaluated): tests copy it."""
-  workdir = tmp_path_factory.mktemp("straight")
-  loop.train_and_evaluate(_tiny(6), str(workdir))
-  final = [r for r in read_metrics(str(workdir)) if r["step"] == 6][0]
-  return _losses(workdir), final["eval/bpd"], workdir
 
 
 # A launch.py run that kills itself (SIGKILL) at one moment: after dispatching its 5th training
@@ -128,7 +102,7 @@ def _launch(args, *, hook_args=(), timeout=300):
 
 
 def test_sigkill_mid_step_then_mid_evaluation_then_rerun_trains_the_same_losses(tmp_path,
-                                                                             straight):
+                                                                             tiny_straight):
   """Killed after dispatching step 5 while step 3's checkpoint is in the middle of its write (a
   kill mid-step and mid-checkpoint-write at once); the rerun ignores the unfinished checkpoint,
   starts from scratch and is killed in the middle of the final evaluation (step 6 not saved);
@@ -147,7 +121,7 @@ def test_sigkill_mid_step_then_mid_evaluation_then_rerun_trains_the_same_losses(
     else:
       assert "Resumed from step" not in proc.stderr  # the unfinished step 3 was no checkpoint
   loop.train_and_evaluate(_tiny(6), str(workdir))  # the same command again: resumes from 3
-  losses, bpd, _ = straight
+  losses, bpd, _ = tiny_straight
   resumed = _losses(workdir)
   assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
@@ -158,28 +132,28 @@ def test_sigkill_mid_step_then_mid_evaluation_then_rerun_trains_the_same_losses(
   assert sorted(p.name for p in checkpoints.iterdir()) == ["3", "6"]  # no temporary left
 
 
-def test_sigterm_during_evaluation_checkpoints_and_the_rerun_evaluates_first(tmp_path, straight,
+def test_sigterm_during_evaluation_checkpoints_and_the_rerun_evaluates_first(tmp_path,
+                                                                            tiny_straight,
                                                                             monkeypatch):
   """The signal lands during the first batch of the final evaluation: the run stops before the
   next batch, drops the evaluation, checkpoints step 6 and returns; the rerun evaluates step 6
-  first and writes its row once."""
+  first and writes its row once. (The issue's 10 s bound is met by construction: nothing of the
+  evaluation runs after the signal. No wall-clock time is asserted.)"""
   workdir = tmp_path / "run"
-  make, calls, sent = evaluation.make_eval_step, [], []
+  make, calls = evaluation.make_eval_step, []
 
   def signalling(*args, **kwargs):
     fn = make(*args, **kwargs)
 
     def call(*a):
       calls.append(1)
-      if not sent:
-        sent.append(time.monotonic())
+      if len(calls) == 1:
         os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: a flag
       return fn(*a)
     return call
 
   monkeypatch.setattr(evaluation, "make_eval_step", signalling)
   loop.train_and_evaluate(_tiny(6), str(workdir))
-  assert time.monotonic() - sent[0] < 10.0  # the issue's bound; it takes well under a second
   assert len(calls) == 1  # no batch after the signal (the held-out pass has one, eval_train one)
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
   rows = read_metrics(str(workdir))
@@ -188,7 +162,7 @@ def test_sigterm_during_evaluation_checkpoints_and_the_rerun_evaluates_first(tmp
   assert not (workdir / "DONE").exists() and not (workdir / "images").exists()
   monkeypatch.undo()
   loop.train_and_evaluate(_tiny(6), str(workdir))
-  losses, bpd, _ = straight
+  losses, bpd, _ = tiny_straight
   rows = read_metrics(str(workdir))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # step 6's row replaced, not repeated
   np.testing.assert_allclose(rows[-1]["train/loss"], losses[6], rtol=1e-5)
@@ -270,31 +244,6 @@ def test_nan_batches_and_losses_are_skipped_counted_and_never_reach_the_paramete
   jax.tree.map(np.testing.assert_array_equal, state.ema_params, initial.ema_params)
 
 
-def _launch_main(capsys, monkeypatch, *args) -> tuple[int, str]:
-  """launch.py's main in this process, as tests/test_faults.py runs it: (exit status, stderr)."""
-  import importlib.util
-
-  from absl import flags
-
-  if "launch" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
-    sys.modules["launch"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["launch"])
-  launch = sys.modules["launch"]
-  argv = ["launch.py", *args, "--jax_cache="]
-  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads --config.a.b overrides there
-  flags.FLAGS.unparse_flags()
-  capsys.readouterr()
-  try:
-    launch.main(launch._parse_flags(argv))
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  finally:
-    flags.FLAGS.unparse_flags()
-  return code, capsys.readouterr().err
-
-
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_step(
     tmp_path, capsys, monkeypatch):
   """A file-size limit (RLIMIT_FSIZE, this process, during the second run) stands in for a full
@@ -311,8 +260,8 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_step
   old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
   resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, limits[1]))
   try:
-    code, stderr = _launch_main(capsys, monkeypatch, *_flags(6), "--config.model.top_latent_dim=48",
-                                f"--workdir={workdir}")
+    code, stderr = launch_in_process(capsys, monkeypatch, *_flags(6),
+                                     "--config.model.top_latent_dim=48", f"--workdir={workdir}")
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     signal.signal(signal.SIGXFSZ, old)
@@ -357,6 +306,7 @@ def test_rollback_restores_the_last_checkpoint_with_a_lower_learning_rate(tmp_pa
 # --- a stop request during refinement; a full disk outside the checkpoints -----------------------
 
 def _copy(straight, tmp_path) -> pathlib.Path:
+  """A copy of `tiny_straight`'s workdir, to change."""
   workdir = tmp_path / "run"
   shutil.copytree(straight[2], workdir)
   return workdir
@@ -371,10 +321,10 @@ def _env() -> dict:
 
 
 def test_sigterm_during_refinement_in_eval_mode_exits_at_once_and_writes_nothing(tmp_path,
-                                                                                 straight):
+                                                                                 tiny_straight):
   """`--mode=eval --refine_steps=1000000` (hours of refinement): SIGTERM once the first step has
   run ends it within the bound, with one line, exit status 143 and no results."""
-  workdir = _copy(straight, tmp_path)
+  workdir = _copy(tiny_straight, tmp_path)
   argv = [sys.executable, "launch.py", f"--jax_cache={JAX_CACHE}", "--mode=eval",
           f"--workdir={workdir}", "--refine_steps=1000000", "--baselines=none"]
   proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
@@ -456,28 +406,41 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
 
-def _launch_on_a_full_disk(args, limit: int) -> tuple[int, str]:
-  """launch.py ARGS under a file-size limit of `limit` bytes, without the compilation cache
-  (its entries are files too): (exit status, its one `launch.py:` line). No traceback."""
+def _cache_view(tmp_path) -> pathlib.Path:
+  """A folder of links to every entry of the suite's compilation cache: a run under a file-size
+  limit reads them, and an entry it writes (cut short by the limit) lands here, never in the
+  suite's cache (JAX writes an entry in place, so a cut one would stay there)."""
+  view = tmp_path / "jax_cache"
+  view.mkdir()
+  if os.path.isdir(JAX_CACHE):
+    for entry in os.scandir(JAX_CACHE):
+      (view / entry.name).symlink_to(entry.path)
+  return view
+
+
+def _launch_on_a_full_disk(args, limit: int, cache: str = "") -> tuple[int, str]:
+  """launch.py ARGS under a file-size limit of `limit` bytes, with the compilation cache
+  `cache` ('' = none): (exit status, its one `launch.py:` line). No traceback."""
   proc = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, str(limit), "launch.py",
-                         "--jax_cache=", *args], cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=600)
+                         f"--jax_cache={cache}", *args], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
   said = [line for line in proc.stderr.splitlines() if line.startswith("launch.py:")]
   assert len(said) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   return proc.returncode, said[0]
 
 
-def test_a_full_disk_while_writing_metrics_jsonl_is_one_line_and_keeps_the_checkpoint(tmp_path,
-                                                                                     straight):
+def test_a_full_disk_while_writing_metrics_jsonl_is_one_line_and_keeps_the_checkpoint(
+    tmp_path, tiny_straight):
   """A 6 KB file-size limit lets the resumed run write the lock, config.json (2.4 KB),
   run_info.json and its new TensorBoard event file (4.2 KB with step 7's row) but not append to
   metrics.jsonl (already about 8 KB): the first row, step 7's, fails. Sizes, not timing, decide
   it; no checkpoint is due before that row."""
-  workdir = _copy(straight, tmp_path)
+  workdir = _copy(tiny_straight, tmp_path)
   metrics = workdir / "metrics.jsonl"
   before, limit = metrics.read_bytes(), 6 * 1024
   assert len(before) > limit > (workdir / "config.json").stat().st_size + 2048  # premise
-  code, line = _launch_on_a_full_disk([*_flags(8), f"--workdir={workdir}"], limit)
+  code, line = _launch_on_a_full_disk([*_flags(8), f"--workdir={workdir}"], limit,
+                                      cache=str(_cache_view(tmp_path)))
   assert code == 2, line
   assert line.startswith(f"launch.py: error: {metrics} could not be written (OSError: [Errno 27] "
                          "File too large): is the disk full"), line
@@ -488,10 +451,10 @@ def test_a_full_disk_while_writing_metrics_jsonl_is_one_line_and_keeps_the_check
 
 
 def test_a_full_disk_while_writing_config_json_is_one_line_and_changes_nothing(tmp_path,
-                                                                             straight):
+                                                                             tiny_straight):
   """A 1.5 KB file-size limit: the lock (< 1 KB) is written, config.json (2.4 KB) is not. The
   old config.json stays whole (atomic write), no temporary file is left, and step 6 restores."""
-  workdir = _copy(straight, tmp_path)
+  workdir = _copy(tiny_straight, tmp_path)
   config_json = workdir / "config.json"
   before, limit = config_json.read_bytes(), 1536
   assert len(before) > limit + 512  # premise
@@ -506,26 +469,25 @@ def test_a_full_disk_while_writing_config_json_is_one_line_and_changes_nothing(t
   assert int(_restored_state(workdir, _tiny(6)).step) == 6
 
 
-_EVENTS_ON_A_FULL_DISK = """
-import resource, signal, sys
-from hvae import errors, writers
-writer = writers.MetricWriter(sys.argv[1], process_index=0)
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-try:
-  for step in range(1, 100):  # ~2 KB of events a row, ~0.6 KB of metrics.jsonl
-    writer.write_scalars(step, {f"m{i}": 0.5 for i in range(50)})
-except errors.FileWriteError as e:
-  print(e)
-"""
-
-
-def test_a_full_disk_while_writing_tensorboard_events_is_one_error(tmp_path):
-  """The event file grows faster than metrics.jsonl, so it is the one a 4 KB limit stops."""
-  proc = subprocess.run([sys.executable, "-c", _EVENTS_ON_A_FULL_DISK, str(tmp_path)], cwd=ROOT,
-                        env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  assert proc.stdout.strip().startswith(
-      f"TensorBoard's event file in {tmp_path} could not be written ("), proc.stdout
-  assert "is the disk full" in proc.stdout and "\n" not in proc.stdout.strip()
+def test_a_full_disk_while_writing_tensorboard_events_is_one_error(tmp_path, capfd):
+  """The event file grows faster than metrics.jsonl, so it is the one a 4 KB limit stops. In
+  this process: the limit (SIGXFSZ ignored, so a write past it fails with EFBIG) holds only
+  around the writes."""
+  writer = writers.MetricWriter(str(tmp_path), process_index=0)
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+  try:
+    with pytest.raises(errors.FileWriteError) as info:
+      for step in range(1, 100):  # ~2 KB of events a row, ~0.6 KB of metrics.jsonl
+        writer.write_scalars(step, {f"m{i}": 0.5 for i in range(50)})
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, old)
+  writer.close()
+  message = str(info.value)
+  assert message.startswith(f"TensorBoard's event file in {tmp_path} could not be written ("), \
+      message
+  assert "is the disk full" in message and "\n" not in message
+  assert "Traceback" not in capfd.readouterr().err
   assert read_metrics(str(tmp_path))  # the rows before it are whole

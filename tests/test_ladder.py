@@ -167,8 +167,10 @@ def _leak_probe(cfg):
 @pytest.mark.parametrize("posterior,hole_fill",
                          [("bottom_up", "zeros"), ("top_down", "multiscale")])
 def test_no_leakage_from_missing_pixels(posterior, hole_fill):
+  # the top_down case also draws levels 1-2 in two latent groups (model.latent_groups)
+  groups = (2, 2, 1) if posterior == "top_down" else ()
   cfg = tiny_model_config(posterior=posterior, posterior_sees_mask=True, hole_fill=hole_fill,
-                          fill_residual=hole_fill != "zeros")
+                          fill_residual=hole_fill != "zeros", latent_groups=groups)
   g_prior, g_post, mask = _leak_probe(cfg)
   missing = np.broadcast_to(mask == 0, g_prior.shape)
   # Priors and decoder: exactly zero gradient from every missing pixel ...
@@ -194,7 +196,8 @@ def test_no_leakage_deterministic_baseline():
 
 @functools.lru_cache
 def _source_fixture():
-  cfg = tiny_model_config(posterior="top_down")
+  # levels 1 and 2 in two latent groups each: every source test also covers the group path
+  cfg = tiny_model_config(posterior="top_down", latent_groups=(2, 2, 1))
   model = HVAE(cfg)
   params = _init(cfg, seed=7)
 
@@ -255,6 +258,51 @@ def test_log_q_and_log_p_are_those_of_the_used_z():
                                rtol=1e-5)
     np.testing.assert_allclose(lev.log_p, lev.p.log_prob(lev.z).reshape(B, -1).sum(-1),
                                rtol=1e-5)
+
+
+def test_latent_groups_each_group_s_prior_sees_the_groups_before_it_only():
+  cfg, apply = _source_fixture()
+  image, mask = random_images(B), centre_mask(B)
+  shapes = [(B,) + cfg.latent_shape(l) for l in range(1, cfg.num_levels + 1)]
+  noise = [jax.random.normal(jax.random.PRNGKey(10 + l), s) for l, s in enumerate(shapes)]
+  base = apply(image, mask, jax.random.PRNGKey(0), "prior", noise)
+  # moving group 1's noise of level 1 (channel 0) moves group 2's prior (channel 1) there ...
+  moved = list(noise)
+  moved[0] = noise[0].at[..., 0].add(1.0)
+  other = apply(image, mask, jax.random.PRNGKey(0), "prior", moved)
+  p, q = base.levels[0].p, other.levels[0].p
+  np.testing.assert_array_equal(p.mean[..., 0], q.mean[..., 0])
+  assert np.abs(np.asarray(p.mean[..., 1] - q.mean[..., 1])).max() > 0
+  # ... and through group 2's residual block, at neighbouring positions too: a change at one
+  # position of group 1 reaches group 2's prior within 3 positions (two 3x3 convs in the block,
+  # one in the prior head), so the group's prior correlates positions through its samples
+  moved[0] = noise[0].at[:, 10, 10, 0].add(1.0)
+  local = apply(image, mask, jax.random.PRNGKey(0), "prior", moved).levels[0].p
+  change = np.abs(np.asarray(local.mean[..., 1] - p.mean[..., 1]))
+  assert change[:, 10, 13].max() > 0 and change[:, 7, 10].max() > 0
+  assert change[:, 10, 14].max() == 0 and change[:, 6, 10].max() == 0
+  # moving group 2's noise leaves group 1 and the level's earlier groups alone
+  moved[0] = noise[0].at[..., 1].add(1.0)
+  late = apply(image, mask, jax.random.PRNGKey(0), "prior", moved).levels[0]
+  np.testing.assert_array_equal(late.z[..., 0], base.levels[0].z[..., 0])
+  np.testing.assert_array_equal(late.p.mean, p.mean)
+
+
+def test_latent_groups_parameter_paths_and_validation():
+  cfg = tiny_model_config(latent_groups=(2, 1, 1), latent_channels=(4, 2, 2))
+  params = jax.eval_shape(lambda: _init(cfg))
+  # group 1 keeps the level's own heads (checkpoints without groups keep their paths)
+  assert {"q_head", "p_head", "z_proj", "group_2"} <= set(params["level_1"])
+  assert set(params["level_1"]["group_2"]) == {"block", "q_head", "p_head", "z_proj"}
+  kernels = jax.tree_util.tree_leaves(params["level_1"]["group_2"]["q_head"])
+  assert kernels[-1].shape[-1] == 4  # its 2 channels' (mean, scale)
+  assert "group_2" not in params["level_2"] and "group_2" not in params["level_3"]
+  with pytest.raises(ConfigError, match="latent_groups .level 1.: 3 groups do not divide"):
+    tiny_model_config(latent_groups=(3, 1, 1), latent_channels=(4, 2, 2))
+  with pytest.raises(ConfigError, match="latent_groups: has 2 entries"):
+    tiny_model_config(latent_groups=(2, 1))
+  with pytest.raises(ConfigError, match="latent_groups .level 2.: must be > 0"):
+    tiny_model_config(latent_groups=(1, 0, 1))
 
 
 def test_bad_source_or_per_level_length_is_an_error():

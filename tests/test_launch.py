@@ -1,10 +1,11 @@
 """End-to-end tests of launch.py / hvae.loop on experiments/tiny.py (synthetic data).
 
-One tiny trained workdir is shared by the file-layout tests; resume and preemption tests make
-their own. Every run is a few steps of a model with a few thousand parameters. A new process is
-started only where one is the point (the real entry point's first run, a SIGTERM), with the
-suite's compilation cache; command lines that fail or do nothing, and the resume after the
-SIGTERM, run in this process.
+One tiny trained workdir is shared by the file-layout tests; the resume test compares against
+the suite's uninterrupted run (conftest's `tiny_straight`); the preemption test makes its own.
+Every run is a few steps of a model with a few thousand parameters. A new process is started
+only where one is the point (the real entry point's first run, a SIGTERM), with the suite's
+compilation cache; command lines that fail or do nothing, and the resume after the SIGTERM, run
+in this process.
 """
 
 import json
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import JAX_CACHE, ROOT, launch, launch_in_process, load_experiment
+from helpers import JAX_CACHE, ROOT, launch, launch_in_process, load_experiment, tiny_run_config
 
 from hvae import config_file, loop
 from hvae.writers import read_metrics
@@ -79,23 +80,15 @@ def test_running_again_on_a_finished_workdir_does_nothing(tiny_workdir, capsys, 
   assert (tiny_workdir / "metrics.jsonl").read_text() == before
 
 
-def _tiny(num_steps):
-  config = load_experiment("tiny")
-  config.optim.schedule = "constant"  # the schedule must not depend on where the run stopped
-  config.train.num_steps = num_steps
-  config.train.log_every_steps = 1
-  config.eval.every_steps = 100
-  return config
-
-
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-  loop.train_and_evaluate(_tiny(6), str(tmp_path / "straight"))
-  loop.train_and_evaluate(_tiny(3), str(tmp_path / "resumed"))
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_straight):
+  """A run of 3 steps, raised to 6 and run again, trains steps 4-6 as the uninterrupted run of 6
+  (conftest's `tiny_straight`, the same config) did."""
+  loop.train_and_evaluate(tiny_run_config(3), str(tmp_path / "resumed"))
   assert (tmp_path / "resumed" / "DONE").exists()
-  loop.train_and_evaluate(_tiny(6), str(tmp_path / "resumed"))
-  loss = lambda d: {r["step"]: r["train/loss"]  # noqa: E731
-                    for r in read_metrics(str(tmp_path / d)) if "train/loss" in r}
-  straight, resumed = loss("straight"), loss("resumed")
+  loop.train_and_evaluate(tiny_run_config(6), str(tmp_path / "resumed"))
+  straight = tiny_straight[0]
+  resumed = {r["step"]: r["train/loss"]
+             for r in read_metrics(str(tmp_path / "resumed")) if "train/loss" in r}
   assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
   for step in (4, 5, 6):
     np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-5)

@@ -7,6 +7,8 @@ Parameter paths are stable and per level, so per-level remedies can address them
   level_{l}/q_head          posterior head of level l        (hvae only)
   level_{l}/p_head          prior head of level l  (hvae only; none for a standard-normal top)
   level_{l}/z_proj          projection merging z_l into the decoder state d_l (hvae only)
+  level_{l}/group_{g}/...   latent group g >= 2 of level l (`model.latent_groups`): block (its
+                            residual block), q_head, p_head, z_proj
   level_{l}/decoder         f_l: the decoder block producing d_l (l < L)
   output_head               f_0: the likelihood parameters at 64x64
 
@@ -119,8 +121,36 @@ class DecoderBlock(nn.Module):
     return h
 
 
+class LatentGroup(nn.Module):
+  """Latent group g >= 2 of a level (`model.latent_groups`): a residual block that turns the state
+  merged with groups < g into d_{l,g}, then its own heads and z projection, as group 1's."""
+
+  config: ModelConfig
+  level: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg, l = self.config, self.level
+    width = cfg.level_width(l)
+    self.block = layers.res_block(layers.remat_level(cfg.remat, l))(width, dtype=self.dtype)
+    channels = cfg.latent_channels[l - 1] // cfg.groups(l)
+    self.q_head = _head(cfg, l, channels)
+    self.p_head = _head(cfg, l, channels)
+    self.z_proj = layers.conv(width, 1, dtype=self.dtype)
+
+
+def _head(cfg: ModelConfig, l: int, channels: int, vector: bool = False) -> layers.GaussianHead:
+  return layers.GaussianHead(channels, vector=vector, sigma_floor=cfg.sigma_floor[l - 1],
+                             dropout=cfg.dropout[l - 1])
+
+
 class Level(nn.Module):
-  """Everything that belongs to level l: its heads, its z projection and its decoder f_l."""
+  """Everything that belongs to level l: its heads, its z projection and its decoder f_l.
+
+  With G = `model.latent_groups` > 1, z_l is drawn in G channel groups: group 1 uses the heads
+  below, group g >= 2 the `LatentGroup` `group_{g}`, whose prior and posterior see the state
+  merged with groups < g (so its prior correlates positions through their samples).
+  """
 
   config: ModelConfig
   level: int
@@ -130,34 +160,42 @@ class Level(nn.Module):
     cfg, l, dtype = self.config, self.level, self.dtype
     self.is_top = l == cfg.num_levels
     if cfg.has_latents:
-      channels = cfg.top_latent_dim if self.is_top else cfg.latent_channels[l - 1]
-      head = lambda: layers.GaussianHead(  # noqa: E731
-          channels, vector=self.is_top, sigma_floor=cfg.sigma_floor[l - 1],
-          dropout=cfg.dropout[l - 1])
-      self.q_head = head()
+      groups = cfg.groups(l)
+      channels = cfg.top_latent_dim if self.is_top else cfg.latent_channels[l - 1] // groups
+      self.q_head = _head(cfg, l, channels, self.is_top)
       if not (self.is_top and cfg.top_prior == "standard_normal"):
-        self.p_head = head()
+        self.p_head = _head(cfg, l, channels, self.is_top)
       if self.is_top:
         r = cfg.resolution(l)
         self.z_proj = nn.Dense(r * r * cfg.level_width(l), dtype=dtype, param_dtype=jnp.float32)
       else:
         self.z_proj = layers.conv(cfg.level_width(l), 1, dtype=dtype)
+      if groups > 1:
+        self.group = {g: LatentGroup(cfg, l, dtype) for g in range(2, groups + 1)}
     if not self.is_top:
       self.decoder = DecoderBlock(cfg.level_width(l), cfg.blocks_per_level, dtype,
                                   layers.remat_level(cfg.remat, l))
+
+  def _unit(self, group: int):
+    return self if group == 1 else self.group[group]
 
   def decode(self, u, skip):
     """d_l = f_l(u, [h^p_l]) for the upsampled state u."""
     return self.decoder(u, skip)
 
-  def prior(self, d: jnp.ndarray, train: bool) -> DiagGaussian:
-    """p(z_l | z_{>l}, x_outer) from the decoder state d_l."""
+  def advance(self, state: jnp.ndarray, group: int) -> jnp.ndarray:
+    """d_{l,g} for group g >= 2 from the state merged with groups < g."""
+    return self.group[group].block(state)
+
+  def prior(self, d: jnp.ndarray, train: bool, group: int = 1) -> DiagGaussian:
+    """p(z_l | z_{>l}, x_outer) (of group `group`, given the groups before it) from d_l."""
     if self.is_top and self.config.top_prior == "standard_normal":
       return DiagGaussian.standard((d.shape[0], self.config.top_latent_dim), jnp.float32)
-    return self.p_head(d, train=train)
+    return self._unit(group).p_head(d, train=train)
 
-  def posterior(self, h: jnp.ndarray, train: bool) -> DiagGaussian:
-    """q(z_l | ...) from its input features (h^q_l, or concat(d_l, h^q_l) for top_down).
+  def posterior(self, h: jnp.ndarray, train: bool, group: int = 1) -> DiagGaussian:
+    """q(z_l | ...) (of group `group`) from its input features (h^q_l, or concat(d_l, h^q_l) for
+    top_down).
 
     In training, the encoder-only remedies act on those features first: dropout
     (`regularize.posterior_dropout`), then additive Gaussian noise (`posterior_noise`, its std,
@@ -171,11 +209,11 @@ class Level(nn.Module):
       h = jnp.where(keep, h / (1.0 - rate), 0.0)
     if train and std > 0:
       h = h + std * jax.random.normal(self.make_rng("dropout"), h.shape, h.dtype)
-    return self.q_head(h, train=train)
+    return self._unit(group).q_head(h, train=train)
 
-  def merge(self, d: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
-    """merge(d_l, z_l) = d_l + proj(z_l), at level l's own resolution."""
-    return d + self.z_proj(z).reshape(d.shape)
+  def merge(self, d: jnp.ndarray, z: jnp.ndarray, group: int = 1) -> jnp.ndarray:
+    """merge(d_l, z_l) = d_l + proj(z_l), at level l's own resolution (z of group `group`)."""
+    return d + self._unit(group).z_proj(z).reshape(d.shape)
 
 
 class OutputHead(nn.Module):
@@ -227,6 +265,14 @@ class OutputHead(nn.Module):
     if box is not None:
       params = params[:, y0 - gy0:y1 - gy0, x0 - gx0:x1 - gx0]
     return params
+
+
+def _concat(dists: list[DiagGaussian]) -> DiagGaussian:
+  """One level's latent groups as one Gaussian (channels concatenated, group 1 first)."""
+  if len(dists) == 1:
+    return dists[0]
+  return DiagGaussian(jnp.concatenate([x.mean for x in dists], -1),
+                      jnp.concatenate([x.log_scale for x in dists], -1))
 
 
 def _per_level(value, num_levels: int, name: str) -> tuple:
@@ -357,30 +403,42 @@ class HVAE(nn.Module):
       if not cfg.has_latents:
         state = d
         continue
-      p = level.prior(d, train)
-      q = None
-      if compute_posterior:
-        q_in = h_q[l] if cfg.posterior == "bottom_up" else jnp.concatenate([d, h_q[l]], axis=-1)
-        q = level.posterior(q_in, train)
-        if posterior_offset[l - 1] is not None:
-          offset = posterior_offset[l - 1]
-          q = DiagGaussian(q.mean + offset.mean, q.log_scale + offset.log_scale)
-      z = latents[l - 1]
-      if z is None:
-        eps = noise[l - 1]
-        if eps is None:
-          eps = jax.random.normal(self.make_rng("sample"), p.mean.shape, p.mean.dtype)
-        if sources[l - 1] == POSTERIOR:
-          z = q.sample(eps)
-        else:
-          z = p.sample(eps, temperature[l - 1])
+      groups = cfg.groups(l)
+      split = lambda t, n=groups: (None,) * n if t is None else jnp.split(t, n, axis=-1)  # noqa: E731
+      offset = posterior_offset[l - 1]
+      parts = zip(split(latents[l - 1]), split(noise[l - 1]),
+                  split(None if offset is None else offset.mean),
+                  split(None if offset is None else offset.log_scale))
+      ps, qs, zs = [], [], []
+      state = d
+      for g, (z, eps, offset_mean, offset_log_scale) in enumerate(parts, start=1):
+        if g > 1:
+          state = level.advance(state, g)
+        p = level.prior(state, train, g)
+        q = None
+        if compute_posterior:
+          q_in = h_q[l] if cfg.posterior == "bottom_up" else jnp.concatenate([state, h_q[l]], -1)
+          q = level.posterior(q_in, train, g)
+          if offset_mean is not None:
+            q = DiagGaussian(q.mean + offset_mean, q.log_scale + offset_log_scale)
+        if z is None:
+          if eps is None:
+            eps = jax.random.normal(self.make_rng("sample"), p.mean.shape, p.mean.dtype)
+          if sources[l - 1] == POSTERIOR:
+            z = q.sample(eps)
+          else:
+            z = p.sample(eps, temperature[l - 1])
+        ps.append(p)
+        qs.append(q)
+        zs.append(z)
+        state = level.merge(state, z, g)
+      p, q, z = _concat(ps), None if q is None else _concat(qs), jnp.concatenate(zs, -1)
       flat = lambda t: t.reshape(t.shape[0], -1).sum(-1)  # noqa: E731
       outputs.append(LevelOutput(
           z=z, p=p, q=q,
           kl=None if q is None else q.kl(p),
           log_q=None if q is None else flat(q.log_prob(z)),
           log_p=flat(p.log_prob(z))))
-      state = level.merge(d, z)
 
     lik = self.likelihood
     if location_grad_power is not None:
