@@ -150,7 +150,10 @@ class _QuietLibraries:
 
   def filter(self, record) -> bool:
     noisy = any(n in record.pathname for n in self._NOISY)
-    if noisy and record.exc_info and logging.get_verbosity() < logging.DEBUG:
+    # asyncio reports the failed writes of a failed orbax save again, at exit ("Task exception
+    # was never retrieved", naming orbax's coroutine).
+    stray = record.name == "asyncio" and "orbax" in record.getMessage()
+    if (noisy or stray) and record.exc_info and logging.get_verbosity() < logging.DEBUG:
       # orbax's tracebacks of a failed background save: the error reaches the caller (one line,
       # CheckpointWriteError); --verbosity=1 shows them.
       return False

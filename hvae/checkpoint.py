@@ -22,7 +22,9 @@ tmp directory is deleted by the next writing `Checkpointer` (`cleanup_tmp_direct
 when it opens the directory, finished before its first save). This protects against a killed
 *process*; it does not fsync, so it makes no promise about a machine losing power mid-write. A
 save that cannot be written (a full disk) raises `CheckpointWriteError` at the next save or
-`wait()`, naming the step and the newest intact one.
+`wait()`, naming the step and the newest intact one. With several processes a save that fails on
+one of them fails on every one at the same call, with the same reason, instead of leaving the
+others blocked at one of orbax's barriers (`hvae.checkpoint_sync`).
 
 Fallback (docs/reliability.md): a committed step that cannot be read back (a truncated or deleted
 array file, a deleted `data_state/`, an empty step directory, bad JSON, ...) is skipped with a
@@ -50,6 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from hvae.checkpoint_sync import SaveBarrier
 from hvae.errors import CheckpointUnavailableError, CheckpointWriteError, ConfigError
 
 _STATE = "state"
@@ -87,7 +90,9 @@ def _reason(error: BaseException) -> str:
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """Silences the late callbacks of a failed orbax read or write (installed at the first one).
+  """Silences the late callbacks of a failed orbax read or write (installed at the first failed
+  read, and when a writing `Checkpointer` opens: a save fails in a background thread, and its
+  callbacks print while the training goes on, before any call of ours sees the failure).
 
   After a restore (or a save) fails, tensorstore still completes the step's other reads (or
   writes) and their callbacks try to wake orbax's event loop, already closed: each prints a bare
@@ -133,7 +138,21 @@ def _barrier(name: str) -> None:
 
 class _Manager(ocp.CheckpointManager):
   """orbax's manager, except that a step whose metrics JSON cannot be read counts as not
-  evaluated (with a warning) instead of stopping every open of the directory."""
+  evaluated (with a warning) instead of stopping every open of the directory, and that a save
+  whose background part fails posts it to `barrier` (the other processes stop waiting for it)."""
+
+  def __init__(self, *args, barrier: SaveBarrier, **kwargs):
+    self._hvae_barrier = barrier
+    super().__init__(*args, **kwargs)
+
+  def _wait_for_checkpointers(self):
+    # orbax's finalize thread calls this first, then (in a `finally`) waits at its last barrier:
+    # the failure must be posted in between, or the other processes wait for this one there.
+    try:
+      super()._wait_for_checkpointers()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised)
+      self._hvae_barrier.fail(_reason(e))
+      raise
 
   def metrics(self, step: int) -> Any:
     try:
@@ -167,6 +186,9 @@ class Checkpointer:
     self._best_metric = best_metric
     self._read_only = read_only
     self._unfinished: list[int] = []  # steps whose save may still be in flight
+    self._barrier = SaveBarrier()  # orbax's barrier, which stops waiting when a save fails
+    if not read_only:
+      _quiet_closed_loop_callbacks()
     get_metric = lambda m: _metric_value(m, best_metric)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
@@ -184,8 +206,10 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only,
         create=not read_only,
         read_only=read_only,
+        async_options=ocp.AsyncOptions(barrier_sync_fn=self._barrier),
     )
-    self._manager = _Manager(self._directory, item_names=(_STATE, _DATA), options=options)
+    self._manager = _Manager(self._directory, item_names=(_STATE, _DATA), options=options,
+                             barrier=self._barrier)
 
   @property
   def directory(self) -> str:
@@ -267,11 +291,14 @@ class Checkpointer:
 
   def _finishing(self, call, step: int | None = None):
     """`call()`, a manager call that finishes the saves in flight (and starts `step`'s); any
-    failure of it is a save that could not be written: `CheckpointWriteError`, one line."""
+    failure of it is a save that could not be written: `CheckpointWriteError`, one line. With
+    several processes its reason is the first failure posted (`SaveBarrier.fail`), the same on
+    every process."""
     try:
       return call()
     except Exception as e:  # pylint: disable=broad-except  (orbax raises ValueError, OSError...)
       _quiet_closed_loop_callbacks()  # the failed write's other callbacks, as after a bad read
+      reason = self._barrier.fail(_reason(e))  # posted before any other call can wait for us
       failed = sorted(set(self._unfinished + ([step] if step is not None else [])))
       intact = [s for s in self._manager.all_steps() if s not in failed]
       then = (f"the previous checkpoint (step {max(intact)}) is intact: free some space and run "
@@ -279,7 +306,7 @@ class Checkpointer:
               "no earlier checkpoint exists: free some space and run the same command again")
       raise CheckpointWriteError(
           f"Checkpoint step {', '.join(map(str, failed)) or '?'} could not be written to "
-          f"{self._directory} ({_reason(e)}): is the disk full, or a quota or file-size limit "
+          f"{self._directory} ({reason}): is the disk full, or a quota or file-size limit "
           f"reached? Nothing of it is used; {then}.") from e
 
   def _candidates(self, step: int | str | None) -> tuple[list[int], str]:

@@ -9,7 +9,9 @@ done first by the resumed run; hvae/preemption.py, hvae/loop_eval.py). One train
 holds the workdir (hvae/lock.py). A file of the run that cannot be written (a full disk) ends it
 with `FileWriteError`, one line naming the file and the newest checkpoint; with several
 processes only process 0 writes, and its failure reaches every process at the agreement right
-after the writes (`preemption.HeldWrites`), so none waits in a collective.
+after the writes (`preemption.HeldWrites`), so none waits in a collective. A checkpoint that
+cannot be written (`CheckpointWriteError`, on any process) is agreed the same way, at the next
+step that logs a row or saves a checkpoint.
 
 Repeated skipped updates: every step's count of skipped updates in a row is read one step late
 (after the next step is dispatched; its copy to the host starts as soon as its step is), so the
@@ -30,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from hvae import (
+  atomic,
   config_file,
   data,
   eta,
@@ -154,13 +157,21 @@ def _train(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, *
 
 def _with_newest_checkpoint(error: FileWriteError, ckpt: Checkpointer) -> FileWriteError:
   """`error`'s message and what a rerun resumes from, once the saves in flight are committed
-  (`CheckpointWriteError` if one of them cannot be: that message names the intact step)."""
+  (`CheckpointWriteError` if one of them cannot be: that message names the intact step). A
+  failed `DONE` (`training_finished`, set by `_finish`) comes after the last checkpoint: the
+  rerun only writes `DONE`."""
   ckpt.wait()
   steps = ckpt.all_steps()
   what = "free some space" if getattr(error, "no_space", True) else "fix that"
-  then = (f"the newest checkpoint (step {max(steps)}) is intact: {what} and run the same "
-          "command to resume from it" if steps else
-          f"no checkpoint was written yet: {what} and run the same command again")
+  if getattr(error, "training_finished", False) and steps:
+    then = (f"the training finished and its checkpoints are intact (the last is step "
+            f"{max(steps)}): {what} and run the same command to write DONE; nothing is trained "
+            "again")
+  elif steps:
+    then = (f"the newest checkpoint (step {max(steps)}) is intact: {what} and run the same "
+            "command to resume from it")
+  else:
+    then = f"no checkpoint was written yet: {what} and run the same command again"
   text = str(error)
   joined = f"{text} {then[0].upper()}{then[1:]}" if text.endswith("?") else f"{text}; {then}"
   return FileWriteError(joined + ".")
@@ -168,8 +179,9 @@ def _with_newest_checkpoint(error: FileWriteError, ckpt: Checkpointer) -> FileWr
 
 def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, train_iter,
          ckpt: Checkpointer, *, profile: bool = False) -> None:
-  """`_train` once the data and the checkpoint directory are open. Process 0's writes are
-  `writes.held()`; every process calls `writes.agree()` after them, before any other collective."""
+  """`_train` once the data and the checkpoint directory are open. Process 0's writes and the
+  checkpoint saves are `writes.held()`; every process calls `writes.agree()` after them, before
+  any other collective (a save's failure: before the next save)."""
   writes = preemption.HeldWrites()
   if jax.process_index() == 0:
     with writes.held():
@@ -301,20 +313,25 @@ def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, tra
           eval_metrics = loop_eval.evaluate(evaluator, workdir, writer, state, step, row,
                                             interrupt, writes)
         stop = stop or eval_metrics is None  # interrupted: checkpoint and stop, below
+      save_due = (step % config.train.checkpoint_every_steps == 0 or is_last
+                  or eval_metrics is not None)
       if row:
         with writes.held():
           writer.write_scalars(step, row)
+      if row or save_due:  # steps that sync anyway: a row is fetched, or a checkpoint saved
         stop = _agreed(stop_request, writes) or stop
-      if (step % config.train.checkpoint_every_steps == 0 or is_last or stop
-          or eval_metrics is not None):
-        ckpt.save(step, state, data_state=train_iter.get_state(), metrics=eval_metrics,
-                  force=is_last or stop)
+      if save_due or stop:
+        with writes.held():  # a save that failed before (on any process) fails here
+          ckpt.save(step, state, data_state=train_iter.get_state(), metrics=eval_metrics,
+                    force=is_last or stop)
       if stop:
-        ckpt.wait()
+        with writes.held():
+          ckpt.wait()
         _close(writer, writes, flush_only=True)
         logging.warning("Stopped at step %d on request; run the same command to resume.", step)
         return
-  ckpt.wait()
+  with writes.held():
+    ckpt.wait()
   _close(writer, writes)
   _finish(workdir, writes)
 
@@ -326,9 +343,10 @@ def _stop_requested(request: preemption.StopRequest) -> bool:
 
 
 def _agreed(request: preemption.StopRequest, writes: preemption.HeldWrites) -> bool:
-  """After the writes of a step's row. With several processes one collective: whether any asks
-  to stop, or process 0's failed write raised everywhere. With one process False (its flag was
-  read by `_stop_requested`; a failed write was raised at once)."""
+  """After the writes of a step's row, before its checkpoint. With several processes one
+  collective: whether any asks to stop, or a failed write (process 0's, or a checkpoint save on
+  any process) raised everywhere. With one process False (its flag was read by
+  `_stop_requested`; a failed write was raised at once)."""
   return writes.agree(request if jax.process_count() > 1 else None)
 
 
@@ -340,10 +358,16 @@ def _close(writer: MetricWriter, writes: preemption.HeldWrites, *, flush_only: b
 
 
 def _finish(workdir: str, writes: preemption.HeldWrites) -> None:
-  if jax.process_index() == 0:
-    with writes.held():
-      path = os.path.join(workdir, "DONE")
-      with writing(path), open(path, "w") as f:
-        f.write(datetime.datetime.now(datetime.UTC).isoformat() + "\n")
-  writes.agree()
+  """WORKDIR/DONE (atomic: a failed write leaves no file), after the last checkpoint is
+  committed; its failure is a `FileWriteError` marked `training_finished`."""
+  try:
+    if jax.process_index() == 0:
+      with writes.held():
+        path = os.path.join(workdir, "DONE")
+        with writing(path):
+          atomic.write_text(path, datetime.datetime.now(datetime.UTC).isoformat() + "\n")
+    writes.agree()
+  except FileWriteError as e:
+    e.training_finished = True  # `_with_newest_checkpoint`: the rerun only writes DONE
+    raise
   logging.info("Done: %s", workdir)

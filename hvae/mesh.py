@@ -4,6 +4,13 @@ One 1-D mesh over every device of every process, axis `data`: batches are split 
 everything else (parameters, optimiser state, keys) is replicated. The same code runs on one
 CPU, 8 GPUs or a TPU slice; there is no pmap. Training (`hvae.train`), evaluation
 (`hvae.evaluation`) and the diagnostics (`hvae.diagnostics`) all place their inputs here.
+
+Why `Mesh(...)` and not `jax.make_mesh` / `jax.set_mesh`: on jax 0.10 `jax.make_mesh` gives
+*Explicit* axes by default (sharding in types: every array's type carries its sharding and
+operations must agree on it), while the steps here are written for the *Auto* axes `Mesh`
+gives (in/out shardings on `jax.jit`, XLA propagates the rest). Asking `jax.make_mesh` for
+Auto axes removes no line, and a global `jax.set_mesh` would hide which mesh a step runs on
+(the tests narrow it to some of the devices), so this module keeps its four small functions.
 """
 
 from __future__ import annotations

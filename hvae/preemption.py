@@ -16,9 +16,11 @@ running one, so a stop request is honoured after at most two jitted calls.
 Several processes (hosts) must stop at the same point, or the others wait forever in their next
 collective. `agree` is the one collective that decides it: every process gives its stop flag and
 whether a write of its own failed; all learn whether any asked to stop, and a failed write is
-raised on every process as the same one-line `FileWriteError` (the failing process's message,
-broadcast). Only process 0 writes a run's files, so `HeldWrites` keeps its failure until the next
-`agree` instead of raising it while the others go on (docs/reliability.md).
+raised on every process as the same one-line error of the same kind (`FileWriteError`, or
+`CheckpointWriteError` for a checkpoint save; the failing process's message, broadcast). Only
+process 0 writes a run's files, and a checkpoint save can fail on any process, so `HeldWrites`
+keeps such a failure until the next `agree` instead of raising it while the others go on
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from hvae.errors import FileWriteError
+from hvae.errors import CheckpointWriteError, FileWriteError
 
 _MESSAGE_BYTES = 4096  # the longest message `broadcast_message` carries
+# The failures `agree` raises on every process, by the index each process sends.
+_FAILURES = (FileWriteError, CheckpointWriteError)
 
 
 class Interrupted(Exception):
@@ -107,23 +111,25 @@ class StopRequest:
     return agree(self.requested)
 
 
-def agree(requested: bool, failure: FileWriteError | None = None) -> bool:
+def agree(requested: bool, failure: FileWriteError | CheckpointWriteError | None = None) -> bool:
   """Whether any process asks to stop (`requested`), unless a write failed on one of them.
 
   With several processes this is one collective, which every process must reach at the same
   point; with one it is `requested` (or `failure` raised).
 
   Raises:
-    FileWriteError: `failure` on the process that holds it, and on every other process a
-      `FileWriteError` with its message (that of the lowest-numbered failing process).
+    FileWriteError, CheckpointWriteError: `failure` on the process that holds it, and on every
+      other process an error of the same kind with its message (that of the lowest-numbered
+      failing process).
   """
   if jax.process_count() == 1:
     if failure is not None:
       raise failure
     return requested
+  kind = next((i for i, k in enumerate(_FAILURES) if isinstance(failure, k)), 0)
   mine = np.asarray([bool(requested), failure is not None,
-                     bool(getattr(failure, "no_space", True))], np.int32)
-  flags = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
+                     bool(getattr(failure, "no_space", True)), kind], np.int32)
+  flags = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
   failed = np.flatnonzero(flags[:, 1])
   if not failed.size:
     return bool(flags[:, 0].any())
@@ -132,7 +138,8 @@ def agree(requested: bool, failure: FileWriteError | None = None) -> bool:
   message = broadcast_message(str(failure) if here else "", is_source=here)
   if here:
     raise failure
-  error = FileWriteError(message or f"process {source} could not write one of the run's files")
+  error = _FAILURES[int(flags[source, 3])](
+      message or f"process {source} could not write one of the run's files")
   error.no_space = bool(flags[source, 2])  # what to do about it (hvae.writers.write_error)
   raise error
 
@@ -150,24 +157,30 @@ def broadcast_message(message: str, *, is_source: bool | None = None) -> str:
 
 
 class HeldWrites:
-  """Writes of process 0 whose failure every process must hear of.
+  """Writes whose failure every process must hear of: process 0's writes of the run's files, and
+  every process's checkpoint saves.
 
   With several processes only process 0 writes the run's files. Raising its `FileWriteError` at
   once would leave the other processes waiting for it in their next collective, so `held()`
   keeps the failure of a write inside it and the next `agree()` (a collective every process
-  reaches at the same point, before any other) raises it on every process. With one process
-  the failure is raised at once and `agree()` is free."""
+  reaches at the same point, before any other) raises it on every process. A checkpoint save
+  that fails on one process mostly fails on all of them at the same call
+  (hvae/checkpoint_sync.py), but not always: a failure once the step is committed (deleting an
+  old step, which process 0 does) is not posted, and surfaces at that process's `wait()` alone.
+  So its `CheckpointWriteError` is held the same way, and `agree()` raises the same line
+  everywhere.
+  With one process the failure is raised at once and `agree()` is free."""
 
   def __init__(self):
     self._failure = None
 
   @contextlib.contextmanager
   def held(self):
-    """Around process 0's writes: see the class docstring. The rest of the block is skipped
-    after a failure; what follows must not need it before `agree()`."""
+    """Around process 0's writes and the checkpoint saves: see the class docstring. The rest of
+    the block is skipped after a failure; what follows must not need it before `agree()`."""
     try:
       yield
-    except FileWriteError as e:
+    except (FileWriteError, CheckpointWriteError) as e:
       if jax.process_count() == 1:
         raise
       logging.error("%s", e)

@@ -108,7 +108,9 @@ def roll_back(config, workdir: str, ckpt: Checkpointer, state, train_iter, step:
   Returns:
     (the restored state, not yet placed; its step; every roll-back so far, this one last).
   """
-  ckpt.wait()
+  with writes.held():
+    ckpt.wait()  # a save that failed (on any process) stops every process here, not in restore
+  writes.agree()
   if ckpt.latest_step() is None:
     restored, data_state = initial()
     restored_step = 0
@@ -134,8 +136,9 @@ def stop_after_skips(config, ckpt: Checkpointer, writer: MetricWriter, step: int
                      data_state, streak: tuple[int, dict], rollbacks: list[dict],
                      writes: HeldWrites) -> None:
   """Checkpoints the state (skipped updates leave it at the last good one) and raises."""
-  ckpt.save(step, state, data_state=data_state, force=True)
-  ckpt.wait()
+  with writes.held():  # a failed save (on any process) is agreed with the writes below
+    ckpt.save(step, state, data_state=data_state, force=True)
+    ckpt.wait()
   with writes.held():
     writer.close()
   writes.agree()

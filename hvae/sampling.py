@@ -4,9 +4,10 @@ A sample draws every latent from the conditional prior (temperature tau scales t
 sigma, globally or per level) and then the pixels: `pixels="sample"` draws them from the
 likelihood p(x | z) (the definition of the design), `pixels="mean"` takes its mean E[x | z], so
 every difference between two samples comes from the latents (as VAE papers show samples), and
-`pixels="sample:T"` draws them at pixel temperature T (the likelihood's noise scaled by T; the
-mixture component is not tempered): between the two, e.g. T = 0.3 gives faces the grain of real
-photographs without the speckle of T = 1 (docs/results.md, "Pixel temperature"). The missing
+`pixels="sample:T"` draws them at pixel temperature T (the likelihood's noise scaled by T and a
+mixture's component drawn from softmax(logits / T): T -> 0 is the likelihood's mode, T = 1 the
+likelihood), between the two: grain without the speckle of T = 1 (docs/results.md, "Pixel
+temperature"). The missing
 pixels of the input are never read: the image is masked before it reaches the model.
 
 * `sample_fill_ins`: N samples; `mean_fill_in` averages them (pixel noise included). With

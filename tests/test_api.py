@@ -1,12 +1,14 @@
 """`hvae.load`, `--mode=eval` and `--mode=inpaint` end to end on a workdir of experiments/tiny.py.
 
-The workdir is trained once per module, in-process (tests/test_launch.py trains through
-launch.py itself); the modes run through launch.py's main and `hvae.load`, all in this process:
-no interpreter start-up or imports per mode, and what one compiles the next finds (launch.py in
-a process of its own: tests/test_launch.py, and `--mode=eval` in tests/test_multihost.py).
+The workdir is a copy of the suite's tiny run (conftest's `tiny_straight`, trained in-process once
+per test process; tests/test_launch.py trains through launch.py itself); the modes run through
+launch.py's main and `hvae.load`, all in this process: no interpreter start-up or imports per
+mode, and what one compiles the next finds (launch.py in a process of its own:
+tests/test_launch.py, and `--mode=eval` in tests/test_multihost.py).
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from helpers import centre_mask, launch_in_process, load_experiment, random_imag
 from PIL import Image
 
 import hvae
-from hvae import baselines, errors, loop, quality, sampling
+from hvae import baselines, errors, quality, sampling
 from hvae.data import image_files
 from hvae.data import masks as masks_lib
 
@@ -27,9 +29,11 @@ def _launch(capsys, monkeypatch, *args) -> str:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  w = tmp_path_factory.mktemp("tiny_api")
-  loop.train_and_evaluate(load_experiment("tiny"), str(w))
+def workdir(tmp_path_factory, tiny_straight):
+  """A copy of the suite's tiny run (conftest's `tiny_straight`: checkpoints 3 and 6, step 6
+  evaluated, so also the best): the modes write into it."""
+  w = tmp_path_factory.mktemp("tiny_api") / "run"
+  shutil.copytree(tiny_straight[2], w)
   return w
 
 

@@ -173,3 +173,39 @@ def test_step_flops_fall_back_to_a_cpu_lowering_where_the_backend_cannot_cost(mo
   got = sweep.train_step_flops(config)
   assert got["source"] == "lowered HLO for the CPU, global batch"
   assert got["flops_per_step"] == expected["flops_per_step"]
+
+
+def test_held_out_photos_are_the_validation_persons_in_name_order(tmp_path):
+  """benchmarks/held_out_photos.py on a folder of 10 persons x 4 photos split by person: the
+  links point at held-out photos only (no person of the chosen has a training photo), at most 3
+  a person, in name order, at most --count; a second run into the filled folder is an error."""
+  from PIL import Image
+
+  from benchmarks import held_out_photos
+  from hvae import config_file
+  from hvae.data import folder
+  from hvae.errors import ConfigError
+
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for person in range(10):
+    for i in range(1, 5):
+      Image.new("L", (64, 64), 10 * person + i).save(photos / f"Person_{person}_{i:04d}.png")
+  config = load_experiment("faces_cpu")
+  config.data.path, config.data.validation_fraction = str(photos), 0.5
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  config_file.save_config(config, str(workdir / "config.json"))
+  _, held_out = folder.held_out_files(config)
+  person = lambda rel: rel.rsplit("_", 1)[0]
+  trained = {person(rel) for rel in os.listdir(photos)} - {person(rel) for rel in held_out}
+  assert held_out and trained  # premise: both sides have persons
+  chosen = held_out_photos.write(str(workdir), str(tmp_path / "out"), count=7, per_group=3)
+  assert chosen == sorted(chosen) and len(chosen) == min(7, 3 * len(held_out) // 4)
+  assert all(rel in held_out and person(rel) not in trained for rel in chosen)
+  assert max(sum(person(r) == person(rel) for r in chosen) for rel in chosen) <= 3
+  out = sorted(p.name for p in (tmp_path / "out").iterdir())
+  assert out == sorted(chosen + [".held_out.txt"])
+  assert all(os.path.realpath(tmp_path / "out" / rel) == str(photos / rel) for rel in chosen)
+  with pytest.raises(ConfigError, match="not an empty folder"):
+    held_out_photos.write(str(workdir), str(tmp_path / "out"))

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,18 @@ from absl import app
 from helpers import launch_in_process, load_experiment, tiny_run_config
 from PIL import Image
 
-from hvae import api, checkpoint, config_file, errors, lock, loop, preemption, rollback, writers
+from hvae import (
+  api,
+  checkpoint,
+  checkpoint_sync,
+  config_file,
+  errors,
+  lock,
+  loop,
+  preemption,
+  rollback,
+  writers,
+)
 from hvae.checkpoint import CORRUPT_DIR, Checkpointer
 from hvae.data import folder, image_files
 from hvae.errors import CheckpointUnavailableError, WorkdirLockedError
@@ -383,14 +395,15 @@ def test_a_full_disk_while_recording_a_rollback_is_one_line_and_keeps_the_record
   assert rollback.read(str(tmp_path)) == [entry]
 
 
-def test_process_0_s_failed_write_stops_every_process_with_its_line(tmp_path, monkeypatch):
-  """Two processes (simulated, the collectives faked in one process): process 0's write fails
-  inside `held()`. The failure is held, and the next agreement (the stop-flag collective,
-  carrying a failure flag) raises it on process 0 and the same one-line `FileWriteError` on
-  process 1, which would otherwise go on and wait for process 0 in its next collective. Without
-  a failure, the agreement is whether any process asks to stop."""
-  path = str(tmp_path / "metrics.jsonl")
-  sent, broadcast_from = {1: np.asarray([0, 0, 1])}, []  # process 1: no stop, nothing failed
+def _two_processes(monkeypatch, sent: dict) -> tuple[dict, list]:
+  """`preemption`'s collectives faked for two processes played in turn by this one (set
+  `jax.process_index` to choose): the allgather returns the flags each process sent (`sent`
+  holds the other's), the broadcast the buffer of the first source to call it.
+
+  Returns:
+    (`sent`, the list of broadcast buffers).
+  """
+  broadcast_from = []
 
   def allgather(flags):  # every process receives every process's flags
     sent[jax.process_index()] = np.asarray(flags)
@@ -399,11 +412,22 @@ def test_process_0_s_failed_write_stops_every_process_with_its_line(tmp_path, mo
   def broadcast(buffer, is_source=None):
     if is_source:
       broadcast_from.append(np.asarray(buffer))
-    return broadcast_from[0]  # the source (process 0) runs first
+    return broadcast_from[0]  # the source runs first here
 
   monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
   monkeypatch.setattr(preemption.multihost_utils, "broadcast_one_to_all", broadcast)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
+  return sent, broadcast_from
+
+
+def test_process_0_s_failed_write_stops_every_process_with_its_line(tmp_path, monkeypatch):
+  """Two processes (simulated, the collectives faked in one process): process 0's write fails
+  inside `held()`. The failure is held, and the next agreement (the stop-flag collective,
+  carrying a failure flag) raises it on process 0 and the same one-line `FileWriteError` on
+  process 1, which would otherwise go on and wait for process 0 in its next collective. Without
+  a failure, the agreement is whether any process asks to stop."""
+  path = str(tmp_path / "metrics.jsonl")
+  sent, broadcast_from = _two_processes(monkeypatch, {1: np.asarray([0, 0, 1, 0])})  # no stop
   for code, no_space in ((errno.ENOSPC, True), (errno.EACCES, False)):
     broadcast_from.clear()
     raised = []
@@ -423,9 +447,9 @@ def test_process_0_s_failed_write_stops_every_process_with_its_line(tmp_path, mo
   # No failure: whether any process asks to stop (process 1 was sent SIGTERM).
   request = preemption.StopRequest("stopping")  # not entered: this process's flag stays False
   monkeypatch.setattr(jax, "process_index", lambda: 0)
-  sent[1] = np.asarray([1, 0, 1])
+  sent[1] = np.asarray([1, 0, 1, 0])
   assert preemption.HeldWrites().agree(request) and request.agreed()
-  sent[1] = np.asarray([0, 0, 1])
+  sent[1] = np.asarray([0, 0, 1, 0])
   assert not preemption.HeldWrites().agree(request) and not request.agreed()
   # One process: a failed write is raised at once, and the agreement is free.
   monkeypatch.undo()
@@ -433,6 +457,132 @@ def test_process_0_s_failed_write_stops_every_process_with_its_line(tmp_path, mo
     with preemption.HeldWrites().held(), writers.writing(path):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
   assert not preemption.HeldWrites().agree(request)
+
+
+class _KeyValueStore:
+  """The job's key-value store (JAX's distributed client), shared by the processes a test plays
+  in one process (threads)."""
+
+  def __init__(self):
+    self.data, self._lock = {}, threading.Lock()
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    with self._lock:
+      if key in self.data and not allow_overwrite:
+        raise jax.errors.JaxRuntimeError(f"ALREADY_EXISTS: {key}")
+      self.data[key] = value
+
+  def key_value_try_get(self, key):
+    with self._lock:
+      if key not in self.data:
+        raise jax.errors.JaxRuntimeError(f"NOT_FOUND: {key}")
+      return self.data[key]
+
+  def key_value_dir_get(self, prefix):
+    with self._lock:
+      return [(k, v) for k, v in self.data.items() if k.startswith(prefix)]
+
+  def key_value_delete(self, key):
+    with self._lock:
+      self.data.pop(key, None)
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+  """`fn()` started in a thread; the list gets its outcome (None, or the exception raised)."""
+  outcome = []
+
+  def run():
+    try:
+      fn()
+      outcome.append(None)
+    except Exception as e:  # pylint: disable=broad-except  (the outcome under test)
+      outcome.append(e)
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  return thread, outcome
+
+
+def test_a_checkpoint_save_failing_on_one_process_fails_on_every_process(tmp_path,
+                                                                        monkeypatch):
+  """orbax's barriers of a save (`checkpoint_sync.SaveBarrier`, two processes played by threads
+  on one key-value store): they pass when both arrive, and old arrivals are deleted. When
+  process 1's files cannot be written, it posts why and goes on to the save's last barrier,
+  while process 0 waits at the one after the writes; both stop waiting, with the same reason
+  (with orbax's own barrier both waited 20 minutes). On one process, a failed background write
+  posts its reason from orbax's thread (the hook `checkpoint._Manager` relies on)."""
+  store = _KeyValueStore()
+  barriers = [checkpoint_sync.SaveBarrier(store, process_index=i, process_count=2, instance=0)
+              for i in (0, 1)]
+  for key in ("a", "b", "a", "c"):  # orbax reuses some keys: each use is a round of its own
+    runs = [_in_thread(lambda b=b, key=key: b(key=key, timeout_ms=600_000))
+            for b in barriers]
+    for thread, outcome in runs:
+      thread.join(timeout=120)
+      assert outcome == [None]
+  assert len(store.data) == 4  # the arrivals at the last two barriers; older ones deleted
+  # Process 0 has written its files and waits for process 1, whose write failed.
+  thread, outcome = _in_thread(lambda: barriers[0](key="async_write_complete.2",
+                                                   timeout_ms=600_000))
+  reason = "ValueError: OUT_OF_RANGE: Error writing ...: File too large"
+  assert barriers[1].fail(reason) == f"process 1: {reason}"
+  with pytest.raises(checkpoint_sync.PeerSaveFailed, match="process 1: ValueError"):
+    barriers[1](key="set_value_start", timeout_ms=600_000)  # orbax's last barrier
+  thread.join(timeout=120)
+  assert not thread.is_alive() and isinstance(outcome[0], checkpoint_sync.PeerSaveFailed)
+  assert str(outcome[0]) == f"process 1: {reason}"
+  assert barriers[0].fail("PeerSaveFailed: ...") == f"process 1: {reason}"  # the first stays
+  # One process, a real save whose data file cannot be written (RLIMIT_FSIZE): the reason is
+  # posted from orbax's finalize thread, before its last barrier, and the error names it.
+  posted, fail = [], checkpoint_sync.SaveBarrier.fail
+
+  def recorded(self, reason):  # which thread posts: True for the main thread
+    posted.append(threading.current_thread() is threading.main_thread())
+    return fail(self, reason)
+
+  monkeypatch.setattr(checkpoint_sync.SaveBarrier, "fail", recorded)
+  big = {"w": jnp.asarray(np.random.RandomState(0).normal(size=(512, 512)), jnp.float32)}
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  ckpt.save(1, big)
+  ckpt.wait()
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+  resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+  try:
+    ckpt.save(2, big)
+    with pytest.raises(errors.CheckpointWriteError) as info:
+      ckpt.wait()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, old)
+  assert posted[0] is False, posted  # orbax's thread posted first; the main thread then
+  assert "File too large" in str(info.value) and "(step 1) is intact" in str(info.value)
+  assert ckpt.all_steps() == [1]
+  ckpt.close()
+
+
+def test_a_failed_checkpoint_save_of_one_process_stops_every_process_with_its_line(
+    monkeypatch):
+  """Two processes (the collectives faked in one process): process 1's save failed and is held;
+  the next agreement raises on process 1 and broadcasts its line to process 0, which raises a
+  `CheckpointWriteError` too (not a `FileWriteError`: no "newest checkpoint" is added to it)."""
+  line = ("Checkpoint step 6 could not be written to /w/checkpoints (process 1: ValueError: ... "
+          "File too large): is the disk full, or a quota or file-size limit reached? Nothing of "
+          "it is used; the previous checkpoint (step 3) is intact: free some space and run the "
+          "same command to resume from it.")
+  _two_processes(monkeypatch, {0: np.asarray([0, 0, 1, 0])})  # process 0: nothing failed
+  raised = []
+  for index in (1, 0):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    writes = preemption.HeldWrites()
+    if index == 1:
+      with writes.held():
+        raise errors.CheckpointWriteError(line)  # held: process 1 goes on to the agreement
+    with pytest.raises(errors.CheckpointWriteError) as info:
+      writes.agree()
+    raised.append(info.value)
+  assert [str(e) for e in raised] == [line, line]
+  assert not isinstance(raised[1], errors.FileWriteError)
 
 
 def test_the_lock_is_released_on_errors_and_sigterm(tmp_path):

@@ -1,23 +1,27 @@
 """Fault tests of a training run (issue 14, with tests/test_faults.py): SIGKILL mid-step (with a
 checkpoint mid-write) and mid-evaluation, SIGTERM mid-evaluation and mid-refinement (also of
 `--mode=eval`), NaN batches and losses, a full disk while checkpointing and while writing
-metrics.jsonl, config.json or the event file, roll-backs after repeated skipped updates.
-docs/reliability.md tabulates what they try.
+metrics.jsonl, config.json, the event file, run_info.json, an image or DONE, roll-backs after
+repeated skipped updates. docs/reliability.md tabulates what they try.
 
 Every run is experiments/tiny.py for a few steps (`helpers.tiny_run_config`). A run that must
 die (SIGKILL), be signalled from outside or write to a file past a small file-size limit is a
 subprocess of launch.py, with the suite's compilation cache (read-only where writes fail); the
-other runs, the reruns and the reference run are in-process, so the evaluation's compiled
-functions are shared (hvae/evaluation.py builds them once per model).
+other runs (a full disk played by a write that fails with ENOSPC included), the reruns and the
+reference run are in-process, so the evaluation's compiled functions are shared
+(hvae/evaluation.py builds them once per model).
 
 Why one file past ~350 lines: docs/reliability.md tabulates these faults from this file and
 tests/test_faults.py; the runs here share one reference run (conftest's `tiny_straight`, also
 used by tests/test_faults.py and tests/test_launch.py) and its compiles.
 """
 
+import errno
+import io
 import os
 import pathlib
 import queue
+import re
 import resource
 import shutil
 import signal
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import JAX_CACHE, ROOT, launch_in_process, tiny_run_config, tiny_run_flags
+from PIL import Image
 
 from hvae import amortisation, data, errors, evaluation, loop, objective, rollback, writers
 from hvae.checkpoint import Checkpointer
@@ -312,11 +317,13 @@ def _copy(straight, tmp_path) -> pathlib.Path:
   return workdir
 
 
-def _env() -> dict:
-  """launch.py's environment in these tests: one CPU device, no bytecode written."""
+def _env(one_device: bool = True) -> dict:
+  """launch.py's environment in these tests: one CPU device (else this process's 8), no
+  bytecode written."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              PYTHONDONTWRITEBYTECODE="1")
-  env.pop("XLA_FLAGS", None)
+  if one_device:
+    env.pop("XLA_FLAGS", None)
   return env
 
 
@@ -394,35 +401,30 @@ def test_sigterm_during_refinement_of_a_training_evaluation_checkpoints_and_drop
   assert not (workdir / "DONE").exists() and not (workdir / "images").exists()
 
 
-# Runs a command with a file-size limit (RLIMIT_FSIZE, the first argument, bytes) standing in for
+# Runs launch.py with a file-size limit (RLIMIT_FSIZE, the first argument, bytes) standing in for
 # a full disk; SIGXFSZ ignored, so a write past the limit fails with EFBIG instead of killing the
-# process. Both survive the exec (no preexec_fn: forking this multithreaded process is unsafe).
+# process (set here, not in a preexec_fn: forking this multithreaded process is unsafe). It reads
+# the suite's compilation cache (same path: the path is part of JAX's cache key) but writes
+# nothing there: JAX writes an entry in place, so one cut short by the limit would stay behind.
 _FILE_SIZE_LIMIT = """
-import os, resource, signal, sys
+import resource, runpy, signal, sys
+from jax._src import compilation_cache
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), hard))
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+assert hasattr(compilation_cache, "put_executable_and_time"), "JAX renamed its cache write"
+compilation_cache.put_executable_and_time = lambda *args, **kwargs: None  # the cache: read-only
+sys.argv = ["launch.py", *sys.argv[2:]]
+runpy.run_path("launch.py", run_name="__main__")
 """
 
 
-def _cache_view(tmp_path) -> pathlib.Path:
-  """A folder of links to every entry of the suite's compilation cache: a run under a file-size
-  limit reads them, and an entry it writes (cut short by the limit) lands here, never in the
-  suite's cache (JAX writes an entry in place, so a cut one would stay there)."""
-  view = tmp_path / "jax_cache"
-  view.mkdir()
-  if os.path.isdir(JAX_CACHE):
-    for entry in os.scandir(JAX_CACHE):
-      (view / entry.name).symlink_to(entry.path)
-  return view
-
-
-def _launch_on_a_full_disk(args, limit: int, cache: str = "") -> tuple[int, str]:
-  """launch.py ARGS under a file-size limit of `limit` bytes, with the compilation cache
-  `cache` ('' = none): (exit status, its one `launch.py:` line). No traceback."""
-  proc = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, str(limit), "launch.py",
-                         f"--jax_cache={cache}", *args], cwd=ROOT, env=_env(),
+def _launch_on_a_full_disk(args, limit: int) -> tuple[int, str]:
+  """launch.py ARGS under a file-size limit of `limit` bytes, on this process's 8 devices (the
+  resumed in-process runs of the suite have cached its compiled functions for them): (exit
+  status, its one `launch.py:` line). No traceback."""
+  proc = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, str(limit), *args,
+                         f"--jax_cache={JAX_CACHE}"], cwd=ROOT, env=_env(one_device=False),
                         capture_output=True, text=True, timeout=600)
   said = [line for line in proc.stderr.splitlines() if line.startswith("launch.py:")]
   assert len(said) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -439,8 +441,7 @@ def test_a_full_disk_while_writing_metrics_jsonl_is_one_line_and_keeps_the_check
   metrics = workdir / "metrics.jsonl"
   before, limit = metrics.read_bytes(), 6 * 1024
   assert len(before) > limit > (workdir / "config.json").stat().st_size + 2048  # premise
-  code, line = _launch_on_a_full_disk([*_flags(8), f"--workdir={workdir}"], limit,
-                                      cache=str(_cache_view(tmp_path)))
+  code, line = _launch_on_a_full_disk([*_flags(8), f"--workdir={workdir}"], limit)
   assert code == 2, line
   assert line.startswith(f"launch.py: error: {metrics} could not be written (OSError: [Errno 27] "
                          "File too large): is the disk full"), line
@@ -491,3 +492,80 @@ def test_a_full_disk_while_writing_tensorboard_events_is_one_error(tmp_path, cap
   assert "is the disk full" in message and "\n" not in message
   assert "Traceback" not in capfd.readouterr().err
   assert read_metrics(str(tmp_path))  # the rows before it are whole
+
+
+
+def _no_space_in_writes_to(monkeypatch, name: str) -> None:
+  """Writes to a file named `name` (or NAME_`name`: the diagnostic images of a step) fail with
+  ENOSPC once their temporary file (.NAME.XXXX.tmp, in the target's folder) holds data: the
+  atomic writes of `hvae.atomic` at their `fsync`, a PNG (`grids.save_png`) after half of it."""
+  fsync, save = os.fsync, Image.Image.save
+
+  def ours(fd) -> bool:
+    temporary = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+    return temporary.startswith(".") and f"{name}." in temporary
+
+  def failing_fsync(fd):
+    if ours(fd):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return fsync(fd)
+
+  def failing_save(image, fp, format=None, **params):  # noqa: A002  (PIL's name)
+    if not (hasattr(fp, "fileno") and ours(fp.fileno())):
+      return save(image, fp, format=format, **params)
+    png = io.BytesIO()
+    save(image, png, format=format, **params)
+    fp.write(png.getvalue()[:len(png.getvalue()) // 2])
+    fp.flush()
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(os, "fsync", failing_fsync)
+  monkeypatch.setattr(Image.Image, "save", failing_save)
+
+
+@pytest.mark.parametrize("name", ["run_info.json", "step_7.png", "DONE"])
+def test_a_full_disk_while_writing_run_info_an_image_or_done_is_one_line_and_keeps_the_rest(
+    tmp_path, tiny_straight, capsys, monkeypatch, name):
+  """A copy of the tiny run resumed to step 7 (launch.py's main, in this process) with no space
+  left for one file: run_info.json (written at the start), the images of the final evaluation
+  (the first written fails: a diagnostic image, before the fill-in grid) or DONE (after the last
+  checkpoint). One line, exit status 2; no file on disk is damaged and no temporary file is
+  left; the newest checkpoint restores. After DONE the line says the training finished, and the
+  same command, with space again, only writes DONE."""
+  workdir = _copy(tiny_straight, tmp_path)
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  _no_space_in_writes_to(monkeypatch, name)
+  code, stderr = launch_in_process(capsys, monkeypatch, *_flags(7), f"--workdir={workdir}")
+  assert code == 2, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if line.startswith("launch.py:")]
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  said = re.fullmatch(r"launch\.py: error: (\S+) could not be written \(OSError: \[Errno 28\] No "
+                      r"space left on device\): is the disk full, or a quota or file-size limit "
+                      r"reached\? (.*)", lines[0])
+  assert said, lines[0]
+  if name == "step_7.png":
+    assert re.fullmatch(rf"{re.escape(str(workdir))}/images/(\w+_)?step_7\.png", said[1]), said[1]
+  else:
+    assert said[1] == str(workdir / name)
+  if name == "DONE":
+    assert said[2] == ("The training finished and its checkpoints are intact (the last is step "
+                       "7): free some space and run the same command to write DONE; nothing is "
+                       "trained again.")
+  else:
+    assert said[2] == ("The newest checkpoint (step 6) is intact: free some space and run the "
+                       "same command to resume from it.")
+  assert not list(workdir.rglob("*.tmp")) and not (workdir / "train.lock").exists()
+  # DONE is removed once the run starts (step 6 is no longer the end), after run_info.json.
+  assert (workdir / "DONE").exists() == (name == "run_info.json")
+  # config.json and run_info.json are written at every start (train.num_steps = 7, a new start
+  # time: run_info.json stays as it was where it failed) and metrics.jsonl gets step 7's row
+  # before DONE; every other file is as it was (the images of step 6 included).
+  changed = {p.name for p, data in before.items() if not p.exists() or p.read_bytes() != data}
+  assert changed <= {"config.json", "DONE", "metrics.jsonl"} | ({"run_info.json"} - {name}), changed
+  assert (workdir / "metrics.jsonl").read_bytes().startswith(before[workdir / "metrics.jsonl"])
+  assert int(_restored_state(workdir, _tiny(7)).step) == (7 if name == "DONE" else 6)
+  if name == "DONE":  # with space again: nothing is trained, DONE is written
+    monkeypatch.undo()
+    rows = (workdir / "metrics.jsonl").read_bytes()
+    assert launch_in_process(capsys, monkeypatch, *_flags(7), f"--workdir={workdir}")[0] == 0
+    assert (workdir / "DONE").exists() and (workdir / "metrics.jsonl").read_bytes() == rows

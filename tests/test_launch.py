@@ -116,11 +116,14 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tmp_path, caplog):
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert steps and not (workdir / "DONE").exists()
   stopped = max(steps)
-  # The same command again (its config, in this process): it resumes from the saved step.
+  # The same command again (its config, in this process): it resumes from the saved step. Two
+  # steps more; the cosine keeps the preempted run's length (optim.schedule_steps), so the step
+  # compiled is the same wherever the signal landed (and found in the compilation cache).
   caplog.set_level(logging.INFO)
   caplog.set_level(logging.INFO, logger="absl")
   config = load_experiment("tiny")
   config.train.num_steps, config.train.log_every_steps = stopped + 2, 1
+  config.optim.schedule_steps = 100000
   loop.train_and_evaluate(config, str(workdir))
   assert f"Resumed from step {stopped}" in caplog.text
   assert (workdir / "DONE").exists()

@@ -595,3 +595,23 @@ def test_add_base_moves_every_channel_s_location_by_the_base(name):
   else:
     np.testing.assert_allclose(moved[..., :3], params[..., :3] + base, atol=1e-6)
     np.testing.assert_array_equal(moved[..., 3:], params[..., 3:])
+
+
+def test_pixel_temperature_tempers_the_mixture_s_component_choice():
+  """DMoL at pixel temperature T draws the component from softmax(logits / T): with two equally
+  sharp components of logits (0, 1) component 1 is chosen with probability 1 / (1 + e^(-1/T)):
+  0.73 at T = 1 (the likelihood), 0.95 at T = 1/3, and the mode (component 1) at T -> 0. The
+  noise alone was tempered before, and the choice stayed at 0.73 at every T: specks."""
+  lik = _lik("dmol", num_mixtures=2)
+  p = np.zeros((4000, lik.num_params), np.float32)
+  groups = _slices(lik)
+  p[:, groups["logits"]] = [0.0, 1.0]
+  p[:, groups["log_scales"]] = -7.0  # sharp: the drawn value is the component's mean
+  p[:, groups["means"].start + 0] = -0.8  # R of component 0: grey level ~25
+  p[:, groups["means"].start + 1] = 0.8  # R of component 1: grey level ~230
+  rng = jax.random.PRNGKey(5)
+  for temperature in (1.0, 1 / 3, 1e-7):
+    red = np.asarray(_sample(lik, p, rng, temperature))[:, 0]
+    assert np.all(np.abs(red - 127.5) > 100)  # one component's value or the other's
+    expected = 1 / (1 + math.exp(-1 / temperature))
+    assert abs(np.mean(red > 127.5) - expected) < 4 * math.sqrt(0.25 / len(red)), temperature

@@ -122,6 +122,6 @@ def test_sleep_term_fits_only_the_posterior_to_the_latents_of_its_dreams():
     assert moved == ("q_head" in key), key  # no mask projection in this model
   step = jax.tree_util.tree_map(lambda p, d: p - 1e-3 * d, params, g)
   assert float(value_and_grad(step)[0]) < float(loss)  # same dreams, better fit of q
-  x, zs = remedies.dream(model, params, image, mask, rng)
+  x, zs = jax.jit(lambda p: remedies.dream(model, p, image, mask, rng))(params)  # one compile
   np.testing.assert_array_equal(np.asarray(x) * mask, image * mask)  # the context is kept
   assert [z.shape[1:] for z in zs] == [model.config.latent_shape(1)]

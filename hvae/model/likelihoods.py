@@ -222,7 +222,8 @@ class Likelihood(abc.ABC):
     Args:
       params: [..., num_params] raw network output.
       rng: PRNG key.
-      temperature: scales the noise of each sub-pixel (0 gives the component means).
+      temperature: scales the noise of each sub-pixel, and tempers a mixture's component
+        choice (softmax(logits / T)): T -> 0 gives `mode`, T = 1 the likelihood.
 
     Returns:
       [..., 3] float32 with integer values in [0, 255].
@@ -370,8 +371,13 @@ class DiscretizedMixLogistic(Likelihood):
   def sample(self, params, rng, temperature=1.0):
     logits, means, log_scales, coeffs = self._split(params)
     component_rng, noise_rng = jax.random.split(rng)
-    # The component choice is not tempered: temperature only scales the logistic noise.
-    component = jax.random.categorical(component_rng, logits, axis=-1)
+    # Temperature tempers the whole draw: the logistic noise is scaled by T and the component is
+    # drawn from softmax(logits / T), so T -> 0 gives `mode` (the likeliest component's value)
+    # and T = 1 the likelihood itself. Scaling the noise alone left every pixel's component
+    # choice at full randomness: near-black and near-white specks at any T > 0 (docs/results.md,
+    # "Pixel temperature").
+    tempered = logits / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
+    component = jax.random.categorical(component_rng, tempered, axis=-1)
     noise = temperature * jax.random.logistic(noise_rng, logits.shape[:-1] + (3,), jnp.float32)
     return self._chain_component(means, log_scales, coeffs, component, noise)
 
