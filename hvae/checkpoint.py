@@ -136,12 +136,17 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+# Reasons of a failed save that name a stalled job, not a full disk (SaveBarrier's timeout,
+# JAX's coordination service).
+_STALLED = ("TimeoutError", "DEADLINE_EXCEEDED", "UNAVAILABLE")
+
+
 class _Manager(ocp.CheckpointManager):
   """orbax's manager, except that a step whose metrics JSON cannot be read counts as not
   evaluated (with a warning) instead of stopping every open of the directory, and that a save
   whose background part fails posts it to `barrier` (the other processes stop waiting for it)."""
 
-  def __init__(self, *args, barrier: SaveBarrier, **kwargs):
+  def __init__(self, *args, barrier: SaveBarrier | None, **kwargs):
     self._hvae_barrier = barrier
     super().__init__(*args, **kwargs)
 
@@ -151,7 +156,8 @@ class _Manager(ocp.CheckpointManager):
     try:
       super()._wait_for_checkpointers()
     except Exception as e:  # pylint: disable=broad-except  (re-raised)
-      self._hvae_barrier.fail(_reason(e))
+      if self._hvae_barrier is not None:
+        self._hvae_barrier.fail(_reason(e))
       raise
 
   def metrics(self, step: int) -> Any:
@@ -186,7 +192,9 @@ class Checkpointer:
     self._best_metric = best_metric
     self._read_only = read_only
     self._unfinished: list[int] = []  # steps whose save may still be in flight
-    self._barrier = SaveBarrier()  # orbax's barrier, which stops waiting when a save fails
+    # orbax's barrier of a save, which stops waiting when a save fails; readers never save
+    # (and open no barrier, so they cannot shift the writers' numbers: hvae/checkpoint_sync.py).
+    self._barrier = None if read_only else SaveBarrier()
     if not read_only:
       _quiet_closed_loop_callbacks()
     get_metric = lambda m: _metric_value(m, best_metric)
@@ -298,16 +306,25 @@ class Checkpointer:
       return call()
     except Exception as e:  # pylint: disable=broad-except  (orbax raises ValueError, OSError...)
       _quiet_closed_loop_callbacks()  # the failed write's other callbacks, as after a bad read
-      reason = self._barrier.fail(_reason(e))  # posted before any other call can wait for us
+      reason = _reason(e)
+      if self._barrier is not None:
+        reason = self._barrier.fail(reason)  # posted before any other call can wait for us
       failed = sorted(set(self._unfinished + ([step] if step is not None else [])))
       intact = [s for s in self._manager.all_steps() if s not in failed]
-      then = (f"the previous checkpoint (step {max(intact)}) is intact: free some space and run "
-              "the same command to resume from it" if intact else
-              "no earlier checkpoint exists: free some space and run the same command again")
-      raise CheckpointWriteError(
+      # A barrier that timed out or a lost coordination service is not a full disk.
+      stalled = any(m in reason for m in _STALLED)
+      question, fix = (("did a process of the job stop or hang?", "see the other processes' "
+                        "logs, then") if stalled else
+                       ("is the disk full, or a quota or file-size limit reached?",
+                        "free some space and"))
+      then = (f"the previous checkpoint (step {max(intact)}) is intact: {fix} run the same "
+              "command to resume from it" if intact else
+              f"no earlier checkpoint exists: {fix} run the same command again")
+      error = CheckpointWriteError(
           f"Checkpoint step {', '.join(map(str, failed)) or '?'} could not be written to "
-          f"{self._directory} ({reason}): is the disk full, or a quota or file-size limit "
-          f"reached? Nothing of it is used; {then}.") from e
+          f"{self._directory} ({reason}): {question} Nothing of it is used; {then}.")
+      error.no_space = not stalled
+      raise error from e
 
   def _candidates(self, step: int | str | None) -> tuple[list[int], str]:
     """The steps to try, in order, for None/"latest"/"best"/int, and a name for messages.

@@ -16,8 +16,13 @@ checkpointer does it in orbax's background thread, before that thread's last bar
 process waiting at a barrier raises `PeerSaveFailed` as soon as a failure is posted. So the save
 fails on every process at the same call, within a poll interval, with the same reason (the first
 one posted). The training loop then agrees on that failure like a failed write of process 0
-(`hvae.preemption.agree`). With one process the barrier returns at once and `fail` just keeps
-the first reason.
+(`hvae.preemption.agree`). With one process the barrier returns at once and `fail` returns the
+reason it is given.
+
+Not covered: orbax's other barriers (before a save's background part: `save_start`, the
+creation of the step's temporary folder, deleting old steps) are JAX's own, which know nothing
+of a posted failure. A save that raises on one process in that synchronous part (not a full
+disk, whose writes fail in the background) leaves the others there until JAX's barrier timeout.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ import jax
 
 _PREFIX = "hvae_checkpoint"
 _POLL_SECONDS = 0.05
-# Numbers the barriers of a process. Every process opens its checkpointers in the same order
-# (each is collective), so the same number is the same checkpointer on every process, and two
-# checkpointers of one job never share keys.
-_INSTANCES = itertools.count()
+# Numbers the writing checkpointers of a process. Every process opens its writers in the same
+# order (opening one is collective), so the same number is the same checkpointer on every
+# process, and two checkpointers of one job never share keys. Readers open no barrier, so one
+# that a process opens first (e.g. to read a checkpoint) shifts nothing. Not the directory's
+# path: hosts may mount one directory at different paths.
+_WRITERS = itertools.count(1)
 
 
 class PeerSaveFailed(RuntimeError):
@@ -57,11 +64,11 @@ class SaveBarrier:
   `PeerSaveFailed` instead of waiting once any process has posted a failed save (`fail`)."""
 
   def __init__(self, client=None, *, process_index: int | None = None,
-               process_count: int | None = None, instance: int | None = None):
-    """`client` (JAX's distributed client, by default), `process_index`, `process_count` and
-    `instance` (the checkpointer's number in the job) are given by tests that play several
-    processes in one."""
-    self._prefix = f"{_PREFIX}/{next(_INSTANCES) if instance is None else instance}"
+               process_count: int | None = None, instance: str | None = None):
+    """One per writing checkpointer. `client` (JAX's distributed client, by default),
+    `process_index`, `process_count` and `instance` (the keys' prefix in the job, instead of
+    the writer's number) are given by tests that play several processes in one."""
+    self._prefix = f"{_PREFIX}/{next(_WRITERS) if instance is None else instance}"
     self._count = jax.process_count() if process_count is None else process_count
     self._index = jax.process_index() if process_index is None else process_index
     if client is None and self._count > 1:
@@ -70,7 +77,6 @@ class SaveBarrier:
     self._rounds: dict[str, int] = {}  # how often each key was used (orbax reuses some)
     self._passed: list[str] = []  # this process's arrival keys of the last barriers passed
     self._lock = threading.Lock()
-    self._failure = None  # one process: the first reason given to `fail`
 
   def __call__(self, *, key: str, timeout_ms: int) -> None:
     if self._count == 1:
@@ -101,12 +107,12 @@ class SaveBarrier:
     """Posts that a save failed on this process, unless a failure was posted before.
 
     Returns:
-      The first failure posted for this checkpointer ("process I: REASON" with several
-      processes).
+      With several processes the first failure posted for this checkpointer ("process I:
+      REASON"): a failure ends the checkpointer's saves on every process (each later barrier
+      raises at once), as it ends the run. With one process `reason`, as given.
     """
     if self._count == 1:
-      self._failure = self._failure or reason
-      return self._failure
+      return reason
     text = f"process {self._index}: {reason}"
     try:
       self._client.key_value_set(f"{self._prefix}/failed", text)
@@ -115,9 +121,9 @@ class SaveBarrier:
     return self.failure() or text
 
   def failure(self) -> str | None:
-    """The first failure posted for this checkpointer, or None."""
+    """The first failure posted for this checkpointer, or None (always None with one process)."""
     if self._count == 1:
-      return self._failure
+      return None
     try:
       return self._client.key_value_try_get(f"{self._prefix}/failed")
     except jax.errors.JaxRuntimeError:  # NOT_FOUND

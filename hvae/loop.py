@@ -1,5 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the training run behind `launch.py --mode=train`.
 
+Why one file past ~350 lines: the step loop's order of writes, checkpoint saves, agreements
+between processes and stop checks is one protocol (docs/reliability.md); its parts that stand
+alone already live elsewhere (hvae/loop_eval.py, hvae/rollback.py, hvae/preemption.py).
+
 Resumes by default: params, optimiser, EMA, step, RNG (derived from the step) and the data
 iterator position all come back from the latest checkpoint that loads (a damaged newer one is
 moved to checkpoints/corrupt/, see hvae/checkpoint.py). Metrics are fetched from the devices

@@ -179,9 +179,10 @@ def test_api_mode_and_mean(model):
   assert model.temperatures(None) == (sampling.DEFAULT_TEMPERATURE,) * 2
 
 
-def test_pixel_temperature_scales_the_pixel_noise_only(model):
-  """pixels="sample:T": T = 1 is "sample" exactly; T = 0 keeps the drawn latents and mixture
-  components and drops the per-pixel noise, so its fill-ins are smoother (smaller Laplacian)."""
+def test_pixel_temperature_goes_from_the_likelihood_s_mode_to_a_sample(model):
+  """pixels="sample:T": T = 1 is "sample" exactly; T = 0 keeps the drawn latents and takes the
+  likelihood's mode given them (the likeliest component, no per-pixel noise), so its fill-ins
+  are smoother (smaller Laplacian)."""
   assert sampling.parse_pixels("sample:0.3") == ("sample", 0.3)
   assert sampling.parse_pixels("sample") == ("sample", 1.0)
   assert sampling.parse_pixels("mean") == ("mean", 1.0)

@@ -176,30 +176,39 @@ def test_step_flops_fall_back_to_a_cpu_lowering_where_the_backend_cannot_cost(mo
 
 
 def test_held_out_photos_are_the_validation_persons_in_name_order(tmp_path):
-  """benchmarks/held_out_photos.py on a folder of 10 persons x 4 photos split by person: the
-  links point at held-out photos only (no person of the chosen has a training photo), at most 3
-  a person, in name order, at most --count; a second run into the filled folder is an error."""
+  """benchmarks/held_out_photos.py on a folder of 10 persons x 4 photos (and one file that does
+  not decode) split by person: the held-out files are exactly those of the prepared build's
+  validation split; the links point at held-out photos only (no person of the chosen has a
+  training photo), at most 3 a person, in name order, at most --count; a second run into the
+  filled folder and a missing photo folder are one-line errors."""
+  import tensorflow_datasets as tfds
   from PIL import Image
 
   from benchmarks import held_out_photos
   from hvae import config_file
   from hvae.data import folder
-  from hvae.errors import ConfigError
+  from hvae.errors import ConfigError, DataUnavailableError
 
   photos = tmp_path / "photos"
   photos.mkdir()
   for person in range(10):
     for i in range(1, 5):
       Image.new("L", (64, 64), 10 * person + i).save(photos / f"Person_{person}_{i:04d}.png")
+  (photos / "Broken_0001.png").write_bytes(b"not a png")
   config = load_experiment("faces_cpu")
   config.data.path, config.data.validation_fraction = str(photos), 0.5
+  config.data.data_dir = str(tmp_path / "cache")
   workdir = tmp_path / "run"
   workdir.mkdir()
   config_file.save_config(config, str(workdir / "config.json"))
   _, held_out = folder.held_out_files(config)
+  records = tfds.builder_from_directory(folder.prepare(config).directory).as_data_source(
+      "validation")
+  paths = [records[i]["path"] for i in range(len(records))]
+  assert held_out == sorted(p.decode() if isinstance(p, bytes) else p for p in paths)
   person = lambda rel: rel.rsplit("_", 1)[0]
   trained = {person(rel) for rel in os.listdir(photos)} - {person(rel) for rel in held_out}
-  assert held_out and trained  # premise: both sides have persons
+  assert held_out and trained and "Broken" not in {person(rel) for rel in held_out}
   chosen = held_out_photos.write(str(workdir), str(tmp_path / "out"), count=7, per_group=3)
   assert chosen == sorted(chosen) and len(chosen) == min(7, 3 * len(held_out) // 4)
   assert all(rel in held_out and person(rel) not in trained for rel in chosen)
@@ -209,3 +218,5 @@ def test_held_out_photos_are_the_validation_persons_in_name_order(tmp_path):
   assert all(os.path.realpath(tmp_path / "out" / rel) == str(photos / rel) for rel in chosen)
   with pytest.raises(ConfigError, match="not an empty folder"):
     held_out_photos.write(str(workdir), str(tmp_path / "out"))
+  with pytest.raises(DataUnavailableError):
+    held_out_photos.write(str(workdir), str(tmp_path / "out2"), data_path=str(tmp_path / "no"))

@@ -512,7 +512,7 @@ def test_a_checkpoint_save_failing_on_one_process_fails_on_every_process(tmp_pat
   (with orbax's own barrier both waited 20 minutes). On one process, a failed background write
   posts its reason from orbax's thread (the hook `checkpoint._Manager` relies on)."""
   store = _KeyValueStore()
-  barriers = [checkpoint_sync.SaveBarrier(store, process_index=i, process_count=2, instance=0)
+  barriers = [checkpoint_sync.SaveBarrier(store, process_index=i, process_count=2, instance="test")
               for i in (0, 1)]
   for key in ("a", "b", "a", "c"):  # orbax reuses some keys: each use is a round of its own
     runs = [_in_thread(lambda b=b, key=key: b(key=key, timeout_ms=600_000))
@@ -558,6 +558,26 @@ def test_a_checkpoint_save_failing_on_one_process_fails_on_every_process(tmp_pat
   assert posted[0] is False, posted  # orbax's thread posted first; the main thread then
   assert "File too large" in str(info.value) and "(step 1) is intact" in str(info.value)
   assert ckpt.all_steps() == [1]
+  ckpt.close()
+
+
+def test_a_stalled_save_is_not_called_a_full_disk(tmp_path):
+  """A save whose barrier timed out (a process of the job stopped) is one line that asks about
+  the other processes, not the disk; a failed write still asks about the disk."""
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+
+  def failing(error):
+    def call():
+      raise error
+    return call
+
+  with pytest.raises(errors.CheckpointWriteError) as info:
+    ckpt._finishing(failing(TimeoutError("Timed out after 1200 s at the barrier 'x'")), step=4)
+  assert "did a process of the job stop or hang?" in str(info.value)
+  assert "disk" not in str(info.value) and not info.value.no_space
+  with pytest.raises(errors.CheckpointWriteError) as info:
+    ckpt._finishing(failing(OSError(28, "No space left on device")), step=4)
+  assert "is the disk full" in str(info.value) and info.value.no_space
   ckpt.close()
 
 

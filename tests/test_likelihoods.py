@@ -610,8 +610,12 @@ def test_pixel_temperature_tempers_the_mixture_s_component_choice():
   p[:, groups["means"].start + 0] = -0.8  # R of component 0: grey level ~25
   p[:, groups["means"].start + 1] = 0.8  # R of component 1: grey level ~230
   rng = jax.random.PRNGKey(5)
-  for temperature in (1.0, 1 / 3, 1e-7):
+  for temperature in (1.0, 1 / 3):
     red = np.asarray(_sample(lik, p, rng, temperature))[:, 0]
     assert np.all(np.abs(red - 127.5) > 100)  # one component's value or the other's
-    expected = 1 / (1 + math.exp(-1 / temperature))
-    assert abs(np.mean(red > 127.5) - expected) < 4 * math.sqrt(0.25 / len(red)), temperature
+    expected = 1 / (1 + math.exp(-1 / temperature))  # 4 standard errors:
+    assert abs(np.mean(red > 127.5) - expected) < 4 * math.sqrt(expected * (1 - expected) / 4000)
+  mode, _ = _mode_and_mean(lik, p)
+  for temperature in (1e-7, 0.0):  # the mode's component, and its value once the noise is gone
+    assert np.all(np.asarray(_sample(lik, p, rng, temperature))[:, 0] > 127.5)
+  np.testing.assert_array_equal(np.asarray(_sample(lik, p, rng, 0.0)), np.asarray(mode))

@@ -256,24 +256,27 @@ def _assign_splits(good: list[str], fraction: float, split_by: str = "") -> dict
 
 
 def held_out_files(config) -> tuple[str, list[str]]:
-  """The files of `data.path` on the validation side of a run's split (as `prepare` assigns them,
-  undecodable files included), for tools that pick held-out photos by hand.
+  """The files of `data.path` on the validation side of a run's split, exactly as training
+  assigns them: the folder is prepared (or its build reused, as a training run would), and the
+  split is made of the files that decoded, like the build's.
 
   Returns:
     (the folder, the files' relative paths in name order).
 
   Raises:
-    ConfigError: naming the key, when `data.path` is not a folder or `data.eval_path` is set
-      (then the held-out photos are that folder already).
+    ConfigError: `data.path` unset, or `data.eval_path` set (then the held-out photos are that
+      folder already).
+    source_lib.DataUnavailableError: the folder does not exist or has no usable image.
   """
   if config.data.get("eval_path", ""):
     raise ConfigError(f"data.eval_path: the held-out photos are that folder "
                       f"({config.data.eval_path}); nothing is split out of data.path")
-  path = _folder(config, "path")
-  entries, _ = scan(path)
-  splits = _assign_splits([rel for rel, _, _ in entries], float(config.data.validation_fraction),
+  prepared = prepare(config)
+  entries, _ = scan(prepared.report.path)
+  good = [rel for rel, _, _ in entries if rel not in prepared.report.skipped]
+  splits = _assign_splits(good, float(config.data.validation_fraction),
                           split_pattern(config.data.get("split_by", "")))
-  return path, splits["validation"]
+  return prepared.report.path, splits["validation"]
 
 
 def _log_groups(good: list[str], split_by: str, splits: dict[str, list[str]]) -> None:

@@ -376,8 +376,10 @@ class DiscretizedMixLogistic(Likelihood):
     # and T = 1 the likelihood itself. Scaling the noise alone left every pixel's component
     # choice at full randomness: near-black and near-white specks at any T > 0 (docs/results.md,
     # "Pixel temperature").
-    tempered = logits / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
-    component = jax.random.categorical(component_rng, tempered, axis=-1)
+    t = jnp.asarray(temperature, jnp.float32)
+    component = jnp.where(  # at T = 0 exactly `mode`'s choice (ties to the first), not a draw
+        t > 0, jax.random.categorical(component_rng, logits / jnp.maximum(t, 1e-6), axis=-1),
+        jnp.argmax(logits, axis=-1))
     noise = temperature * jax.random.logistic(noise_rng, logits.shape[:-1] + (3,), jnp.float32)
     return self._chain_component(means, log_scales, coeffs, component, noise)
 
