@@ -16,6 +16,7 @@ the list (hidden: the folder source skips it).
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import sys
@@ -45,12 +46,11 @@ def select(files: list[str], config, count: int, per_group: int) -> list[str]:
   from hvae.data import folder  # pylint: disable=g-import-not-at-top
 
   pattern = folder.split_pattern(config.data.get("split_by", ""))
-  taken: dict[str, int] = {}
-  chosen = []
+  taken, chosen = collections.Counter(), []
   for rel in sorted(files):
     group = folder.group_of(rel, pattern)
-    if taken.get(group, 0) < per_group:
-      taken[group] = taken.get(group, 0) + 1
+    if taken[group] < per_group:
+      taken[group] += 1
       chosen.append(rel)
       if len(chosen) == count:
         break
