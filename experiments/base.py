@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.width = 64  # channels of the trunk and the decoder state at 64x64 (and every level by default)
   m.level_widths = (0,)  # per level: channels at 64/2^l (0 = model.width); cheap capacity
   m.blocks_per_level = 2  # residual blocks per resolution, in the trunk and in the decoder
+  m.merge_blocks = 0  # residual blocks after a level's last latent merge (VDVAE), at its resolution
   m.upsample = "nearest"  # nearest | bilinear: 2x upsampling of the decoder state
   m.hole_fill = "zeros"  # zeros | pull_push: the prior input's hole (x * m, or a smooth fill of it)
   m.fill_residual = False  # the likelihood's locations = the prior input's pixels + the head's
@@ -80,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   lo.kl_warmup_steps = 0  # linear beta from 0 to 1 over this many steps (0 = off)
   lo.kl_balancing = False  # NVAE KL balancing across levels during warm-up
   lo.free_bits_per = "level"  # free bits on each level's batch-mean KL | on each of its channels
+  lo.free_bits_prior = "frozen"  # below a level's floor: no KL gradient | "learns": the prior's
 
   c.regularize = r = ml_collections.ConfigDict()
   r.dropout = (0.0,)  # dropout rate on the features feeding level l's posterior and prior heads

@@ -235,8 +235,9 @@ def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, tra
     writer.write_hparams(config.to_dict())  # TensorBoard's hparams tab (process 0 writes)
   writes.agree()
   # Progress (steps/s, % done, ETA, the evaluations' share of the time) and the optional trace.
+  primary = jax.process_index() == 0
   actions = periodic_actions(num_steps, config.train.log_every_steps, start,
-                             profile_dir=workdir if profile and jax.process_index() == 0 else None)
+                             profile_dir=workdir if profile and primary else None, primary=primary)
   progress = actions[0]
   p_train_step = make_train_step(run_config, model, tx, mesh, loss_cfg)
   evaluator = loop_eval.make_evaluator(config, model, mesh, eval_rng, grid_rng, history=rows)
@@ -304,7 +305,8 @@ def _run(config, workdir: str, model_cfg: ModelConfig, loss_cfg: LossConfig, tra
               writer = MetricWriter(workdir, resume_step=step)
             writes.agree()
             evaluator.history = [r for r in evaluator.history if r["step"] <= step]
-            actions = periodic_actions(num_steps, config.train.log_every_steps, step)
+            actions = periodic_actions(num_steps, config.train.log_every_steps, step,
+                                       primary=primary)
             progress, previous = actions[0], None
             history, window_start = [], time.perf_counter()
             continue

@@ -141,8 +141,25 @@ def kl_balancing_coeffs(kl_per_dim: jnp.ndarray) -> jnp.ndarray:
   return a.shape[0] * a / jnp.sum(a)
 
 
+def prior_kl(out: ModelOutput, per_channel: bool = False):
+  """Each level's KL(stop_gradient(q) || p), batch-mean: [L], or per channel a list of L [C_l].
+
+  Its value is the level's KL; its gradient reaches the prior alone (`loss.free_bits_prior`).
+  """
+  sg = jax.lax.stop_gradient
+  means = []
+  for lev in out.levels:
+    kl = type(lev.q)(sg(lev.q.mean), sg(lev.q.log_scale)).kl(lev.p)  # [B, *S]
+    kl = jnp.asarray(kl, jnp.float32)
+    if per_channel:
+      means.append(jnp.mean(kl.reshape(kl.shape[0], -1, kl.shape[-1]).sum(1), 0))
+    else:
+      means.append(jnp.mean(kl.reshape(kl.shape[0], -1).sum(-1)))
+  return means if per_channel else jnp.stack(means)
+
+
 def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channels=None,
-                  kl_coeffs=None):
+                  kl_coeffs=None, prior_kl=None):
   """The weighted training loss, in bits per missing dim of the batch.
 
   loss = (sum_b recon_b + beta * B * sum_l c_l w_l * max(mean_b KL_l, lambda_l)) / (sum_b D_b ln 2)
@@ -152,6 +169,12 @@ def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channe
   separately (lambda_l per channel, NVAE/IAF-style groups). The normalisation uses the global
   batch, never the device count.
 
+  With `prior_kl` (`loss.free_bits_prior = "learns"`), a level (or channel) below its floor adds
+  `prior_kl - stop_gradient(prior_kl)`: the loss's value is unchanged, and the level's prior
+  keeps learning to match the posterior (the gradient of KL(sg(q) || p)) while the posterior
+  stays exempt. Without it a level held at its floor trains its prior only on the batches where
+  its KL ends above the floor, and samples drawn from that prior are what the decoder saw least.
+
   Args:
     terms: per-example terms of the global batch.
     kl_weight: [L] per-level weights beta_l (array or tuple).
@@ -160,6 +183,7 @@ def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channe
     kl_channels: optional list of L arrays [B, C_l], each level's KL per channel (summed over
       positions): free bits are then applied per channel.
     kl_coeffs: optional [L] extra coefficients c_l (KL balancing), default 1.
+    prior_kl: optional `prior_kl(out, per_channel=kl_channels is not None)` of the same pass.
 
   Returns:
     (loss scalar, kl_loss [L] the clamped, weighted per-level KL terms in nats per image).
@@ -170,13 +194,21 @@ def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channe
   if num_levels == 0:  # the deterministic baseline: no latents, the loss is the reconstruction
     return jnp.sum(terms.recon) / (jnp.sum(terms.num_dims) * LN2), kl_mean
   free_bits = jnp.asarray(free_bits, kl_mean.dtype)
+  sg = jax.lax.stop_gradient
   if kl_channels is None:
     clamped = jnp.where(free_bits > 0, jnp.maximum(kl_mean, free_bits), kl_mean)
+    if prior_kl is not None:
+      below = (free_bits > 0) & (kl_mean < free_bits)
+      clamped = clamped + jnp.where(below, prior_kl - sg(prior_kl), 0.0)
   else:
-    clamped = jnp.stack([
-        jnp.sum(jnp.where(free_bits[l] > 0, jnp.maximum(jnp.mean(c, 0), free_bits[l]),
-                          jnp.mean(c, 0)))
-        for l, c in enumerate(kl_channels)]) if num_levels else kl_mean
+    def level_term(l, c):
+      mean = jnp.mean(c, 0)  # [C]
+      term = jnp.where(free_bits[l] > 0, jnp.maximum(mean, free_bits[l]), mean)
+      if prior_kl is not None:
+        below = (free_bits[l] > 0) & (mean < free_bits[l])
+        term = term + jnp.where(below, prior_kl[l] - sg(prior_kl[l]), 0.0)
+      return jnp.sum(term)
+    clamped = jnp.stack([level_term(l, c) for l, c in enumerate(kl_channels)])
   coeffs = jnp.ones_like(kl_mean) if kl_coeffs is None else kl_coeffs
   kl_loss = beta * coeffs * jnp.asarray(kl_weight, kl_mean.dtype) * clamped  # [L]
   loss = (jnp.sum(terms.recon) + batch * jnp.sum(kl_loss)) / (jnp.sum(terms.num_dims) * LN2)
@@ -224,7 +256,8 @@ def loss(out: ModelOutput, mask: jnp.ndarray, params, *, beta, cfg: LossConfig,
          ) -> tuple[jnp.ndarray, ElboTerms]:
   """The loss the train step differentiates (docs/design.md §2, "The training loss").
 
-  loss = training_loss(terms; kl_weight, free bits per level or channel, beta, KL balancing)
+  loss = training_loss(terms; kl_weight, free bits per level or channel (the prior exempt from
+                       them with free_bits_prior = "learns"), beta, KL balancing)
          + head_weight_penalty(HEADS; head_weight_decay)
          + head_weight_penalty(POSTERIOR_HEADS; posterior_head_weight_decay)
          + sleep_fn(params, sleep_weight)
@@ -251,8 +284,10 @@ def loss(out: ModelOutput, mask: jnp.ndarray, params, *, beta, cfg: LossConfig,
   terms = elbo_terms(out, mask)
   kl_channels = kl_per_channel(out) if cfg.free_bits_per == "channel" else None
   coeffs = warmup_kl_coeffs(out, terms, beta) if cfg.kl_balancing and out.levels else None
+  learns = cfg.free_bits_prior == "learns" and out.levels and any(cfg.free_bits)
   total, _ = training_loss(terms, kl_weight=cfg.kl_weight, free_bits=cfg.free_bits, beta=beta,
-                           kl_channels=kl_channels, kl_coeffs=coeffs)
+                           kl_channels=kl_channels, kl_coeffs=coeffs,
+                           prior_kl=prior_kl(out, kl_channels is not None) if learns else None)
   total = total + head_weight_penalty(params, cfg.head_weight_decay)
   if any(cfg.posterior_head_weight_decay):
     total = total + head_weight_penalty(params, cfg.posterior_head_weight_decay, POSTERIOR_HEADS)

@@ -26,6 +26,7 @@ UPSAMPLING = ("nearest", "bilinear")  # methods of hvae.model.layers.upsample
 # What a_p holds in the hole (hvae.model.ladder.preprocess).
 HOLE_FILLS = ("zeros", "pull_push", "multiscale")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+FREE_BITS_PRIORS = ("frozen", "learns")  # loss.free_bits_prior: a level below its floor
 # Static boxes (top, bottom, left, right), end-exclusive, of the 64x64 image the training pass may
 # restrict the likelihood head to (`model.likelihood_region`); "all" = the whole image.
 LIKELIHOOD_REGIONS = {"all": None, "centre": (16, 48, 16, 48)}
@@ -99,6 +100,9 @@ class ModelConfig:
   width: int = 64
   level_widths: tuple[int, ...] = ()  # level l's channels at 64/2^l; () or 0 = `width`
   blocks_per_level: int = 2
+  # residual blocks after a level's last latent merge, at its own resolution (VDVAE's block after
+  # z's projection): a sample is shaped by its neighbours' before the state moves up; 0 = none
+  merge_blocks: int = 0
   upsample: str = "nearest"
   hole_fill: str = "zeros"  # HOLE_FILLS: the prior input's missing pixels (x * m, or a smooth fill)
   fill_residual: bool = False  # likelihood locations = a_p's pixels (the fill) + the head's output
@@ -156,6 +160,7 @@ class ModelConfig:
     _positive("model.top_latent_dim", self.top_latent_dim)
     _positive("model.width", self.width)
     _positive("model.blocks_per_level", self.blocks_per_level, allow_zero=True)
+    _positive("model.merge_blocks", self.merge_blocks, allow_zero=True)
     _positive("model.num_mixtures", self.num_mixtures)
     if self.level_widths and len(self.level_widths) != L:
       raise ConfigError(f"model.level_widths: has {len(self.level_widths)} entries for {L} levels")
@@ -215,7 +220,8 @@ class ModelConfig:
         latent_groups=per_level("model.latent_groups", m.get("latent_groups", (1,)), L, int),
         top_latent_dim=int(m.top_latent_dim), width=int(m.width),
         level_widths=per_level("model.level_widths", m.get("level_widths", (0,)), L, int),
-        blocks_per_level=int(m.blocks_per_level), upsample=m.get("upsample", "nearest"),
+        blocks_per_level=int(m.blocks_per_level), merge_blocks=int(m.get("merge_blocks", 0)),
+        upsample=m.get("upsample", "nearest"),
         hole_fill=m.get("hole_fill", "zeros"),
         fill_residual=_strict_bool(m.get("fill_residual", False)), likelihood=m.likelihood,
         num_mixtures=int(m.num_mixtures),
@@ -267,6 +273,8 @@ class LossConfig:
   kl_warmup_steps: int = 0
   kl_balancing: bool = False
   free_bits_per: str = "level"  # level | channel
+  # frozen: below its floor a level gets no KL gradient at all; learns: its prior still does
+  free_bits_prior: str = "frozen"
   head_weight_decay: tuple[float, ...] = ()  # from config.regularize, per level
   # Encoder-only remedies (config.regularize, per level; () = off): L2 on the posterior head
   # kernels alone, and the weight of the sleep term (hvae/remedies.py).
@@ -275,6 +283,7 @@ class LossConfig:
 
   def __post_init__(self):
     _choice("loss.free_bits_per", self.free_bits_per, ("level", "channel"))
+    _choice("loss.free_bits_prior", self.free_bits_prior, FREE_BITS_PRIORS)
     for name in ("head_weight_decay", "posterior_head_weight_decay", "sleep_weight"):
       for l, w in enumerate(getattr(self, name), start=1):
         _positive(f"regularize.{name} (level {l})", w, allow_zero=True)
@@ -293,6 +302,7 @@ class LossConfig:
                free_bits=per_level("loss.free_bits", lo.free_bits, L),
                kl_warmup_steps=int(lo.kl_warmup_steps), kl_balancing=bool(lo.kl_balancing),
                free_bits_per=lo.get("free_bits_per", "level"),
+               free_bits_prior=lo.get("free_bits_prior", "frozen"),
                head_weight_decay=per_level("regularize.head_weight_decay",
                                            reg.get("head_weight_decay", (0.0,)), L),
                posterior_head_weight_decay=per_level(

@@ -267,8 +267,19 @@ class MetricWriter:
 PROFILE_FIRST, PROFILE_STEPS = 5, 5  # --profile traces steps start+5 .. start+10 (compiled by then)
 
 
+class _Silent:
+  """The progress action of a process other than 0: nothing to report, nothing to time."""
+
+  def __call__(self, step: int) -> None:
+    del step
+
+  def timed(self, name: str, **kwargs):
+    del name, kwargs
+    return contextlib.nullcontext()
+
+
 def periodic_actions(num_steps: int, every_steps: int, start: int, *,
-                     profile_dir: str | None = None) -> list:
+                     profile_dir: str | None = None, primary: bool = True) -> list:
   """clu's periodic actions of a training run; call each with the step after every step.
 
   Args:
@@ -277,13 +288,19 @@ def periodic_actions(num_steps: int, every_steps: int, start: int, *,
     start: the step the run (re)starts from.
     profile_dir: where a profiler trace goes (`DIR/plugins/profile/`, TensorBoard's profile
       tab), or None for none.
+    primary: False on processes other than 0 of a multi-process job: their progress line would
+      repeat process 0's, so they get a silent action with the same `timed` and no trace, and do
+      not import clu's periodic actions, which import TensorFlow (~4 s and ~0.5 GB a process).
 
   Returns:
-    [`ReportProgress`, then `Profile` with `profile_dir`]. ReportProgress logs steps/s, the share
+    [`ReportProgress`, then `Profile` with `profile_dir`] ([the silent action] if not
+    `primary`). ReportProgress logs steps/s, the share
     of steps done and the ETA every `every_steps` steps, and the share of the time spent in
     parts run under its `timed(name)` (the evaluations). Profile traces `PROFILE_STEPS` steps
     from step `start + PROFILE_FIRST`; a run too short for that gets no trace (a warning says so).
   """
+  if not primary:
+    return [_Silent()]
   console.import_tensorflow()  # clu's periodic actions import it: without its banner
   from clu import periodic_actions as clu_actions  # pylint: disable=g-import-not-at-top
 

@@ -203,15 +203,24 @@ def test_temperature_sweep_tabulates_every_method_and_tau(workdir, photos, model
   from hvae.modes import evaluate
 
   monkeypatch.setattr(hvae.api, "load", lambda *a, **k: model)  # loaded once already
-  tables, text = evaluate.temperature_sweep(str(workdir), (0.0, 1.0), input_path=str(photos),
-                                            baseline_names="biharmonic")
-  assert list(tables) == [0.0, 1.0] and "mode" in tables[0.0] and "biharmonic" in tables[1.0]
+  text_tau = "1" + "/0" * (model.model.config.num_levels - 1)  # only level 1 sampled
+  per_level = evaluate.parse_tau(text_tau)
+  tables, text = evaluate.temperature_sweep(str(workdir), (0.0, 1.0, per_level),
+                                            input_path=str(photos), baseline_names="biharmonic")
+  assert list(tables) == [0.0, 1.0, per_level] and "mode" in tables[0.0]
+  assert "biharmonic" in tables[1.0]
   assert tables[0.0]["mode"] == tables[1.0]["mode"]  # tau does not touch the mode fill-in
   assert "| mean | 0 |" in text and "| mean | 1 |" in text
+  label = evaluate.tau_label(per_level)
+  assert label == text_tau and per_level == (1.0,) + (0.0,) * (len(per_level) - 1)
+  assert f"| sample | {label} |" in text
+  # the other levels at their mode: other samples than with every level at tau = 1
+  assert tables[per_level]["sample"]["psnr"] != tables[1.0]["sample"]["psnr"]
   assert not any("*" in line for line in text.splitlines() if line.startswith("| mode |"))
   out = workdir / "eval" / "temperature_sweep" / "holiday"
   assert (out / "table.md").read_text() == text
   assert (out / "tau_0" / "results.json").is_file()
+  assert (out / ("tau_" + label.replace("/", "-")) / "results.json").is_file()
 
 
 def test_default_temperature_comes_from_eval_temperature():

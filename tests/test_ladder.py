@@ -288,6 +288,32 @@ def test_latent_groups_each_group_s_prior_sees_the_groups_before_it_only():
   np.testing.assert_array_equal(late.p.mean, p.mean)
 
 
+def test_merge_blocks_shape_a_latent_sample_by_its_neighbours():
+  """`model.merge_blocks`: residual blocks on the state after z_l's last merge, at level l's
+  resolution, so a change of z_1 at one position reaches the pixels over a wider square (two 3x3
+  convs at 32x32: 2 positions = 4 px further each way); 0 keeps today's parameters exactly."""
+  changed = {}
+  for blocks in (0, 1):
+    cfg = tiny_model_config(num_levels=2, latent_channels=(2, 2), merge_blocks=blocks)
+    params = _init(cfg)
+    paths = {l: set(params[f"level_{l}"]) for l in (1, 2)}
+    assert all(("merged_0" in p) == bool(blocks) for p in paths.values()), paths
+    z1 = jax.random.normal(jax.random.PRNGKey(1), (B, 32, 32, 2))
+    z2 = jax.random.normal(jax.random.PRNGKey(2), (B, 4))
+
+    def run(z, cfg=cfg, params=params, z2=z2):
+      return HVAE(cfg).apply({"params": params}, random_images(B), centre_mask(B),
+                             latents=(z, z2), compute_posterior=False,
+                             rngs={"sample": jax.random.PRNGKey(0)}).px_params
+    diff = np.abs(np.asarray(run(z1.at[:, 16, 16, :].add(1.0)) - run(z1))).max(axis=(0, 3))
+    rows = np.flatnonzero(diff.max(axis=1) > 0)
+    changed[blocks] = (rows.min(), rows.max())
+  (lo0, hi0), (lo1, hi1) = changed[0], changed[1]
+  assert lo1 == lo0 - 4 and hi1 == hi0 + 4, changed
+  with pytest.raises(ConfigError, match="model.merge_blocks"):
+    tiny_model_config(merge_blocks=-1)
+
+
 def test_latent_groups_parameter_paths_and_validation():
   cfg = tiny_model_config(latent_groups=(2, 1, 1), latent_channels=(4, 2, 2))
   params = jax.eval_shape(lambda: _init(cfg))

@@ -93,6 +93,42 @@ def test_free_bits_give_zero_kl_gradient_below_the_threshold():
   assert np.all(np.asarray(g0) > 0)
 
 
+@pytest.mark.parametrize("per", ["level", "channel"])
+def test_free_bits_prior_learns_below_the_floor_and_the_posterior_does_not(per):
+  """loss.free_bits_prior = "learns": below the floor the prior gets KL(sg(q) || p)'s gradient,
+  the posterior none, and the loss's value is unchanged; above the floor nothing changes."""
+  qm0 = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 3))
+  pm0 = jax.random.normal(jax.random.PRNGKey(1), (4, 2, 2, 3))
+
+  def loss(qm, pm, floor, learns):
+    q, p = DiagGaussian(qm, 0.1 * qm), DiagGaussian(pm, jnp.zeros_like(pm))
+    kl = q.kl(p)
+    out = ModelOutput(px_params=None, log_px=None, levels=(LevelOutput(
+        z=qm, p=p, q=q, kl=kl, log_q=None, log_p=jnp.zeros(4)),))
+    terms = objective.ElboTerms(recon=jnp.ones(4), kl=kl.reshape(4, -1).sum(-1)[:, None],
+                                num_dims=jnp.full(4, 3072.0))
+    channels = objective.kl_per_channel(out) if per == "channel" else None
+    prior = objective.prior_kl(out, per == "channel") if learns else None
+    return objective.training_loss(terms, kl_weight=(1.0,), free_bits=(floor,),
+                                   kl_channels=channels, prior_kl=prior)[0]
+
+  grad = jax.grad(loss, argnums=(0, 1))
+  free = jax.grad(lambda qm, pm: loss(qm, pm, 0.0, False), argnums=(0, 1))(qm0, pm0)
+  floor = 1e4  # far above every level's and channel's KL
+  for learns in (False, True):
+    np.testing.assert_allclose(loss(qm0, pm0, floor, learns), loss(qm0, pm0, floor, False))
+  (gq, gp), (lq, lp) = grad(qm0, pm0, floor, False), grad(qm0, pm0, floor, True)
+  np.testing.assert_array_equal(gq, 0.0)
+  np.testing.assert_array_equal(gp, 0.0)
+  np.testing.assert_array_equal(lq, 0.0)  # the posterior stays exempt
+  np.testing.assert_allclose(lp, free[1], rtol=1e-5)  # the prior learns as without free bits
+  above = grad(qm0, pm0, 1e-3, True)  # every KL above a tiny floor: the option does nothing
+  np.testing.assert_allclose(above[0], free[0], rtol=1e-5)
+  np.testing.assert_allclose(above[1], free[1], rtol=1e-5)
+  with pytest.raises(ConfigError, match="loss.free_bits_prior"):
+    LossConfig(kl_weight=(1.0,), free_bits=(1.0,), free_bits_prior="thawed")
+
+
 def test_kl_weight_and_beta_scale_only_the_kl_part():
   terms = objective.ElboTerms(recon=jnp.array([100.0, 200.0]), kl=jnp.array([[1.0, 2.0]] * 2),
                               num_dims=jnp.array([3072.0, 3072.0]))

@@ -172,3 +172,10 @@ def test_periodic_actions_report_progress_and_trace_a_few_steps(tmp_path, caplog
   # A run too short to reach the traced steps gets no trace, and says so.
   assert len(periodic_actions(8, 5, 0, profile_dir=str(tmp_path / "short"))) == 1
   assert "before steps 5..10 can be traced" in caplog.text
+  # A process other than 0 reports nothing (process 0's line would repeat) and times as well.
+  caplog.clear()
+  (silent,) = periodic_actions(20, 5, 0, primary=False)
+  with silent.timed("eval", wait_jax_async_dispatch=False):
+    for step in range(1, 21):
+      silent(step)
+  assert "ETA" not in caplog.text

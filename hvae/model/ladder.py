@@ -9,6 +9,7 @@ Parameter paths are stable and per level, so per-level remedies can address them
   level_{l}/z_proj          projection merging z_l into the decoder state d_l (hvae only)
   level_{l}/group_{g}/...   latent group g >= 2 of level l (`model.latent_groups`): block (its
                             residual block), q_head, p_head, z_proj
+  level_{l}/merged_{b}      residual block b after z_l's last merge (`model.merge_blocks`)
   level_{l}/decoder         f_l: the decoder block producing d_l (l < L)
   output_head               f_0: the likelihood parameters at 64x64
 
@@ -172,6 +173,9 @@ class Level(nn.Module):
         self.z_proj = layers.conv(cfg.level_width(l), 1, dtype=dtype)
       if groups > 1:
         self.group = {g: LatentGroup(cfg, l, dtype) for g in range(2, groups + 1)}
+      if cfg.merge_blocks:
+        block = layers.res_block(layers.remat_level(cfg.remat, l))
+        self.merged = [block(cfg.level_width(l), dtype=dtype) for _ in range(cfg.merge_blocks)]
     if not self.is_top:
       self.decoder = DecoderBlock(cfg.level_width(l), cfg.blocks_per_level, dtype,
                                   layers.remat_level(cfg.remat, l))
@@ -214,6 +218,12 @@ class Level(nn.Module):
   def merge(self, d: jnp.ndarray, z: jnp.ndarray, group: int = 1) -> jnp.ndarray:
     """merge(d_l, z_l) = d_l + proj(z_l), at level l's own resolution (z of group `group`)."""
     return d + self._unit(group).z_proj(z).reshape(d.shape)
+
+  def after_merge(self, state: jnp.ndarray) -> jnp.ndarray:
+    """The `model.merge_blocks` residual blocks on the state merged with all of z_l."""
+    for block in getattr(self, "merged", ()):
+      state = block(state)
+    return state
 
 
 class OutputHead(nn.Module):
@@ -432,6 +442,7 @@ class HVAE(nn.Module):
         qs.append(q)
         zs.append(z)
         state = level.merge(state, z, g)
+      state = level.after_merge(state)
       p, q, z = _concat(ps), None if q is None else _concat(qs), jnp.concatenate(zs, -1)
       flat = lambda t: t.reshape(t.shape[0], -1).sum(-1)  # noqa: E731
       outputs.append(LevelOutput(

@@ -472,7 +472,20 @@ def _refine_split(cfg, model: api.Inpainter, refine: amortisation.Settings,
   return split(model.params, interrupt)
 
 
-def temperature_sweep(workdir: str, temperatures: Sequence[float] = SWEEP_TEMPERATURES, *,
+def tau_label(tau: float | Sequence[float]) -> str:
+  """A sweep's name of tau: "0.85", or "0.85/0/0" for one tau per level (level 1 first)."""
+  if isinstance(tau, int | float):
+    return f"{float(tau):g}"
+  return "/".join(f"{float(t):g}" for t in tau)
+
+
+def parse_tau(text: str) -> float | tuple[float, ...]:
+  """The inverse of `tau_label`: "0.85" -> 0.85, "0.85/0/0" -> (0.85, 0.0, 0.0)."""
+  return sampling.parse_temperature(text.replace("/", ","))
+
+
+def temperature_sweep(workdir: str,
+                      temperatures: Sequence[float | tuple[float, ...]] = SWEEP_TEMPERATURES, *,
                       input_path: str | None = None, output: str | None = None,
                       checkpoint: str | int = "best", config=None, **kwargs) -> tuple[dict, str]:
   """Runs the fill-in methods of `run` at every tau (no likelihood bound: it does not depend on
@@ -481,7 +494,8 @@ def temperature_sweep(workdir: str, temperatures: Sequence[float] = SWEEP_TEMPER
 
   Args:
     workdir: the trained run.
-    temperatures: the taus (global).
+    temperatures: the taus: each one for every level, or a tuple of one per level (level 1,
+      the finest, first), e.g. (0.85, 0.0, 0.0) samples only level 1.
     input_path: score these images instead of the validation split.
     output: folder of the per-tau results (default WORKDIR/eval/temperature_sweep[/INPUT_NAME]);
       each tau's `run` writes to OUTPUT/tau_TAU, the table to OUTPUT/table.md.
@@ -490,17 +504,19 @@ def temperature_sweep(workdir: str, temperatures: Sequence[float] = SWEEP_TEMPER
     **kwargs: further arguments of `run` (mask, num_samples, baseline_names, split, ...).
 
   Returns:
-    ({tau: {method: {figure: value}}}, the markdown table).
+    ({tau: {method: {figure: value}}}, the markdown table); per-level taus are tuples, their
+    folders tau_0.85-0-0.
   """
   model = api.load(workdir, checkpoint, config=config)
   output = output or os.path.join(workdir, "eval", "temperature_sweep",
                                   *([input_name(input_path)] if input_path else []))
   tables = {}
   for tau in temperatures:
-    r = run(workdir, config, checkpoint=checkpoint, temperature=float(tau), input_path=input_path,
-            output=os.path.join(output, f"tau_{float(tau):g}"), likelihood=False, model=model,
-            **{"rank": False, **kwargs})
-    tables[float(tau)] = r["methods"]
+    tau = float(tau) if isinstance(tau, int | float) else tuple(float(t) for t in tau)
+    r = run(workdir, config, checkpoint=checkpoint, temperature=tau, input_path=input_path,
+            output=os.path.join(output, "tau_" + tau_label(tau).replace("/", "-")),
+            likelihood=False, model=model, **{"rank": False, **kwargs})
+    tables[tau] = r["methods"]
   text = format_sweep(tables, f"Temperature sweep: {workdir} step {model.step}, "
                       f"{input_path or 'validation split'}")
   os.makedirs(output, exist_ok=True)
@@ -509,7 +525,8 @@ def temperature_sweep(workdir: str, temperatures: Sequence[float] = SWEEP_TEMPER
   return tables, text
 
 
-def format_sweep(tables: dict[float, dict[str, dict[str, float]]], title: str = "") -> str:
+def format_sweep(tables: dict[float | tuple[float, ...], dict[str, dict[str, float]]],
+                 title: str = "") -> str:
   """Markdown: one row per (method, tau) with psnr, ssim, l1, hf_ratio; the best tau of each
   method by PSNR marked with * (none for the methods that do not depend on tau: mode,
   baselines)."""
@@ -523,6 +540,6 @@ def format_sweep(tables: dict[float, dict[str, dict[str, float]]], title: str = 
       row = tables[tau][method]
       varies = len({tables[t][method]["psnr"] for t in taus}) > 1  # mode, baselines: no tau
       mark = "*" if tau == best and varies else ""
-      lines.append(f"| {method} | {tau:g} | {row['psnr']:.2f}{mark} | {row['ssim']:.4f} | "
+      lines.append(f"| {method} | {tau_label(tau)} | {row['psnr']:.2f}{mark} | {row['ssim']:.4f} | "
                    f"{row['l1']:.2f} | {row['hf_ratio']:.3f} |")
   return "\n".join(lines) + "\n"
