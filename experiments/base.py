@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   lo.kl_warmup_steps = 0  # linear beta from 0 to 1 over this many steps (0 = off)
   lo.kl_balancing = False  # NVAE KL balancing across levels during warm-up
   lo.free_bits_per = "level"  # free bits on each level's batch-mean KL | on each of its channels
-  lo.free_bits_prior = "frozen"  # below a level's floor: no KL gradient | "learns": the prior's
+  lo.free_bits_prior = "frozen"  # below a floor: no KL gradient | learns: the prior still learns
 
   c.regularize = r = ml_collections.ConfigDict()
   r.dropout = (0.0,)  # dropout rate on the features feeding level l's posterior and prior heads

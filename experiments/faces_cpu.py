@@ -7,9 +7,10 @@
 For LFW-style file names (`Person_Name_0003.png`) the held-out split is person-disjoint
 (`data.split_by`); for other names set `--config.data.split_by=''` (split by file) or your own
 pattern. Expected cost on a 2-core CPU: 5000 steps with its 5 evaluations in about 31 min
-alone (30.5 min measured on seed 1, 2026-12-01), more with other jobs on the machine; results in docs/results.md
-"Learning structure" (12,792 LFW faces, 2 seeds). `python -m benchmarks.held_out_photos
---workdir=runs/faces_cpu --output=held_out/` picks 300 photos of unseen persons for
+alone (30.5 min measured on seed 1, 2026-12-01), more with other jobs on the machine; results
+in docs/results.md "Learning structure" (12,792 LFW faces, 2 seeds).
+`python -m benchmarks.held_out_photos --workdir=runs/faces_cpu --output=held_out/` picks 300
+photos of unseen persons for
 `--mode=eval --input=held_out/`.
 
 What it changes from the quickstart, and why (docs/results.md has the evidence):
@@ -29,10 +30,11 @@ What it changes from the quickstart, and why (docs/results.md has the evidence):
   the samples are somewhat less mottled; 1.15x the time per step (0.48 vs 0.42 s,
   `python -m benchmarks.train_step --config=experiments/faces_cpu.py`).
 * `loss.free_bits_prior = "learns"`: below its floor a level's KL gave no gradient to its prior
-  either, and levels 2 and 3 sit on their floors, so their prior samples (4-px blocks) were what
-  the decoder saw least: sampled alone they cost 1 dB and added no detail. The prior now learns
-  below the floor (the posterior stays exempt): seed 1 held-out bits/dim 1.765 -> 1.707, the
-  mode +0.66 dB (+4.88 over biharmonic), samples at tau 0.85 +0.63 dB, SSIM 1.05x -> 1.11x.
+  either, and levels 2 and 3 hover just above their floors, so their prior samples (4-px
+  blocks) were what the decoder saw least: sampled alone they cost 1 dB and added no detail. The
+  prior now learns below the floor (the level's posterior heads stay exempt): seed 1 held-out
+  bits/dim 1.765 -> 1.707, the mode +0.66 dB (+4.88 over biharmonic), samples at tau 0.85
+  +0.63 dB, SSIM 1.05x -> 1.11x.
 * `model.merge_blocks = 1`: a residual block after each level's last latent merge (VDVAE), so a
   sample is shaped by its neighbours before it is upsampled: bits/dim 1.799 -> 1.765 (seed 1).
 * `loss.free_bits = (0, 64, 8)`: with latent groups alone level 2 (16x16) went idle (0.6-8.6

@@ -171,9 +171,11 @@ def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channe
 
   With `prior_kl` (`loss.free_bits_prior = "learns"`), a level (or channel) below its floor adds
   `prior_kl - stop_gradient(prior_kl)`: the loss's value is unchanged, and the level's prior
-  keeps learning to match the posterior (the gradient of KL(sg(q) || p)) while the posterior
-  stays exempt. Without it a level held at its floor trains its prior only on the batches where
-  its KL ends above the floor, and samples drawn from that prior are what the decoder saw least.
+  keeps learning to match the posterior (the gradient of KL(sg(q) || p)) while the level's
+  posterior heads stay exempt (the prior's inputs are not stopped: the gradient reaches the
+  decoder state and, through the samples it reads, the posteriors that drew them). Without it
+  a level held near its floor trains its prior only on the batches where its KL ends above
+  the floor, and samples drawn from that prior are what the decoder saw least.
 
   Args:
     terms: per-example terms of the global batch.

@@ -214,8 +214,6 @@ def test_temperature_sweep_tabulates_every_method_and_tau(workdir, photos, model
   label = evaluate.tau_label(per_level)
   assert label == text_tau and per_level == (1.0,) + (0.0,) * (len(per_level) - 1)
   assert f"| sample | {label} |" in text
-  # the other levels at their mode: other samples than with every level at tau = 1
-  assert tables[per_level]["sample"]["psnr"] != tables[1.0]["sample"]["psnr"]
   assert not any("*" in line for line in text.splitlines() if line.startswith("| mode |"))
   out = workdir / "eval" / "temperature_sweep" / "holiday"
   assert (out / "table.md").read_text() == text

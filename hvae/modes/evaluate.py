@@ -474,7 +474,7 @@ def _refine_split(cfg, model: api.Inpainter, refine: amortisation.Settings,
 
 def tau_label(tau: float | Sequence[float]) -> str:
   """A sweep's name of tau: "0.85", or "0.85/0/0" for one tau per level (level 1 first)."""
-  if isinstance(tau, int | float):
+  if np.ndim(tau) == 0:
     return f"{float(tau):g}"
   return "/".join(f"{float(t):g}" for t in tau)
 
@@ -512,7 +512,7 @@ def temperature_sweep(workdir: str,
                                   *([input_name(input_path)] if input_path else []))
   tables = {}
   for tau in temperatures:
-    tau = float(tau) if isinstance(tau, int | float) else tuple(float(t) for t in tau)
+    tau = float(tau) if np.ndim(tau) == 0 else tuple(float(t) for t in tau)
     r = run(workdir, config, checkpoint=checkpoint, temperature=tau, input_path=input_path,
             output=os.path.join(output, "tau_" + tau_label(tau).replace("/", "-")),
             likelihood=False, model=model, **{"rank": False, **kwargs})
