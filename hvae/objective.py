@@ -147,15 +147,23 @@ def prior_kl(out: ModelOutput, per_channel: bool = False):
   Its value is the level's KL; its gradient reaches the prior alone (`loss.free_bits_prior`).
   """
   sg = jax.lax.stop_gradient
-  means = []
-  for lev in out.levels:
-    kl = type(lev.q)(sg(lev.q.mean), sg(lev.q.log_scale)).kl(lev.p)  # [B, *S]
-    kl = jnp.asarray(kl, jnp.float32)
-    if per_channel:
-      means.append(jnp.mean(kl.reshape(kl.shape[0], -1, kl.shape[-1]).sum(1), 0))
-    else:
-      means.append(jnp.mean(kl.reshape(kl.shape[0], -1).sum(-1)))
-  return means if per_channel else jnp.stack(means)
+  kls = [jnp.asarray(type(lev.q)(sg(lev.q.mean), sg(lev.q.log_scale)).kl(lev.p), jnp.float32)
+         for lev in out.levels]  # [B, *S] each
+  if per_channel:
+    return [jnp.mean(_channel_sums(kl), 0) for kl in kls]
+  return jnp.stack([jnp.mean(kl.reshape(kl.shape[0], -1).sum(-1)) for kl in kls])
+
+
+def _channel_sums(kl: jnp.ndarray) -> jnp.ndarray:
+  """[B, *S] KL per latent dimension -> [B, C] summed over positions (the top: C = its dims)."""
+  return kl.reshape(kl.shape[0], -1, kl.shape[-1]).sum(1)
+
+
+def _prior_learns(term, kl_mean, floor, prior):
+  """`term` plus, where `kl_mean` is below a floor > 0, prior - sg(prior): the value of `term`,
+  the prior's gradient (`training_loss`, prior_kl)."""
+  below = (floor > 0) & (kl_mean < floor)
+  return term + jnp.where(below, prior - jax.lax.stop_gradient(prior), 0.0)
 
 
 def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channels=None,
@@ -196,19 +204,16 @@ def training_loss(terms: ElboTerms, *, kl_weight, free_bits, beta=1.0, kl_channe
   if num_levels == 0:  # the deterministic baseline: no latents, the loss is the reconstruction
     return jnp.sum(terms.recon) / (jnp.sum(terms.num_dims) * LN2), kl_mean
   free_bits = jnp.asarray(free_bits, kl_mean.dtype)
-  sg = jax.lax.stop_gradient
   if kl_channels is None:
     clamped = jnp.where(free_bits > 0, jnp.maximum(kl_mean, free_bits), kl_mean)
     if prior_kl is not None:
-      below = (free_bits > 0) & (kl_mean < free_bits)
-      clamped = clamped + jnp.where(below, prior_kl - sg(prior_kl), 0.0)
+      clamped = _prior_learns(clamped, kl_mean, free_bits, prior_kl)
   else:
     def level_term(l, c):
       mean = jnp.mean(c, 0)  # [C]
       term = jnp.where(free_bits[l] > 0, jnp.maximum(mean, free_bits[l]), mean)
       if prior_kl is not None:
-        below = (free_bits[l] > 0) & (mean < free_bits[l])
-        term = term + jnp.where(below, prior_kl[l] - sg(prior_kl[l]), 0.0)
+        term = _prior_learns(term, mean, free_bits[l], prior_kl[l])
       return jnp.sum(term)
     clamped = jnp.stack([level_term(l, c) for l, c in enumerate(kl_channels)])
   coeffs = jnp.ones_like(kl_mean) if kl_coeffs is None else kl_coeffs
@@ -222,7 +227,7 @@ def kl_per_channel(out: ModelOutput) -> list[jnp.ndarray]:
 
   The top level's vector latent counts every dimension as a channel.
   """
-  return [lev.kl.reshape(lev.kl.shape[0], -1, lev.kl.shape[-1]).sum(1) for lev in out.levels]
+  return [_channel_sums(lev.kl) for lev in out.levels]
 
 
 def warmup_kl_coeffs(out: ModelOutput, terms: ElboTerms, beta) -> jnp.ndarray:

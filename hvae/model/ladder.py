@@ -173,9 +173,8 @@ class Level(nn.Module):
         self.z_proj = layers.conv(cfg.level_width(l), 1, dtype=dtype)
       if groups > 1:
         self.group = {g: LatentGroup(cfg, l, dtype) for g in range(2, groups + 1)}
-      if cfg.merge_blocks:
-        block = layers.res_block(layers.remat_level(cfg.remat, l))
-        self.merged = [block(cfg.level_width(l), dtype=dtype) for _ in range(cfg.merge_blocks)]
+      block = layers.res_block(layers.remat_level(cfg.remat, l))
+      self.merged = [block(cfg.level_width(l), dtype=dtype) for _ in range(cfg.merge_blocks)]
     if not self.is_top:
       self.decoder = DecoderBlock(cfg.level_width(l), cfg.blocks_per_level, dtype,
                                   layers.remat_level(cfg.remat, l))
@@ -221,7 +220,7 @@ class Level(nn.Module):
 
   def after_merge(self, state: jnp.ndarray) -> jnp.ndarray:
     """The `model.merge_blocks` residual blocks on the state merged with all of z_l."""
-    for block in getattr(self, "merged", ()):
+    for block in self.merged:
       state = block(state)
     return state
 
