@@ -124,7 +124,8 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
     eval_estimate: also estimate the evaluations (forward-pass time x `evaluation_forwards`).
 
   Returns:
-    {"num_params", "batch_size", "num_devices", "device_kind", "compile_s", "first_step_s",
+    {"num_params", "batch_size", "num_devices", "device_kind", "compile_s" (of which
+     "lower_s" is tracing and lowering, the rest XLA's compilation), "first_step_s",
      "second_step_s", "median_step_s", "steps_per_s", "images_per_s", "median_step_cpu_s"
      (process CPU seconds, all threads), "page_faults_per_step" (minor), "flops_per_step"
      (the lowered step's: the same on every backend), "compiled_flops_per_step",
@@ -147,6 +148,7 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
 
   t0 = time.perf_counter()
   lowered = step.lower(state, batches[0], rng)
+  lower_s = time.perf_counter() - t0  # tracing the Python model and lowering it to StableHLO
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   # The rate uses the lowered step's FLOPs (eta.xla_flops, sweep.train_step_flops say why); the
@@ -183,7 +185,7 @@ def measure(config, *, steps: int = 20, matmul_size: int = MATMUL_SIZE,
   out = {
       "num_params": int(num_params), "batch_size": batch_size,
       "num_devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-      "compile_s": compile_s, "first_step_s": first, "second_step_s": second,
+      "compile_s": compile_s, "lower_s": lower_s, "first_step_s": first, "second_step_s": second,
       "median_step_s": median, "steps_per_s": 1 / median, "images_per_s": batch_size / median,
       "median_step_cpu_s": median_cpu, "page_faults_per_step": faults,
       "flops_per_step": flops, "compiled_flops_per_step": compiled_flops,
@@ -221,6 +223,7 @@ def rows(r: dict, config_name: str = "", steps: int = 20,
       ("global batch", r["batch_size"]),
       ("compile (trace + lower + XLA, cold cache), s" if not cache else
        "compile (trace + lower + XLA, persistent cache on), s", f"{r['compile_s']:.2f}"),
+      ("  of which trace + lower, s", f"{r['lower_s']:.2f}" if "lower_s" in r else "—"),
       ("first step after compile, s", f"{r['first_step_s']:.3f}"),
       ("second step, s", f"{r['second_step_s']:.3f}"),
       (f"median step of {steps}, s", f"{r['median_step_s']:.4f}"),

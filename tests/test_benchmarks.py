@@ -36,6 +36,7 @@ def test_train_step_benchmark_gives_every_figure_and_an_eta():
                      "forward_s_per_image", "eval_forwards", "eval_s", "num_evaluations",
                      "eta_total_s", "eval_share"])
   assert result["batch_size"] == 8 and result["num_steps"] == 6
+  assert 0 < result["lower_s"] < result["compile_s"]  # tracing is a part of the compile time
   assert result["images_per_s"] == pytest.approx(8 / result["median_step_s"])
   assert result["eta_steps_s"] == pytest.approx(6 * result["median_step_s"])
   assert result["num_evaluations"] == 2  # steps 3 and 6
