@@ -11,7 +11,9 @@ annealed to exact ones over steps 500-700. Its own (docs/results.md, "The hole's
 a smooth multiscale fill of the context and the likelihood predicts the residual from it. Eight
 training photographs do not teach a model to continue an unseen scene; a smooth fill does, and
 the model learns what to add to it (held-out bits/dim 6.155 -> 5.940; the mode fill-in from
-0.7 dB below biharmonic inpainting to 0.4 dB above it).
+0.7 dB below biharmonic inpainting to 0.4 dB above it). Not taken from the faces recipe: free
+bits (docs/results.md, "Free bits on level 1 of the quickstart": at (512, 0, 0) with the prior
+learning, bits/dim improve on both seeds but the mode fill-in falls below biharmonic on one).
 """
 
 from experiments import base
