@@ -53,8 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.top_prior = "conditional"  # conditional p(z_L | x_outer) | standard_normal
   m.posterior_sees_mask = False  # 1x1 projection of the mask added to h^q_0 (non-centre masks)
   m.latent_channels = (8,)  # channels of each 2-D latent (per level; the top uses top_latent_dim)
-  m.latent_groups = (1,)  # per level: z_l drawn in this many channel groups, each given the ones
-  # before it through a residual block (VDVAE's groups per resolution); must divide latent_channels
+  m.latent_groups = (1,)  # per level: z_l drawn in this many groups, each given the ones before
+  # it through a residual block (VDVAE's groups per resolution); channels: divides latent_channels
+  m.latent_group_layout = "channels"  # channels (a group = c_l/G channels) | space (a group = all
+  # channels on a sub-lattice of positions: G = 2 a checkerboard, 4 the 2x2 sub-lattices)
   m.top_latent_dim = 64  # size of the top (vector) latent z_L
   m.width = 64  # channels of the trunk and the decoder state at 64x64 (and every level by default)
   m.level_widths = (0,)  # per level: channels at 64/2^l (0 = model.width); cheap capacity

@@ -26,6 +26,8 @@ UPSAMPLING = ("nearest", "bilinear")  # methods of hvae.model.layers.upsample
 # What a_p holds in the hole (hvae.model.ladder.preprocess).
 HOLE_FILLS = ("zeros", "pull_push", "multiscale")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+LATENT_GROUP_LAYOUTS = ("channels", "space")  # model.latent_group_layout
+SPACE_GROUPS = (1, 2, 4)  # the position sub-lattices of the "space" layout (ladder.space_masks)
 FREE_BITS_PRIORS = ("frozen", "learns")  # loss.free_bits_prior: a level below its floor
 # Static boxes (top, bottom, left, right), end-exclusive, of the 64x64 image the training pass may
 # restrict the likelihood head to (`model.likelihood_region`); "all" = the whole image.
@@ -93,9 +95,15 @@ class ModelConfig:
   top_prior: str = "conditional"
   posterior_sees_mask: bool = False
   latent_channels: tuple[int, ...] = (8, 8, 8, 8)  # entry L unused: the top is top_latent_dim
-  # per level: z_l's channels in this many groups, each drawn given the ones before it (VDVAE's
-  # groups at one resolution); () = 1 everywhere; entry L unused (the top is one vector)
+  # per level: z_l drawn in this many groups, each given the ones before it (VDVAE's groups at
+  # one resolution); () = 1 everywhere; entry L unused (the top is one vector)
   latent_groups: tuple[int, ...] = ()
+  # LATENT_GROUP_LAYOUTS: "channels" splits z_l's channels into the groups; "space" gives every
+  # group all channels on its own sub-lattice of positions (2: a checkerboard; 4: the 2x2
+  # sub-lattices), so a group's prior sees its neighbours' samples (a spatial autoregression).
+  # "space" costs G x the heads of "channels" (each group's heads give all c_l channels at every
+  # position and keep 1/G of them), which head_weight_decay's penalty counts too.
+  latent_group_layout: str = "channels"
   top_latent_dim: int = 64
   width: int = 64
   level_widths: tuple[int, ...] = ()  # level l's channels at 64/2^l; () or 0 = `width`
@@ -174,9 +182,14 @@ class ModelConfig:
     if self.latent_groups and len(self.latent_groups) != L:
       raise ConfigError(
           f"model.latent_groups: has {len(self.latent_groups)} entries for {L} levels")
+    _choice("model.latent_group_layout", self.latent_group_layout, LATENT_GROUP_LAYOUTS)
     for l, (g, c) in enumerate(zip(self.latent_groups[:-1], self.latent_channels), start=1):
       _positive(f"model.latent_groups (level {l})", g)
-      if c % g:
+      if self.latent_group_layout == "space":
+        if g not in SPACE_GROUPS:
+          raise ConfigError(f"model.latent_groups (level {l}): the 'space' layout draws a level "
+                            f"in 1, 2 or 4 position groups, got {g}")
+      elif c % g:
         raise ConfigError(f"model.latent_groups (level {l}): {g} groups do not divide "
                           f"model.latent_channels = {c}; give a divisor of {c}")
     for l, w in enumerate(self.level_widths, start=1):
@@ -218,6 +231,7 @@ class ModelConfig:
         top_prior=m.top_prior, posterior_sees_mask=bool(m.posterior_sees_mask),
         latent_channels=per_level("model.latent_channels", m.latent_channels, L, int),
         latent_groups=per_level("model.latent_groups", m.get("latent_groups", (1,)), L, int),
+        latent_group_layout=m.get("latent_group_layout", "channels"),
         top_latent_dim=int(m.top_latent_dim), width=int(m.width),
         level_widths=per_level("model.level_widths", m.get("level_widths", (0,)), L, int),
         blocks_per_level=int(m.blocks_per_level), merge_blocks=int(m.get("merge_blocks", 0)),
@@ -251,6 +265,11 @@ class ModelConfig:
     if level == self.num_levels or not self.latent_groups:
       return 1
     return self.latent_groups[level - 1]
+
+  def group_channels(self, level: int) -> int:
+    """Channels of one latent group of 2-D level `level`: all of them in the "space" layout."""
+    channels = self.latent_channels[level - 1]
+    return channels if self.latent_group_layout == "space" else channels // self.groups(level)
 
   def resolution(self, level: int) -> int:
     """Spatial size of the features h_l / d_l at level `level` (0 = the 64x64 input)."""

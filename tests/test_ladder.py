@@ -167,10 +167,12 @@ def _leak_probe(cfg):
 @pytest.mark.parametrize("posterior,hole_fill",
                          [("bottom_up", "zeros"), ("top_down", "multiscale")])
 def test_no_leakage_from_missing_pixels(posterior, hole_fill):
-  # the top_down case also draws levels 1-2 in two latent groups (model.latent_groups)
-  groups = (2, 2, 1) if posterior == "top_down" else ()
+  # levels 1-2 drawn in latent groups (model.latent_groups): of channels in the bottom_up case,
+  # of positions (model.latent_group_layout="space") in the top_down one
+  groups, layout = ((2, 2, 1), "channels") if posterior == "bottom_up" else ((4, 2, 1), "space")
   cfg = tiny_model_config(posterior=posterior, posterior_sees_mask=True, hole_fill=hole_fill,
-                          fill_residual=hole_fill != "zeros", latent_groups=groups)
+                          fill_residual=hole_fill != "zeros", latent_groups=groups,
+                          latent_group_layout=layout)
   g_prior, g_post, mask = _leak_probe(cfg)
   missing = np.broadcast_to(mask == 0, g_prior.shape)
   # Priors and decoder: exactly zero gradient from every missing pixel ...
@@ -286,6 +288,65 @@ def test_latent_groups_each_group_s_prior_sees_the_groups_before_it_only():
   late = apply(image, mask, jax.random.PRNGKey(0), "prior", moved).levels[0]
   np.testing.assert_array_equal(late.z[..., 0], base.levels[0].z[..., 0])
   np.testing.assert_array_equal(late.p.mean, p.mean)
+
+
+def test_space_groups_draw_positions_in_order_each_seeing_its_earlier_neighbours():
+  """`model.latent_group_layout="space"`: group g of a level owns all channels on its sub-lattice
+  of positions (4 groups: (0,0), (1,1), (0,1), (1,0) mod 2; 2: a checkerboard) and its prior sees
+  the samples of the groups before it at neighbouring positions, never its own or later ones."""
+  cfg = tiny_model_config(posterior="top_down", latent_groups=(4, 2, 1),
+                          latent_group_layout="space")
+  model, params = HVAE(cfg), _init(cfg, seed=3)
+  assert jax.tree_util.tree_leaves(params["level_1"]["group_4"]["p_head"])[-1].shape[-1] == 4
+  image, mask = random_images(B), centre_mask(B)
+  shapes = [(B,) + cfg.latent_shape(l) for l in range(1, cfg.num_levels + 1)]
+  noise = [jax.random.normal(jax.random.PRNGKey(20 + l), s) for l, s in enumerate(shapes)]
+  apply = jax.jit(lambda noise: model.apply(
+      {"params": params}, image, mask, sources="prior", noise=noise, compute_posterior=True,
+      rngs={"sample": jax.random.PRNGKey(0)}).levels)
+  base = apply(noise)
+  for lev, eps in zip(base[:2], noise):  # z = mu_p + sigma_p * eps everywhere, by its own group
+    np.testing.assert_allclose(lev.z, lev.p.mean + lev.p.scale * eps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lev.log_p, lev.p.log_prob(lev.z).reshape(B, -1).sum(-1),
+                               rtol=1e-5)
+    assert lev.kl.shape == lev.z.shape
+  # the drawn z given back as latents: the same priors and pixels (no group sees a later one)
+  again = model.apply({"params": params}, image, mask, latents=tuple(lev.z for lev in base),
+                      compute_posterior=False, rngs={"sample": jax.random.PRNGKey(1)})
+  for a, b in zip(base, again.levels):
+    np.testing.assert_allclose(a.p.mean, b.p.mean, rtol=1e-5, atol=1e-6)
+  # a fresh draw (no noise given): one noise map per level, each position from its own group
+  drawn = model.apply({"params": params}, image, mask, sources="prior", compute_posterior=False,
+                      rngs={"sample": jax.random.PRNGKey(2)}).levels[0]
+  eps = (drawn.z - drawn.p.mean) / drawn.p.scale
+  assert np.isfinite(np.asarray(eps)).all() and 0.7 < float(np.std(np.asarray(eps))) < 1.3
+  masks = [np.asarray(m[..., 0]) for m in ladder.space_masks(32, 4)]
+  assert np.array_equal(sum(m.astype(int) for m in masks), np.ones((32, 32), int))
+
+  def prior_change(y, x, level=0):
+    moved = list(noise)
+    moved[level] = noise[level].at[:, y, x, :].add(1.0)
+    out = apply(moved)[level]
+    return (np.abs(np.asarray(out.p.mean - base[level].p.mean)).max(axis=(0, 3)),
+            np.abs(np.asarray(out.z - base[level].z)).max(axis=(0, 3)))
+  # a group-1 sample at (10, 10) moves the priors of groups 2-4 next to it, no group-1 prior
+  change, z_change = prior_change(10, 10)
+  assert change[masks[0]].max() == 0
+  assert change[11, 11] > 0 and change[10, 11] > 0 and change[11, 10] > 0
+  assert change[11, 20] == 0  # local: the nearest group-4 priors reach 7 positions
+  # a group-2 sample moves groups 3 and 4 only; a group-4 (the last) sample moves no prior
+  change, _ = prior_change(11, 11)
+  assert change[masks[0] | masks[1]].max() == 0 and change[10, 11] > 0 and change[11, 10] > 0
+  change, z_change = prior_change(11, 10)
+  assert change.max() == 0 and z_change[11, 10] > 0 and z_change.sum() == z_change[11, 10]
+  # level 2, a checkerboard: a sample on an even square moves only odd squares' priors
+  change, _ = prior_change(4, 4, level=1)
+  even = np.asarray(ladder.space_masks(16, 2)[0][..., 0])
+  assert change[even].max() == 0 and change[4, 5] > 0 and change[5, 4] > 0
+  with pytest.raises(ConfigError, match="'space' layout draws a level in 1, 2 or 4"):
+    tiny_model_config(latent_groups=(3, 1, 1), latent_group_layout="space")
+  with pytest.raises(ConfigError, match="model.latent_group_layout"):
+    tiny_model_config(latent_group_layout="rows")
 
 
 def test_merge_blocks_shape_a_latent_sample_by_its_neighbours():

@@ -7,8 +7,9 @@ Parameter paths are stable and per level, so per-level remedies can address them
   level_{l}/q_head          posterior head of level l        (hvae only)
   level_{l}/p_head          prior head of level l  (hvae only; none for a standard-normal top)
   level_{l}/z_proj          projection merging z_l into the decoder state d_l (hvae only)
-  level_{l}/group_{g}/...   latent group g >= 2 of level l (`model.latent_groups`): block (its
-                            residual block), q_head, p_head, z_proj
+  level_{l}/group_{g}/...   latent group g >= 2 of level l (`model.latent_groups`, channels or
+                            positions: `model.latent_group_layout`): block (its residual
+                            block), q_head, p_head, z_proj
   level_{l}/merged_{b}      residual block b after z_l's last merge (`model.merge_blocks`)
   level_{l}/decoder         f_l: the decoder block producing d_l (l < L)
   output_head               f_0: the likelihood parameters at 64x64
@@ -38,6 +39,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hvae.model import layers, likelihoods
 from hvae.model.distributions import DiagGaussian
@@ -134,7 +136,7 @@ class LatentGroup(nn.Module):
     cfg, l = self.config, self.level
     width = cfg.level_width(l)
     self.block = layers.res_block(layers.remat_level(cfg.remat, l))(width, dtype=self.dtype)
-    channels = cfg.latent_channels[l - 1] // cfg.groups(l)
+    channels = cfg.group_channels(l)
     self.q_head = _head(cfg, l, channels)
     self.p_head = _head(cfg, l, channels)
     self.z_proj = layers.conv(width, 1, dtype=self.dtype)
@@ -148,9 +150,11 @@ def _head(cfg: ModelConfig, l: int, channels: int, vector: bool = False) -> laye
 class Level(nn.Module):
   """Everything that belongs to level l: its heads, its z projection and its decoder f_l.
 
-  With G = `model.latent_groups` > 1, z_l is drawn in G channel groups: group 1 uses the heads
-  below, group g >= 2 the `LatentGroup` `group_{g}`, whose prior and posterior see the state
-  merged with groups < g (so its prior correlates positions through their samples).
+  With G = `model.latent_groups` > 1, z_l is drawn in G groups: group 1 uses the heads below,
+  group g >= 2 the `LatentGroup` `group_{g}`, whose prior and posterior see the state merged with
+  groups < g (so its prior correlates positions through their samples). A group is a slice of
+  the channels (`model.latent_group_layout="channels"`) or all channels on a sub-lattice of the
+  positions ("space", `space_masks`): then a position's prior sees its neighbours' samples.
   """
 
   config: ModelConfig
@@ -162,7 +166,7 @@ class Level(nn.Module):
     self.is_top = l == cfg.num_levels
     if cfg.has_latents:
       groups = cfg.groups(l)
-      channels = cfg.top_latent_dim if self.is_top else cfg.latent_channels[l - 1] // groups
+      channels = cfg.top_latent_dim if self.is_top else cfg.group_channels(l)
       self.q_head = _head(cfg, l, channels, self.is_top)
       if not (self.is_top and cfg.top_prior == "standard_normal"):
         self.p_head = _head(cfg, l, channels, self.is_top)
@@ -274,6 +278,33 @@ class OutputHead(nn.Module):
     if box is not None:
       params = params[:, y0 - gy0:y1 - gy0, x0 - gx0:x1 - gx0]
     return params
+
+
+def space_masks(resolution: int, groups: int) -> list[np.ndarray]:
+  """The "space" layout's positions of each latent group, as (r, r, 1) booleans in drawing order:
+  1 group: all; 2: a checkerboard (the even squares first); 4: the 2x2 sub-lattices, the diagonal
+  pair first ((0, 0), (1, 1), (0, 1), (1, 0)), so each later one has earlier neighbours on every
+  side."""
+  i, j = np.meshgrid(np.arange(resolution), np.arange(resolution), indexing="ij")
+  if groups == 1:
+    cells = [np.ones_like(i, bool)]
+  elif groups == 2:
+    cells = [(i + j) % 2 == 0, (i + j) % 2 == 1]
+  elif groups == 4:
+    cells = [(i % 2 == a) & (j % 2 == b) for a, b in ((0, 0), (1, 1), (0, 1), (1, 0))]
+  else:
+    raise ValueError(f"space_masks: {groups} groups (1, 2 or 4)")
+  return [c[..., None] for c in cells]  # NumPy: constants, not traced values
+
+
+def _select(dists: list[DiagGaussian], masks: list[np.ndarray]) -> DiagGaussian:
+  """One level's "space" groups as one Gaussian: at each position, its own group's."""
+  def pick(field):
+    out = getattr(dists[0], field)
+    for d, m in zip(dists[1:], masks[1:]):
+      out = jnp.where(m, getattr(d, field), out)
+    return out
+  return DiagGaussian(pick("mean"), pick("log_scale"))
 
 
 def _concat(dists: list[DiagGaussian]) -> DiagGaussian:
@@ -413,9 +444,17 @@ class HVAE(nn.Module):
         state = d
         continue
       groups = cfg.groups(l)
-      split = lambda t, n=groups: (None,) * n if t is None else jnp.split(t, n, axis=-1)  # noqa: E731
+      space = cfg.latent_group_layout == "space" and groups > 1
+      masks = space_masks(cfg.resolution(l), groups) if space else [None] * groups
+      if space:  # every group draws at all positions and keeps its own (z, noise: full maps)
+        split = lambda t, n=groups: (t,) * n  # noqa: E731
+      else:
+        split = lambda t, n=groups: (None,) * n if t is None else jnp.split(t, n, axis=-1)  # noqa: E731
       offset = posterior_offset[l - 1]
-      parts = zip(split(latents[l - 1]), split(noise[l - 1]),
+      eps_l = noise[l - 1]
+      if space and eps_l is None and latents[l - 1] is None:  # one draw serves every group
+        eps_l = jax.random.normal(self.make_rng("sample"), (image.shape[0], *cfg.latent_shape(l)))
+      parts = zip(split(latents[l - 1]), split(eps_l),
                   split(None if offset is None else offset.mean),
                   split(None if offset is None else offset.log_scale))
       ps, qs, zs = [], [], []
@@ -440,9 +479,18 @@ class HVAE(nn.Module):
         ps.append(p)
         qs.append(q)
         zs.append(z)
-        state = level.merge(state, z, g)
+        # "space": the group's own positions only (z is masked, not its projection: the 1x1
+        # projection's bias reaches every position, a constant per group, and the masking costs
+        # c_l channels instead of the state's width)
+        state = level.merge(state, z if masks[g - 1] is None else jnp.where(masks[g - 1], z, 0), g)
       state = level.after_merge(state)
-      p, q, z = _concat(ps), None if q is None else _concat(qs), jnp.concatenate(zs, -1)
+      if space:
+        p, q = _select(ps, masks), None if q is None else _select(qs, masks)
+        z = zs[0]
+        for z_g, m in zip(zs[1:], masks[1:]):
+          z = jnp.where(m, z_g, z)
+      else:
+        p, q, z = _concat(ps), None if q is None else _concat(qs), jnp.concatenate(zs, -1)
       flat = lambda t: t.reshape(t.shape[0], -1).sum(-1)  # noqa: E731
       outputs.append(LevelOutput(
           z=z, p=p, q=q,
