@@ -2,7 +2,8 @@
 
 `Trunk` maps a 64x64x4 input `a` to the list [h_0, h_1, ..., h_L]: h_0 = stem(a) at 64x64 and
 h_l = g_l(h_{l-1}) = pool(blocks(h_{l-1})) at 64/2^l. The model calls the *same* Trunk
-instance on a_q = concat(x, 1) and on a_p = concat(x * m, m), so flax shares its parameters.
+instance on a_q = concat(x, 1) and on a_p = concat(x * m, m), so flax shares its parameters;
+when both are needed it is one call on the two stacked along the batch (`HVAE.__call__`).
 """
 
 from __future__ import annotations
