@@ -45,7 +45,8 @@ DEFAULT_MAX_ROWS = 256  # forward-pass rows (samples x examples) per chunk, boun
 
 
 def _features(params, image, mask, *, model: HVAE) -> tuple:
-  """(h^p, h^q): the outputs of the two trunk calls of one posterior forward pass.
+  """(h^p, h^q): the trunk's outputs in one posterior forward pass (one call on a_q and a_p
+  stacked along the batch, `HVAE.__call__`), split back into the two inputs'.
 
   Everything else the pass computes is unused, and XLA drops it.
   """
@@ -54,7 +55,9 @@ def _features(params, image, mask, *, model: HVAE) -> tuple:
       rngs={"sample": jax.random.PRNGKey(0)}, mutable=["intermediates"],
       capture_intermediates=lambda module, method: (
           isinstance(module, Trunk) and method == "__call__"))
-  return tuple(state["intermediates"]["trunk"]["__call__"])
+  (both,) = state["intermediates"]["trunk"]["__call__"]
+  batch = image.shape[0]
+  return [h[batch:] for h in both], [h[:batch] for h in both]
 
 
 @functools.lru_cache(maxsize=32)
