@@ -54,6 +54,9 @@ What it changes from the quickstart, and why (docs/results.md has the evidence):
   what the decoder was trained on.
 * `model.upsample = "bilinear"`: the decoder state reaches each finer level smooth; with one
   residual block per level, nearest-neighbour upsampling left the mode fill-in in 8x8 blocks.
+* Not `model.latent_group_layout = "space"` (z_1 drawn as 2x2 sub-lattices of positions instead
+  of channel groups, against the samples' specks): on seed 1 the hole fell back to the data's
+  marginal (a flat grey square, held-out 3.12 bits/dim at step 2000); docs/results.md.
 * Not `model.hole_fill = "multiscale"` with `model.fill_residual` (the quickstart's): on faces
   the fill made the latents idle early and ended 0.12 bits/dim worse (1.875 vs 1.758, seed 0),
   the mode 0.16 dB lower; docs/results.md "The hole's fill".

@@ -169,7 +169,7 @@ def _leak_probe(cfg):
 def test_no_leakage_from_missing_pixels(posterior, hole_fill):
   # levels 1-2 drawn in latent groups (model.latent_groups): of channels in the bottom_up case,
   # of positions (model.latent_group_layout="space") in the top_down one
-  groups, layout = ((2, 2, 1), "channels") if posterior == "bottom_up" else ((4, 2, 1), "space")
+  groups, layout = ((2, 2, 1), "channels") if posterior == "bottom_up" else ((2, 2, 1), "space")
   cfg = tiny_model_config(posterior=posterior, posterior_sees_mask=True, hole_fill=hole_fill,
                           fill_residual=hole_fill != "zeros", latent_groups=groups,
                           latent_group_layout=layout)
@@ -311,15 +311,11 @@ def test_space_groups_draw_positions_in_order_each_seeing_its_earlier_neighbours
                                rtol=1e-5)
     assert lev.kl.shape == lev.z.shape
   # the drawn z given back as latents: the same priors and pixels (no group sees a later one)
-  again = model.apply({"params": params}, image, mask, latents=tuple(lev.z for lev in base),
-                      compute_posterior=False, rngs={"sample": jax.random.PRNGKey(1)})
-  for a, b in zip(base, again.levels):
+  again = jax.jit(lambda latents: model.apply(
+      {"params": params}, image, mask, latents=latents, compute_posterior=False,
+      rngs={"sample": jax.random.PRNGKey(1)}).levels)(tuple(lev.z for lev in base))
+  for a, b in zip(base, again):
     np.testing.assert_allclose(a.p.mean, b.p.mean, rtol=1e-5, atol=1e-6)
-  # a fresh draw (no noise given): one noise map per level, each position from its own group
-  drawn = model.apply({"params": params}, image, mask, sources="prior", compute_posterior=False,
-                      rngs={"sample": jax.random.PRNGKey(2)}).levels[0]
-  eps = (drawn.z - drawn.p.mean) / drawn.p.scale
-  assert np.isfinite(np.asarray(eps)).all() and 0.7 < float(np.std(np.asarray(eps))) < 1.3
   masks = [np.asarray(m[..., 0]) for m in ladder.space_masks(32, 4)]
   assert np.array_equal(sum(m.astype(int) for m in masks), np.ones((32, 32), int))
 
