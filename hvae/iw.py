@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hvae import preemption
-from hvae.model.ladder import HVAE, POSTERIOR
+from hvae.model.ladder import HVAE, POSTERIOR, split_trunk
 from hvae.model.trunk import Trunk
 
 DEFAULT_MAX_ROWS = 256  # forward-pass rows (samples x examples) per chunk, bounds memory
@@ -56,8 +56,7 @@ def _features(params, image, mask, *, model: HVAE) -> tuple:
       capture_intermediates=lambda module, method: (
           isinstance(module, Trunk) and method == "__call__"))
   (both,) = state["intermediates"]["trunk"]["__call__"]
-  batch = image.shape[0]
-  return [h[batch:] for h in both], [h[:batch] for h in both]
+  return split_trunk(both, image.shape[0])
 
 
 @functools.lru_cache(maxsize=32)

@@ -297,14 +297,23 @@ def space_masks(resolution: int, groups: int) -> list[np.ndarray]:
   return [c[..., None] for c in cells]  # NumPy: constants, not traced values
 
 
+def _by_position(values: list[jnp.ndarray], masks: list[np.ndarray]) -> jnp.ndarray:
+  """One map from the "space" groups' full maps: at each position, its own group's value."""
+  out = values[0]
+  for v, m in zip(values[1:], masks[1:]):
+    out = jnp.where(m, v, out)
+  return out
+
+
 def _select(dists: list[DiagGaussian], masks: list[np.ndarray]) -> DiagGaussian:
   """One level's "space" groups as one Gaussian: at each position, its own group's."""
-  def pick(field):
-    out = getattr(dists[0], field)
-    for d, m in zip(dists[1:], masks[1:]):
-      out = jnp.where(m, getattr(d, field), out)
-    return out
-  return DiagGaussian(pick("mean"), pick("log_scale"))
+  return DiagGaussian(_by_position([d.mean for d in dists], masks),
+                      _by_position([d.log_scale for d in dists], masks))
+
+
+def split_trunk(both: list[jnp.ndarray], batch: int) -> tuple[list, list]:
+  """(h^p, h^q) from the trunk's outputs on a_q and a_p stacked along the batch (a_q first)."""
+  return [h[batch:] for h in both], [h[:batch] for h in both]
 
 
 def _concat(dists: list[DiagGaussian]) -> DiagGaussian:
@@ -434,9 +443,7 @@ class HVAE(nn.Module):
           extra = layers.conv(cfg.width, 1, name="posterior_mask_proj", dtype=dtype)(
               jnp.asarray(mask, a_q.dtype))
           extra = jnp.concatenate([extra, jnp.zeros_like(extra)])  # the prior half gets none
-        both = trunk(jnp.concatenate([a_q, a_p]), extra)
-        batch = a_q.shape[0]
-        h_q, h_p = [h[:batch] for h in both], [h[batch:] for h in both]
+        h_p, h_q = split_trunk(trunk(jnp.concatenate([a_q, a_p]), extra), a_q.shape[0])
       else:
         h_p = trunk(a_p)
 
@@ -493,9 +500,7 @@ class HVAE(nn.Module):
       state = level.after_merge(state)
       if space:
         p, q = _select(ps, masks), None if q is None else _select(qs, masks)
-        z = zs[0]
-        for z_g, m in zip(zs[1:], masks[1:]):
-          z = jnp.where(m, z_g, z)
+        z = _by_position(zs, masks)
       else:
         p, q, z = _concat(ps), None if q is None else _concat(qs), jnp.concatenate(zs, -1)
       flat = lambda t: t.reshape(t.shape[0], -1).sum(-1)  # noqa: E731
