@@ -63,7 +63,8 @@ _PROFILE = flags.DEFINE_bool(
 _CACHE = flags.DEFINE_string(
     "jax_cache", os.path.expanduser("~/.cache/hvae/jax"),
     "Folder of JAX's persistent compilation cache, on by default ('' = off): programs that took "
-    "over 1 s to compile are kept there, so re-runs and resumes skip most compilation.")
+    "over 1 s to compile (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS if set) are kept there, so "
+    "re-runs and resumes skip most compilation.")
 # Multi-host (README "Multi-device and multi-host"): passed to jax.distributed.initialize. On
 # SLURM, Open MPI and Cloud TPU pods JAX detects all three; elsewhere give them on every process.
 _NUM_PROCESSES = flags.DEFINE_integer(
@@ -139,7 +140,8 @@ def _setup_jax() -> None:
 
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   _maybe_initialize_distributed()
 
 

@@ -1,6 +1,7 @@
 """Test set-up shared by every test module.
 
-* 8 fake CPU devices (set before JAX starts) so the multi-device paths run on any machine.
+* 8 fake CPU devices (set before JAX starts) so the multi-device paths run on any machine, and
+  XLA:CPU's backend at optimisation level 0 (`helpers.XLA_OPT_FLAG`: faster compiles).
 * JAX's persistent compilation cache, so re-runs skip most XLA compiles.
 * Tiny configs: every compile in the suite is of a model a few thousand parameters big.
 * `tiny_straight`: one uninterrupted tiny training run per test process, which the resume and
@@ -13,16 +14,19 @@
 import logging
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from helpers import JAX_CACHE, tiny_run_config, xla_flags  # no JAX import
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Every compile into the persistent cache, here and in every process the suite starts (launch.py
+# keeps only those over 1 s unless this is set): the two workers and the launches share them.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from helpers import JAX_CACHE, tiny_run_config  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 

@@ -14,6 +14,31 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # JAX's persistent compilation cache of the test suite (conftest.py) and of the launch.py runs it
 # starts: every tiny model compiles once per machine, not once per run.
 JAX_CACHE = os.environ.get("HVAE_TEST_JAX_CACHE", str(ROOT / ".jax_cache"))
+# XLA:CPU's backend (LLVM) at optimisation level 0 in this process and every process the suite
+# starts: the suite's cost is compiling tiny models, and level 0 compiles them ~40 % faster (the
+# tiny train step: 7.4 -> 4.2 s of XLA) while running them ~1.6x slower (0.18 -> 0.30 s a step).
+# The programs (HLO, fusion, layouts) are the ones a run compiles; only their machine code is less
+# optimised. Set HVAE_TEST_XLA_OPT=3 to test with XLA's default.
+XLA_OPT_FLAG = f"--xla_backend_optimization_level={os.environ.get('HVAE_TEST_XLA_OPT', '0')}"
+
+
+# The few tests whose cost is running, not compiling (hundreds of steps, 2^24 likelihood terms),
+# compile their functions at XLA's default level: `jax.jit(f, compiler_options=RUN_OPTIONS)`.
+RUN_OPTIONS = {"xla_backend_optimization_level": 3}
+
+
+def xla_flags(devices: int = 1) -> str:
+  """XLA_FLAGS for a process of the suite with `devices` CPU devices."""
+  return f"--xla_force_host_platform_device_count={devices} {XLA_OPT_FLAG}"
+
+
+def subprocess_env(devices: int = 1, **extra: str) -> dict:
+  """The environment of a process the suite starts: CPU only, `devices` CPU devices, the suite's
+  XLA flags, TensorFlow's C++ logs off, every compile kept in the persistent cache (a launch.py
+  run compiles ~50 programs under launch.py's 1 s threshold: ~5 s a run); `extra` added."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+              XLA_FLAGS=xla_flags(devices), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              **extra)
 
 
 def launch(*args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
@@ -24,8 +49,7 @@ def launch(*args: str, timeout: float = 300, check: bool = False) -> subprocess.
     timeout: seconds.
     check: raise AssertionError (with the end of stderr) on a non-zero exit status.
   """
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)  # one device: the multi-device path is covered in test_train
+  env = subprocess_env()  # one device: the multi-device path is covered in test_train
   argv = [sys.executable, "launch.py", f"--jax_cache={JAX_CACHE}", *args]
   proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode:

@@ -142,12 +142,18 @@ def test_launch_uses_the_compilation_cache_unless_the_flag_is_empty(tmp_path, mo
   updates = {}
   monkeypatch.setattr(launch, "_maybe_initialize_distributed", lambda: None)
   monkeypatch.setattr(jax.config, "update", lambda name, value: updates.update({name: value}))
+  monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
   flags.FLAGS.unparse_flags()
   try:
     flags.FLAGS(["launch.py", f"--jax_cache={tmp_path}"])
     launch._setup_jax()  # pylint: disable=protected-access
     assert updates == {"jax_compilation_cache_dir": str(tmp_path),
                        "jax_persistent_cache_min_compile_time_secs": 1.0}
+    updates.clear()
+    # JAX's own environment variable (the suite sets it to 0) is left to decide the threshold.
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    launch._setup_jax()  # pylint: disable=protected-access
+    assert updates == {"jax_compilation_cache_dir": str(tmp_path)}
     updates.clear()
     flags.FLAGS(["launch.py", "--jax_cache="])
     launch._setup_jax()  # pylint: disable=protected-access

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import subprocess_env
 
 from hvae.checkpoint import Checkpointer
 
@@ -158,8 +159,7 @@ _KILL_SCRIPT = textwrap.dedent("""
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
   directory = str(tmp_path / "ckpt")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_REPO, TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)
+  env = subprocess_env(PYTHONPATH=_REPO)
   proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, directory], env=env,
                         capture_output=True, timeout=120)
   assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]

@@ -33,7 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import JAX_CACHE, ROOT, launch_in_process, tiny_run_config, tiny_run_flags
+from helpers import (
+  JAX_CACHE,
+  ROOT,
+  launch_in_process,
+  subprocess_env,
+  tiny_run_config,
+  tiny_run_flags,
+)
 from PIL import Image
 
 from hvae import amortisation, data, errors, evaluation, loop, objective, rollback, writers
@@ -320,11 +327,7 @@ def _copy(straight, tmp_path) -> pathlib.Path:
 def _env(one_device: bool = True) -> dict:
   """launch.py's environment in these tests: one CPU device (else this process's 8), no
   bytecode written."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             PYTHONDONTWRITEBYTECODE="1")
-  if one_device:
-    env.pop("XLA_FLAGS", None)
-  return env
+  return subprocess_env(1 if one_device else 8, PYTHONDONTWRITEBYTECODE="1")
 
 
 def test_sigterm_during_refinement_in_eval_mode_exits_at_once_and_writes_nothing(tmp_path,

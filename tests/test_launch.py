@@ -10,7 +10,6 @@ in this process.
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,15 @@ import time
 
 import numpy as np
 import pytest
-from helpers import JAX_CACHE, ROOT, launch, launch_in_process, load_experiment, tiny_run_config
+from helpers import (
+  JAX_CACHE,
+  ROOT,
+  launch,
+  launch_in_process,
+  load_experiment,
+  subprocess_env,
+  tiny_run_config,
+)
 
 from hvae import config_file, loop
 from hvae.writers import read_metrics
@@ -96,8 +103,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_straight):
 
 def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tmp_path, caplog):
   workdir = tmp_path / "preempted"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)
+  env = subprocess_env()
   args = [sys.executable, "launch.py", "--config=experiments/tiny.py", f"--workdir={workdir}",
           f"--jax_cache={JAX_CACHE}", "--config.train.num_steps=100000",
           "--config.train.log_every_steps=1",

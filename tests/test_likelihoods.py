@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import RUN_OPTIONS
 from scipy import stats
 
 from hvae.model import likelihoods
@@ -57,7 +58,7 @@ def _grad_mean_log_prob(lik, params, image, rng):
   return jax.grad(lambda p: jnp.mean(lik.log_prob(p, image, rng)))(params)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=RUN_OPTIONS)  # 2^24 terms
 def _dmol_joint_marginals(lik, p):
   """Probabilities of one pixel summed over all 256^3 values, one R value at a time.
 
@@ -479,8 +480,11 @@ def test_scaled_gradients_leave_log_probs_unchanged_and_tame_sharp_channels(name
   params = _params(exact, "random", 16, seed=3)
   image = np.random.RandomState(0).randint(0, 256, (16, 3)).astype(np.float32)
   rng = jax.random.PRNGKey(0)
-  np.testing.assert_array_equal(_log_prob(exact, params, image, rng),
-                                _log_prob(scaled, params, image, rng))
+  # The same values up to float32 rounding: exactly equal at XLA's default optimisation level;
+  # at level 0 (the suite's, helpers.XLA_OPT_FLAG) the two programs' exp/log differ in the last
+  # bits (1.6e-6 relative measured).
+  np.testing.assert_allclose(_log_prob(exact, params, image, rng),
+                             _log_prob(scaled, params, image, rng), rtol=1e-5, atol=0)
   # Make every channel sharp (log-scale -6): the exact location gradient grows like 1/scale,
   # the scaled one stays O(residual).
   groups = _slices(exact)

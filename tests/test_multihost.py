@@ -33,6 +33,7 @@ from helpers import (
   ROOT,
   launch_in_process,
   load_experiment,
+  subprocess_env,
   tiny_run_config,
   tiny_run_flags,
 )
@@ -108,9 +109,8 @@ def _run(workdir, args, *, processes: int, devices: int, tmp_path, file_size_0: 
   procs, logs, copies = [], [], []
   writes = [tmp_path / f"writes_{port}_{i}.json" for i in range(processes)]
   for i in range(processes):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HVAE_TEST_WORKDIR=str(workdir),
-               HVAE_TEST_WRITES=str(writes[i]),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = subprocess_env(devices, HVAE_TEST_WORKDIR=str(workdir),
+                         HVAE_TEST_WRITES=str(writes[i]))
     if i == 0 and file_size_0:
       env["HVAE_TEST_FILE_SIZE"] = str(file_size_0)
     multi = ([f"--num_processes={processes}", f"--process_id={i}",

@@ -1,6 +1,7 @@
 """Tests of hvae/objective.py: what bits/dim count, the decomposition, the training loss."""
 
 import dataclasses
+import functools
 import math
 
 import flax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import centre_mask, load_experiment, random_images, tiny_model_config
+from helpers import RUN_OPTIONS, centre_mask, load_experiment, random_images, tiny_model_config
 
 from hvae import objective, train
 from hvae.model import ladder, likelihoods
@@ -160,7 +161,7 @@ def test_a_few_hundred_steps_drive_the_negative_elbo_down(likelihood, likelihood
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=RUN_OPTIONS)  # 250 steps: running costs most
   def step(params, opt_state, key):
     def loss_fn(p):
       out = model.apply({"params": p}, image, mask, rngs={"sample": key})
