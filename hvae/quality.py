@@ -24,6 +24,17 @@ example at a time (image [H, W, 3], mask [H, W, 1] with 1 = given, 0 = missing):
   sub-pixels divided by the truth's, (a + `HF_EPS`) / (b + `HF_EPS`). 1 for the truth itself,
   > 1 for a fill-in noisier than the truth, < 1 for a blurred (over-smooth) one.
 
+* `coverage`: do the N samples of a context cover its truth? On the hole, with d(a, b) the mean
+  squared difference: `spread_ratio`, the mean d between two samples over the mean d between the
+  truth and a sample; `truth_rank`, the truth's rank among the N + 1 fill-ins {truth, samples}
+  ordered by their mean d to the other N, scaled to 0..1 (0 the most central, 1 the farthest
+  out); `truth_outside`, 1 where the truth is the farthest out. If the truth were one more draw
+  of the model (a calibrated model: truth and samples exchangeable), spread_ratio would be 1 in
+  expectation, truth_rank uniform (mean 0.5) and truth_outside 1 / (N + 1) on average. A
+  spread_ratio below 1 with the truth outside more often says the samples vary less than, or
+  in other directions than, the truth differs from them: best-of-N cannot beat a central
+  fill-in (the mode, the mean) however many samples are drawn.
+
 `sample_metrics` applies them to N fill-ins per context and gives best-of-N, mean-of-N,
 best-by-likelihood (the fill-in the model scores highest) and the PSNR of the mean fill-in;
 `sample_methods` turns the same N fill-ins into one fill-in per context per *method* (`sample`,
@@ -121,6 +132,31 @@ def diversity(fills: np.ndarray, mask: np.ndarray) -> float:
   return float(np.mean(pairs))
 
 
+def coverage(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+  """`spread_ratio`, `truth_rank` and `truth_outside` (module docstring) of N >= 2 fill-ins per
+  context: fills [N, B, H, W, 3], truth [B, H, W, 3], mask [B, H, W, 1] -> {figure: [B]}."""
+  fills = np.asarray(fills, np.float64)
+  n = fills.shape[0]
+  if n < 2:
+    raise ValueError(f"coverage needs at least 2 samples per context, got {n}")
+  out = {"spread_ratio": [], "truth_rank": [], "truth_outside": []}
+  for b in range(fills.shape[1]):
+    missing = _missing(mask[b])
+    points = np.concatenate([np.asarray(truth[b], np.float64)[None][:, missing],
+                             fills[:, b][:, missing]]).reshape(n + 1, -1)  # truth first
+    sq = np.sum(points * points, axis=1)
+    d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * points @ points.T, 0.0) / points.shape[1]
+    between = d[1:, 1:][np.triu_indices(n, 1)].mean()
+    to_truth = d[0, 1:].mean()
+    spread = between / to_truth if to_truth > 0 else 1.0  # identical holes: no evidence
+    centrality = d.sum(axis=1) / n  # each point's mean distance to the other N
+    rank = int(np.sum(centrality[1:] < centrality[0]))  # ties count for the truth: 0..N
+    out["spread_ratio"].append(spread)
+    out["truth_rank"].append(rank / n)
+    out["truth_outside"].append(float(rank == n))
+  return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
 def _border_differences(image: np.ndarray, missing: np.ndarray) -> np.ndarray:
   """Forward differences [P, 3] across every 4-neighbour pair straddling the hole's border."""
   x = np.asarray(image, np.float64)
@@ -203,7 +239,8 @@ def sample_methods(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray,
     per_sample: `per_sample_figures(fills, truth, mask)` if already computed.
 
   Returns:
-    {method: {figure: [B]}} with methods `sample` (each figure averaged over the N fill-ins),
+    {method: {figure: [B]}} with methods `sample` (each figure averaged over the N fill-ins,
+    and with N >= 2 the `coverage` figures of the N),
     `best_of_N` (the fill-in of highest PSNR, an oracle: it reads the truth), `ranked` (the
     fill-in the model scores highest) and `mean_of_samples` (the pixel average of the N).
   """
@@ -213,6 +250,8 @@ def sample_methods(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray,
   pick = lambda idx: {k: v[idx, cols] for k, v in per.items()}  # noqa: E731
   out = {"sample": {k: v.mean(axis=0) for k, v in per.items()},
          "best_of_N": pick(np.argmax(per["psnr"], axis=0))}
+  if fills.shape[0] > 1:  # how the N samples lie around the truth (`coverage`)
+    out["sample"].update(coverage(fills, truth, mask))
   if scores is not None:
     out["ranked"] = pick(np.argmax(np.asarray(scores), axis=0))
   out["mean_of_samples"] = batch_figures(fills.mean(axis=0), truth, mask)

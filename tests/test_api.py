@@ -77,8 +77,13 @@ def test_eval_mode_writes_results_table_grid_and_tensorboard(workdir, capsys, mo
   assert m["eval/psnr_rank"] == m["eval/ranked/psnr"]
   assert m["eval/psnr_mean"] == pytest.approx(m["eval/sample/psnr"])
   assert len(results["per_example"]["iw_bpd"]) == 8
+  # How the 3 samples lie around the truth (hvae.quality.coverage), with the sample figures.
+  assert m["eval/sample/spread_ratio"] >= 0 and 0 <= m["eval/sample/truth_rank"] <= 1
+  assert m["eval/sample/truth_outside"] in np.arange(9) / 8  # a fraction of the 8 examples
+  assert len(results["per_example"]["sample/truth_outside"]) == 8
   table = (out / "table.md").read_text()
   assert "| mode |" in table and "ΔPSNR vs biharmonic" in table and table in stdout
+  assert "Coverage of the truth by the samples: spread ratio " in table
   # context, truth, biharmonic, mode, mean, 3 samples
   assert _read(out / "grid.png").shape[1] > 2 * 64 * 8
   assert list(out.glob("events.out.tfevents*"))
@@ -214,6 +219,8 @@ def test_temperature_sweep_tabulates_every_method_and_tau(workdir, photos, model
   label = evaluate.tau_label(per_level)
   assert label == text_tau and per_level == (1.0,) + (0.0,) * (len(per_level) - 1)
   assert f"| sample | {label} |" in text
+  assert "| tau | spread ratio | truth's rank | truth farthest out |" in text
+  assert f"| {label} | " in text  # the coverage of the samples at every tau
   assert not any("*" in line for line in text.splitlines() if line.startswith("| mode |"))
   out = workdir / "eval" / "temperature_sweep" / "holiday"
   assert (out / "table.md").read_text() == text

@@ -153,3 +153,51 @@ def test_sample_methods_pick_one_fill_in_per_context(example):
   assert legacy["psnr_best"][0] == m["best_of_N"]["psnr"][0]
   assert legacy["psnr_rank"][0] == m["ranked"]["psnr"][0]
   assert legacy["psnr_of_mean"][0] == pytest.approx(m["mean_of_samples"]["psnr"][0])
+
+
+def _draws(noise_truth: float, noise_samples: float, n: int = 8, b: int = 300, seed: int = 0):
+  """b contexts of one small image [b, 8, 8, 3] (the hole: its centre 4x4), each with a truth
+  and n samples drawn around the same base with the given noise levels (grey levels)."""
+  rs = np.random.RandomState(seed)
+  base = rs.uniform(60, 190, (b, 1, 8, 8, 3))
+  truth = base[:, 0] + noise_truth * rs.randn(b, 8, 8, 3)
+  samples = np.moveaxis(base + noise_samples * rs.randn(b, n, 8, 8, 3), 1, 0)  # [n, b, ...]
+  mask = np.ones((b, 8, 8, 1))
+  mask[:, 2:6, 2:6] = 0.0
+  return samples, truth, mask
+
+
+def test_coverage_of_exchangeable_draws_is_calibrated():
+  """Truth and samples drawn alike: spread ratio 1, the truth's rank uniform (mean 0.5) and the
+  truth farthest out on 1/(N+1) of the contexts, within a few standard errors."""
+  samples, truth, mask = _draws(10.0, 10.0)
+  c = quality.coverage(samples, truth, mask)
+  assert set(c) == {"spread_ratio", "truth_rank", "truth_outside"}
+  assert all(v.shape == (300,) for v in c.values())
+  assert c["spread_ratio"].mean() == pytest.approx(1.0, abs=0.02)
+  assert c["truth_rank"].mean() == pytest.approx(0.5, abs=4 * math.sqrt(1 / 12 / 300))
+  p = 1 / 9
+  assert c["truth_outside"].mean() == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / 300))
+  assert set(np.unique(c["truth_rank"] * 8)) <= set(range(9))  # ranks 0..N, scaled
+
+
+def test_coverage_tells_narrow_samples_from_wide_ones():
+  narrow = quality.coverage(*_draws(10.0, 3.0))  # the truth differs more than samples do
+  assert narrow["spread_ratio"].mean() < 0.2 and narrow["truth_outside"].mean() > 0.95
+  wide = quality.coverage(*_draws(3.0, 10.0))  # the truth sits in the middle of the samples
+  assert wide["spread_ratio"].mean() > 0.85 and wide["truth_outside"].mean() == 0.0
+  assert wide["truth_rank"].mean() < 0.05
+
+
+def test_coverage_reads_the_hole_only_and_needs_two_samples():
+  samples, truth, mask = _draws(10.0, 10.0, b=5)
+  c = quality.coverage(samples, truth, mask)
+  given = np.broadcast_to(mask > 0.5, truth.shape)
+  moved = quality.coverage(np.where(given, 0.0, samples), np.where(given, 255.0, truth), mask)
+  for k in c:
+    np.testing.assert_allclose(moved[k], c[k], rtol=1e-9)
+  with pytest.raises(ValueError, match="at least 2 samples"):
+    quality.coverage(samples[:1], truth, mask)
+  # The `sample` method carries the figures when N >= 2, and only then.
+  assert "spread_ratio" in quality.sample_methods(samples, truth, mask)["sample"]
+  assert "spread_ratio" not in quality.sample_methods(samples[:1], truth, mask)["sample"]

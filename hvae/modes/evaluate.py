@@ -200,7 +200,18 @@ def format_table(table: dict[str, dict[str, float]], reference: str | None, num_
   if paired:
     lines.append(f"Δ vs {reference}: mean paired difference ± its standard error (examples "
                  f"where the method is strictly better / all).")
+  if "spread_ratio" in table.get("sample", {}):
+    lines.append(coverage_line(table["sample"]))
   return "\n".join(lines) + "\n"
+
+
+def coverage_line(sample: dict[str, float]) -> str:
+  """One sentence on how the N samples lie around the truth (`hvae.quality.coverage`)."""
+  return (f"Coverage of the truth by the samples: spread ratio {sample['spread_ratio']:.3f}, "
+          f"truth's rank {sample['truth_rank']:.3f}, truth farthest out on "
+          f"{100 * sample['truth_outside']:.1f} % of the examples (if the truth were one more "
+          "sample: 1, 0.5 and 100/(N+1) %; a ratio below 1 with the truth outside more often: "
+          "the samples vary less than, or otherwise than, the truth differs from them).")
 
 
 def _summarize(rows: dict[str, np.ndarray], prefix: str, dims: tuple[int, ...],
@@ -542,4 +553,12 @@ def format_sweep(tables: dict[float | tuple[float, ...], dict[str, dict[str, flo
       mark = "*" if tau == best and varies else ""
       lines.append(f"| {method} | {tau_label(tau)} | {row['psnr']:.2f}{mark} | {row['ssim']:.4f} | "
                    f"{row['l1']:.2f} | {row['hf_ratio']:.3f} |")
+  covered = [t for t in tables if "spread_ratio" in tables[t].get("sample", {})]
+  if covered:  # hvae.quality.coverage: how the samples lie around the truth, per tau
+    lines += ["", "| tau | spread ratio | truth's rank | truth farthest out |",
+              "|---:|---:|---:|---:|"]
+    for tau in covered:
+      row = tables[tau]["sample"]
+      lines.append(f"| {tau_label(tau)} | {row['spread_ratio']:.3f} | {row['truth_rank']:.3f} | "
+                   f"{100 * row['truth_outside']:.1f} % |")
   return "\n".join(lines) + "\n"
