@@ -24,16 +24,19 @@ example at a time (image [H, W, 3], mask [H, W, 1] with 1 = given, 0 = missing):
   sub-pixels divided by the truth's, (a + `HF_EPS`) / (b + `HF_EPS`). 1 for the truth itself,
   > 1 for a fill-in noisier than the truth, < 1 for a blurred (over-smooth) one.
 
-* `coverage`: do the N samples of a context cover its truth? On the hole, with d(a, b) the mean
-  squared difference: `spread_ratio`, the mean d between two samples over the mean d between the
-  truth and a sample; `truth_rank`, the truth's rank among the N + 1 fill-ins {truth, samples}
-  ordered by their mean d to the other N, scaled to 0..1 (0 the most central, 1 the farthest
-  out); `truth_outside`, 1 where the truth is the farthest out. If the truth were one more draw
-  of the model (a calibrated model: truth and samples exchangeable), spread_ratio would be 1 in
-  expectation, truth_rank uniform (mean 0.5) and truth_outside 1 / (N + 1) on average. A
-  spread_ratio below 1 with the truth outside more often says the samples vary less than, or
-  in other directions than, the truth differs from them: best-of-N cannot beat a central
-  fill-in (the mode, the mean) however many samples are drawn.
+* `coverage`: do the N samples of a context cover its truth's structure? On the hole averaged
+  over `COVERAGE_BLOCK` x `COVERAGE_BLOCK` squares (so that per-pixel grain, which samples drawn
+  with `pixels="mean"` leave out by design and the truth has, weighs ~1/16 as much), with
+  d(a, b) the mean squared difference: `spread_ratio`, the mean d between two samples over the
+  mean d between the truth and a sample; `truth_rank`, the truth's rank among the N + 1
+  fill-ins {truth, samples} ordered by their summed d to the other N, scaled to 0..1 (0 the
+  most central, 1 the farthest out); `truth_outside`, 1 where the truth is the farthest out.
+  If the truth were one more draw of the model (a calibrated model: truth and samples
+  exchangeable), spread_ratio would be 1 in expectation, truth_rank uniform (mean 0.5) and
+  truth_outside 1 / (N + 1) on average. A spread_ratio below 1 with the truth outside more
+  often says the samples vary less than, or in other directions than, the truth differs from
+  them: best-of-N cannot beat a central fill-in (the mode, the mean) by much, however many
+  samples are drawn.
 
 `sample_metrics` applies them to N fill-ins per context and gives best-of-N, mean-of-N,
 best-by-likelihood (the fill-in the model scores highest) and the PSNR of the mean fill-in;
@@ -56,6 +59,7 @@ SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # radius int(3.5 * 1.5 + 0.5) = 5: an 11x11 window, as in Wang et al.
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 SSIM_MARGIN = 4  # px the hole's bounding box is grown by
+COVERAGE_BLOCK = 4  # px: `coverage` compares 4x4 averages of the hole (structure, not grain)
 HF_EPS = 0.1  # grey levels added to both mean |Laplacian|s of hf_ratio (a flat truth: no 0/0)
 FIGURES = ("psnr", "ssim", "l1", "hf_ratio", "seam")  # the figures of every fill-in method
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False, "seam": False}  # hf_ratio: 1 best
@@ -132,25 +136,45 @@ def diversity(fills: np.ndarray, mask: np.ndarray) -> float:
   return float(np.mean(pairs))
 
 
-def coverage(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+def _block_means(values: np.ndarray, missing: np.ndarray,
+                 block: int) -> tuple[np.ndarray, np.ndarray]:
+  """The hole's pixels averaged over `block` x `block` squares: values [P, H, W, C], missing
+  [H, W] -> (means [P, S, C] over the S squares that hold missing pixels, their counts [S])."""
+  p, h, w, c = values.shape
+  hb, wb = -(-h // block), -(-w // block)
+  pad = ((0, hb * block - h), (0, wb * block - w))
+  weight = np.pad(missing.astype(np.float64), pad)
+  vals = np.pad(values, ((0, 0), *pad, (0, 0))) * weight[None, :, :, None]
+  sums = vals.reshape(p, hb, block, wb, block, c).sum(axis=(2, 4)).reshape(p, hb * wb, c)
+  counts = weight.reshape(hb, block, wb, block).sum(axis=(1, 3)).reshape(-1)
+  keep = counts > 0
+  return sums[:, keep] / counts[keep, None], counts[keep]
+
+
+def coverage(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray,
+             block: int = COVERAGE_BLOCK) -> dict[str, np.ndarray]:
   """`spread_ratio`, `truth_rank` and `truth_outside` (module docstring) of N >= 2 fill-ins per
-  context: fills [N, B, H, W, 3], truth [B, H, W, 3], mask [B, H, W, 1] -> {figure: [B]}."""
+  context, on the hole averaged over `block` x `block` squares (1: pixel by pixel): fills
+  [N, B, H, W, 3], truth [B, H, W, 3], mask [B, H, W, 1] -> {figure: [B]}."""
   fills = np.asarray(fills, np.float64)
   n = fills.shape[0]
   if n < 2:
     raise ValueError(f"coverage needs at least 2 samples per context, got {n}")
   out = {"spread_ratio": [], "truth_rank": [], "truth_outside": []}
   for b in range(fills.shape[1]):
-    missing = _missing(mask[b])
-    points = np.concatenate([np.asarray(truth[b], np.float64)[None][:, missing],
-                             fills[:, b][:, missing]]).reshape(n + 1, -1)  # truth first
-    sq = np.sum(points * points, axis=1)
-    d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * points @ points.T, 0.0) / points.shape[1]
-    between = d[1:, 1:][np.triu_indices(n, 1)].mean()
-    to_truth = d[0, 1:].mean()
-    spread = between / to_truth if to_truth > 0 else 1.0  # identical holes: no evidence
-    centrality = d.sum(axis=1) / n  # each point's mean distance to the other N
-    rank = int(np.sum(centrality[1:] < centrality[0]))  # ties count for the truth: 0..N
+    values = np.concatenate([np.asarray(truth[b], np.float64)[None], fills[:, b]])  # truth first
+    means, counts = _block_means(values, _missing(mask[b]), block)
+    if counts.size == 0:  # no hole: nothing to cover
+      spread, rank = 1.0, 0
+    else:
+      w = np.sqrt(counts / counts.sum())[None, :, None]  # each square weighs its pixels
+      points = (means * w).reshape(n + 1, -1)
+      sq = np.sum(points * points, axis=1)
+      d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * points @ points.T, 0.0)
+      between, to_truth = d[1:, 1:][np.triu_indices(n, 1)].mean(), d[0, 1:].mean()
+      spread = between / to_truth if to_truth > 0 else 1.0  # identical holes: no evidence
+      centrality = d.sum(axis=1)  # each fill-in's summed distance to the other N
+      rank = int(np.sum(centrality[1:] < centrality[0]))  # ties count for the truth: 0..N
     out["spread_ratio"].append(spread)
     out["truth_rank"].append(rank / n)
     out["truth_outside"].append(float(rank == n))

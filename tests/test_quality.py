@@ -143,7 +143,14 @@ def test_sample_methods_pick_one_fill_in_per_context(example):
   scores = np.array([[-1.0], [-5.0], [-3.0]])  # the model prefers the +20 fill-in
   m = quality.sample_methods(fills, image[None], mask[None], scores)
   assert list(m) == ["sample", "best_of_N", "ranked", "mean_of_samples"]
-  assert all(set(v) == set(quality.FIGURES) for v in m.values())
+  coverage = {"spread_ratio", "truth_rank", "truth_outside"}
+  assert set(m["sample"]) == set(quality.FIGURES) | coverage
+  assert all(set(v) == set(quality.FIGURES) for k, v in m.items() if k != "sample")
+  # By hand (constant shifts 20, 5, -10 of the hole): pairs 15, 30, 15 apart, the truth 20, 5,
+  # 10 from them; summed squared distances: truth 525, the +5 fill-in 475, the others more.
+  assert m["sample"]["spread_ratio"][0] == pytest.approx(450 / 175)
+  assert m["sample"]["truth_rank"][0] == pytest.approx(1 / 3)  # only the +5 one is more central
+  assert m["sample"]["truth_outside"][0] == 0.0
   assert m["best_of_N"]["psnr"][0] == pytest.approx(20 * math.log10(51.0))  # the +5 one
   assert m["best_of_N"]["l1"][0] == pytest.approx(5.0)
   assert m["ranked"]["l1"][0] == pytest.approx(20.0)
@@ -156,25 +163,29 @@ def test_sample_methods_pick_one_fill_in_per_context(example):
 
 
 def _draws(noise_truth: float, noise_samples: float, n: int = 8, b: int = 300, seed: int = 0):
-  """b contexts of one small image [b, 8, 8, 3] (the hole: its centre 4x4), each with a truth
-  and n samples drawn around the same base with the given noise levels (grey levels)."""
+  """b contexts of one small image [b, 32, 32, 3] (the hole: its centre 16x16, 16 of coverage's
+  4x4 squares), each with a truth and n samples drawn around the same base with the given noise
+  levels (grey levels)."""
   rs = np.random.RandomState(seed)
-  base = rs.uniform(60, 190, (b, 1, 8, 8, 3))
-  truth = base[:, 0] + noise_truth * rs.randn(b, 8, 8, 3)
-  samples = np.moveaxis(base + noise_samples * rs.randn(b, n, 8, 8, 3), 1, 0)  # [n, b, ...]
-  mask = np.ones((b, 8, 8, 1))
-  mask[:, 2:6, 2:6] = 0.0
+  base = rs.uniform(60, 190, (b, 1, 32, 32, 3))
+  truth = base[:, 0] + noise_truth * rs.randn(b, 32, 32, 3)
+  samples = np.moveaxis(base + noise_samples * rs.randn(b, n, 32, 32, 3), 1, 0)  # [n, b, ...]
+  mask = np.ones((b, 32, 32, 1))
+  mask[:, 8:24, 8:24] = 0.0
   return samples, truth, mask
 
 
 def test_coverage_of_exchangeable_draws_is_calibrated():
   """Truth and samples drawn alike: spread ratio 1, the truth's rank uniform (mean 0.5) and the
-  truth farthest out on 1/(N+1) of the contexts, within a few standard errors."""
+  truth farthest out on 1/(N+1) of the contexts, within a few standard errors; on 4x4 squares
+  (48 numbers a hole: the mean of the per-example ratios is ~1 % high) and pixel by pixel."""
   samples, truth, mask = _draws(10.0, 10.0)
   c = quality.coverage(samples, truth, mask)
   assert set(c) == {"spread_ratio", "truth_rank", "truth_outside"}
   assert all(v.shape == (300,) for v in c.values())
-  assert c["spread_ratio"].mean() == pytest.approx(1.0, abs=0.02)
+  assert c["spread_ratio"].mean() == pytest.approx(1.0, abs=0.03)
+  assert quality.coverage(samples, truth, mask, block=1)["spread_ratio"].mean() == (
+      pytest.approx(1.0, abs=0.01))
   assert c["truth_rank"].mean() == pytest.approx(0.5, abs=4 * math.sqrt(1 / 12 / 300))
   p = 1 / 9
   assert c["truth_outside"].mean() == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / 300))
@@ -187,6 +198,23 @@ def test_coverage_tells_narrow_samples_from_wide_ones():
   wide = quality.coverage(*_draws(3.0, 10.0))  # the truth sits in the middle of the samples
   assert wide["spread_ratio"].mean() > 0.85 and wide["truth_outside"].mean() == 0.0
   assert wide["truth_rank"].mean() < 0.05
+
+
+def test_coverage_averages_squares_of_the_hole_so_grain_weighs_little():
+  """Truth and samples differ from a base by independent 4x4 blobs (std 10); the truth also has
+  per-pixel grain (std 30) that the samples lack, as with pixels="mean". Pixel by pixel the
+  samples look far too narrow (200 / (200 + 900)); on 4x4 squares, where the grain's variance
+  is 1/16, nearly calibrated (200 / (200 + 900 / 16))."""
+  rs = np.random.RandomState(1)
+  base = rs.uniform(60, 190, (300, 32, 32, 3))
+  blobs = lambda *shape: 10.0 * np.kron(rs.randn(*shape, 8, 8, 3), np.ones((4, 4, 1)))  # noqa: E731
+  truth = base + blobs(300) + 30.0 * rs.randn(300, 32, 32, 3)
+  samples = base[None] + np.moveaxis(blobs(300, 8), 1, 0)
+  mask = _draws(0.0, 0.0, b=300)[2]
+  fine = quality.coverage(samples, truth, mask, block=1)["spread_ratio"].mean()
+  coarse = quality.coverage(samples, truth, mask)["spread_ratio"].mean()
+  assert fine == pytest.approx(200 / 1100, rel=0.05), fine
+  assert coarse == pytest.approx(200 / (200 + 900 / 16), rel=0.05), coarse
 
 
 def test_coverage_reads_the_hole_only_and_needs_two_samples():
