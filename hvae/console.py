@@ -1,5 +1,7 @@
 """A quiet, truthful console: hvae's own progress lines, not the libraries' chatter.
 
+`eval_summary` is the training loop's one line per evaluation (every metric goes to the files).
+
 `quiet_libraries()` (idempotent; `hvae.data` calls it on import, so every mode gets it) drops a
 short list of known library messages that mislead or repeat on every run:
 
@@ -22,10 +24,17 @@ prepares a folder (`hvae.data.folder.prepare`), which prints its own one-line pr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from hvae import metric_names
 
 NOISE = tuple(re.compile(p) for p in (
   r"^Variant folder .* has no dataset_info\.json",
@@ -97,3 +106,54 @@ def import_tensorflow() -> None:
       if kept:
         sys.stderr.write("".join(kept))
         sys.stderr.flush()
+
+
+def eval_summary(step: int, metrics: Mapping[str, Any], overfitting: Sequence[int] = (),
+                 seconds: float | None = None) -> str:
+  """The console line of one evaluation; the full set of metrics goes to the files.
+
+  Args:
+    step: the training step.
+    metrics: the evaluation's metrics (docs/design.md §7 names: `eval/bpd`, `eval_train/bpd`,
+      `gap/bpd`, `eval/kl/level_l`); missing ones are left out of the line.
+    overfitting: the levels the verdict flags (hvae/verdict.py); None-like when it did not run.
+    seconds: how long the evaluation took.
+
+  Returns:
+    e.g. "eval step 500: bpd 6.139 (train-split 5.301, gap 0.838)  held-out KL L1 12.3
+    L2 4.56 L3 0.78  verdict: level 3 overfits  (5.2 s)".
+  """
+  def num(name: str, digits: int = 3) -> str:
+    value = _float(metrics[name])
+    return f"{value:.{digits}f}" if math.isfinite(value) else "nan"
+
+  parts = [f"eval step {int(step)}:"]
+  if "eval/bpd" in metrics:
+    extra = [f"{label} {num(name)}" for label, name in
+             (("train-split", "eval_train/bpd"), ("gap", "gap/bpd")) if name in metrics]
+    parts.append(f"bpd {num('eval/bpd')}" + (f" ({', '.join(extra)})" if extra else ""))
+  levels = metric_names.levels(metrics, metric_names.EVAL, "kl")
+  if levels:
+    parts.append(" held-out KL " + " ".join(
+        f"L{l} {_short(_float(metrics[metric_names.name('eval', 'kl', level=l)]))}"
+        for l in levels))
+    flagged = sorted(overfitting)
+    verdict = ("no level overfits" if not flagged else
+               f"level{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))} "
+               f"overfit{'' if len(flagged) > 1 else 's'}")
+    parts.append(f" verdict: {verdict}")
+  if seconds is not None:
+    parts.append(f" ({seconds:.1f} s)")
+  return " ".join(parts)
+
+
+def _short(value: float) -> str:
+  """3 significant digits, no exponent for everyday KL values (nats per image)."""
+  if not math.isfinite(value):
+    return "nan"
+  return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def _float(value: Any) -> float:
+  """A Python float from a Python/numpy/jax scalar or size-1 array."""
+  return float(np.asarray(value).reshape(()))

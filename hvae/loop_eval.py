@@ -15,8 +15,9 @@ import jax
 from absl import logging
 
 from hvae import data, evaluation, grids, preemption
+from hvae.console import eval_summary
 from hvae.model.ladder import HVAE
-from hvae.writers import MetricWriter, eval_summary, writing
+from hvae.writers import MetricWriter, writing
 
 
 def is_eval_step(config, step: int) -> bool:

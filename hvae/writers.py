@@ -9,8 +9,8 @@ JSON has no NaN or infinity: non-finite values are written as `null` in `metrics
 themselves in TensorBoard). A reader cannot tell NaN from inf there; both mean "diverged".
 
 Nothing goes to the console from here: the files hold every metric, and the training loop prints
-a short line per evaluation (`eval_summary`). Only process 0 writes files; other processes'
-writers do nothing.
+a short line per evaluation (`hvae.console.eval_summary`). Only process 0 writes files; other
+processes' writers do nothing.
 
 A write that fails (a full disk, a quota or file-size limit) raises `FileWriteError`, one line
 naming the file (`writing`, also used for config.json, run_info.json, images and `--mode=eval`'s
@@ -25,14 +25,14 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
-from hvae import atomic, console, metric_names
+from hvae import atomic, console
 from hvae.errors import FileWriteError
 from hvae.metrics_file import METRICS_FILE, parse_lines, read_metrics  # noqa: F401  (re-exported)
 
@@ -316,49 +316,3 @@ def periodic_actions(num_steps: int, every_steps: int, start: int, *,
                                          profile_duration_ms=None, first_profile=first,
                                          every_secs=None))
   return actions
-
-
-def eval_summary(step: int, metrics: Mapping[str, Any], overfitting: Sequence[int] = (),
-                 seconds: float | None = None) -> str:
-  """The console line of one evaluation; the full set of metrics goes to the files.
-
-  Args:
-    step: the training step.
-    metrics: the evaluation's metrics (docs/design.md §7 names: `eval/bpd`, `eval_train/bpd`,
-      `gap/bpd`, `eval/kl/level_l`); missing ones are left out of the line.
-    overfitting: the levels the verdict flags (hvae/verdict.py); None-like when it did not run.
-    seconds: how long the evaluation took.
-
-  Returns:
-    e.g. "eval step 500: bpd 6.139 (train-split 5.301, gap 0.838)  held-out KL L1 12.3
-    L2 4.56 L3 0.78  verdict: level 3 overfits  (5.2 s)".
-  """
-  def num(name: str, digits: int = 3) -> str:
-    value = _scalar(metrics[name])
-    return f"{value:.{digits}f}" if math.isfinite(value) else "nan"
-
-  parts = [f"eval step {int(step)}:"]
-  if "eval/bpd" in metrics:
-    extra = [f"{label} {num(name)}" for label, name in
-             (("train-split", "eval_train/bpd"), ("gap", "gap/bpd")) if name in metrics]
-    parts.append(f"bpd {num('eval/bpd')}" + (f" ({', '.join(extra)})" if extra else ""))
-  levels = metric_names.levels(metrics, metric_names.EVAL, "kl")
-  if levels:
-    parts.append(" held-out KL " + " ".join(
-        f"L{l} {_short(_scalar(metrics[metric_names.name('eval', 'kl', level=l)]))}"
-        for l in levels))
-    flagged = sorted(overfitting)
-    verdict = ("no level overfits" if not flagged else
-               f"level{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))} "
-               f"overfit{'' if len(flagged) > 1 else 's'}")
-    parts.append(f" verdict: {verdict}")
-  if seconds is not None:
-    parts.append(f" ({seconds:.1f} s)")
-  return " ".join(parts)
-
-
-def _short(value: float) -> str:
-  """3 significant digits, no exponent for everyday KL values (nats per image)."""
-  if not math.isfinite(value):
-    return "nan"
-  return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"

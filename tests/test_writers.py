@@ -13,7 +13,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from hvae import atomic
-from hvae.writers import MetricWriter, eval_summary, periodic_actions, read_metrics
+from hvae.console import eval_summary
+from hvae.writers import MetricWriter, periodic_actions, read_metrics
 
 
 def _tensorboard_scalars(workdir: str) -> dict[str, dict[int, float]]:
