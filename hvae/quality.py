@@ -25,18 +25,22 @@ example at a time (image [H, W, 3], mask [H, W, 1] with 1 = given, 0 = missing):
   > 1 for a fill-in noisier than the truth, < 1 for a blurred (over-smooth) one.
 
 * `coverage`: do the N samples of a context cover its truth's structure? On the hole averaged
-  over `COVERAGE_BLOCK` x `COVERAGE_BLOCK` squares (so that per-pixel grain, which samples drawn
-  with `pixels="mean"` leave out by design and the truth has, weighs ~1/16 as much), with
-  d(a, b) the mean squared difference: `spread_ratio`, the mean d between two samples over the
-  mean d between the truth and a sample; `truth_rank`, the truth's rank among the N + 1
-  fill-ins {truth, samples} ordered by their summed d to the other N, scaled to 0..1 (0 the
-  most central, 1 the farthest out); `truth_outside`, 1 where the truth is the farthest out.
-  If the truth were one more draw of the model (a calibrated model: truth and samples
-  exchangeable), spread_ratio would be 1 in expectation, truth_rank uniform (mean 0.5) and
-  truth_outside 1 / (N + 1) on average. A spread_ratio below 1 with the truth outside more
-  often says the samples vary less than, or in other directions than, the truth differs from
-  them: best-of-N cannot beat a central fill-in (the mode, the mean) by much, however many
-  samples are drawn.
+  over `COVERAGE_BLOCK` x `COVERAGE_BLOCK` squares of the image grid, each square weighted by
+  its missing pixels (per-pixel grain, which samples drawn with `pixels="mean"` leave out by
+  design and the truth has, then weighs 1/16 as much on the centre hole, whose squares are
+  whole; ~1/12 on `boxes` and ~1/10 on `freeform` masks, whose edges cut squares: compare
+  figures on one mask kind), with d(a, b) the weighted mean squared difference:
+  `sample_spread`, the mean d between two samples; `truth_spread`, the mean d between the truth
+  and a sample; `truth_rank`, the truth's rank among the N + 1 fill-ins {truth, samples}
+  ordered by their summed d to the other N, scaled to 0..1 (0 the most central, 1 the farthest
+  out); `truth_outside`, 1 where the truth is the farthest out. Over a set of examples,
+  `spread_ratio` = mean sample_spread / mean truth_spread. If the truth were one more draw of
+  the model (a calibrated model: truth and samples exchangeable), spread_ratio would be 1 (a
+  ratio of expectations; the mean of per-example ratios would be biased above 1), truth_rank
+  uniform (mean 0.5) and truth_outside 1 / (N + 1) on average. A spread_ratio below 1 with the
+  truth outside more often says the samples vary less than, or in other directions than, the
+  truth differs from them: best-of-N cannot beat a central fill-in (the mode, the mean) by
+  much, however many samples are drawn.
 
 `sample_metrics` applies them to N fill-ins per context and gives best-of-N, mean-of-N,
 best-by-likelihood (the fill-in the model scores highest) and the PSNR of the mean fill-in;
@@ -153,32 +157,41 @@ def _block_means(values: np.ndarray, missing: np.ndarray,
 
 def coverage(fills: np.ndarray, truth: np.ndarray, mask: np.ndarray,
              block: int = COVERAGE_BLOCK) -> dict[str, np.ndarray]:
-  """`spread_ratio`, `truth_rank` and `truth_outside` (module docstring) of N >= 2 fill-ins per
-  context, on the hole averaged over `block` x `block` squares (1: pixel by pixel): fills
-  [N, B, H, W, 3], truth [B, H, W, 3], mask [B, H, W, 1] -> {figure: [B]}."""
+  """`sample_spread`, `truth_spread`, `truth_rank` and `truth_outside` (module docstring) of
+  N >= 2 fill-ins per context, on the hole averaged over `block` x `block` squares (1: pixel by
+  pixel): fills [N, B, H, W, 3], truth [B, H, W, 3], mask [B, H, W, 1] -> {figure: [B]}. A
+  context without a hole gives spreads 0 and rank 0. `spread_ratio(...)` summarises a set."""
   fills = np.asarray(fills, np.float64)
   n = fills.shape[0]
   if n < 2:
     raise ValueError(f"coverage needs at least 2 samples per context, got {n}")
-  out = {"spread_ratio": [], "truth_rank": [], "truth_outside": []}
+  out = {"sample_spread": [], "truth_spread": [], "truth_rank": [], "truth_outside": []}
   for b in range(fills.shape[1]):
     values = np.concatenate([np.asarray(truth[b], np.float64)[None], fills[:, b]])  # truth first
     means, counts = _block_means(values, _missing(mask[b]), block)
     if counts.size == 0:  # no hole: nothing to cover
-      spread, rank = 1.0, 0
+      between = to_truth = 0.0
+      rank = 0
     else:
       w = np.sqrt(counts / counts.sum())[None, :, None]  # each square weighs its pixels
       points = (means * w).reshape(n + 1, -1)
       sq = np.sum(points * points, axis=1)
-      d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * points @ points.T, 0.0)
+      d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * points @ points.T, 0.0) / means.shape[-1]
       between, to_truth = d[1:, 1:][np.triu_indices(n, 1)].mean(), d[0, 1:].mean()
-      spread = between / to_truth if to_truth > 0 else 1.0  # identical holes: no evidence
       centrality = d.sum(axis=1)  # each fill-in's summed distance to the other N
       rank = int(np.sum(centrality[1:] < centrality[0]))  # ties count for the truth: 0..N
-    out["spread_ratio"].append(spread)
+    out["sample_spread"].append(between)
+    out["truth_spread"].append(to_truth)
     out["truth_rank"].append(rank / n)
     out["truth_outside"].append(float(rank == n))
   return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def spread_ratio(sample_spread: np.ndarray, truth_spread: np.ndarray) -> float:
+  """`coverage`'s spread ratio of a set of examples: mean sample_spread / mean truth_spread
+  (1 for a calibrated model; 1.0 when every truth equals every sample)."""
+  den = float(np.mean(truth_spread))
+  return float(np.mean(sample_spread)) / den if den > 0 else 1.0
 
 
 def _border_differences(image: np.ndarray, missing: np.ndarray) -> np.ndarray:

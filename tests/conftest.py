@@ -14,9 +14,11 @@
 import logging
 import os
 
-from helpers import JAX_CACHE, tiny_run_config, xla_flags  # no JAX import
+from helpers import JAX_CACHE, XLA_OPT_FLAG, tiny_run_config, xla_flags  # no JAX import
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:  # flags given by the user
+  os.environ["XLA_FLAGS"] += f" {XLA_OPT_FLAG}"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every compile into the persistent cache, here and in every process the suite starts (launch.py

@@ -143,12 +143,13 @@ def test_sample_methods_pick_one_fill_in_per_context(example):
   scores = np.array([[-1.0], [-5.0], [-3.0]])  # the model prefers the +20 fill-in
   m = quality.sample_methods(fills, image[None], mask[None], scores)
   assert list(m) == ["sample", "best_of_N", "ranked", "mean_of_samples"]
-  coverage = {"spread_ratio", "truth_rank", "truth_outside"}
+  coverage = {"sample_spread", "truth_spread", "truth_rank", "truth_outside"}
   assert set(m["sample"]) == set(quality.FIGURES) | coverage
   assert all(set(v) == set(quality.FIGURES) for k, v in m.items() if k != "sample")
   # By hand (constant shifts 20, 5, -10 of the hole): pairs 15, 30, 15 apart, the truth 20, 5,
   # 10 from them; summed squared distances: truth 525, the +5 fill-in 475, the others more.
-  assert m["sample"]["spread_ratio"][0] == pytest.approx(450 / 175)
+  assert m["sample"]["sample_spread"][0] == pytest.approx(450)
+  assert m["sample"]["truth_spread"][0] == pytest.approx(175)
   assert m["sample"]["truth_rank"][0] == pytest.approx(1 / 3)  # only the +5 one is more central
   assert m["sample"]["truth_outside"][0] == 0.0
   assert m["best_of_N"]["psnr"][0] == pytest.approx(20 * math.log10(51.0))  # the +5 one
@@ -178,13 +179,14 @@ def _draws(noise_truth: float, noise_samples: float, n: int = 8, b: int = 300, s
 def test_coverage_of_exchangeable_draws_is_calibrated():
   """Truth and samples drawn alike: spread ratio 1, the truth's rank uniform (mean 0.5) and the
   truth farthest out on 1/(N+1) of the contexts, within a few standard errors; on 4x4 squares
-  (48 numbers a hole: the mean of the per-example ratios is ~1 % high) and pixel by pixel."""
+  (48 numbers a hole) and pixel by pixel."""
   samples, truth, mask = _draws(10.0, 10.0)
   c = quality.coverage(samples, truth, mask)
-  assert set(c) == {"spread_ratio", "truth_rank", "truth_outside"}
+  assert set(c) == {"sample_spread", "truth_spread", "truth_rank", "truth_outside"}
   assert all(v.shape == (300,) for v in c.values())
-  assert c["spread_ratio"].mean() == pytest.approx(1.0, abs=0.03)
-  assert quality.coverage(samples, truth, mask, block=1)["spread_ratio"].mean() == (
+  assert quality.spread_ratio(c["sample_spread"], c["truth_spread"]) == pytest.approx(1.0, abs=0.02)
+  fine = quality.coverage(samples, truth, mask, block=1)
+  assert quality.spread_ratio(fine["sample_spread"], fine["truth_spread"]) == (
       pytest.approx(1.0, abs=0.01))
   assert c["truth_rank"].mean() == pytest.approx(0.5, abs=4 * math.sqrt(1 / 12 / 300))
   p = 1 / 9
@@ -193,10 +195,11 @@ def test_coverage_of_exchangeable_draws_is_calibrated():
 
 
 def test_coverage_tells_narrow_samples_from_wide_ones():
+  ratio = lambda c: quality.spread_ratio(c["sample_spread"], c["truth_spread"])  # noqa: E731
   narrow = quality.coverage(*_draws(10.0, 3.0))  # the truth differs more than samples do
-  assert narrow["spread_ratio"].mean() < 0.2 and narrow["truth_outside"].mean() > 0.95
+  assert ratio(narrow) < 0.2 and narrow["truth_outside"].mean() > 0.95
   wide = quality.coverage(*_draws(3.0, 10.0))  # the truth sits in the middle of the samples
-  assert wide["spread_ratio"].mean() > 0.85 and wide["truth_outside"].mean() == 0.0
+  assert ratio(wide) > 1.5 and wide["truth_outside"].mean() == 0.0
   assert wide["truth_rank"].mean() < 0.05
 
 
@@ -211,8 +214,9 @@ def test_coverage_averages_squares_of_the_hole_so_grain_weighs_little():
   truth = base + blobs(300) + 30.0 * rs.randn(300, 32, 32, 3)
   samples = base[None] + np.moveaxis(blobs(300, 8), 1, 0)
   mask = _draws(0.0, 0.0, b=300)[2]
-  fine = quality.coverage(samples, truth, mask, block=1)["spread_ratio"].mean()
-  coarse = quality.coverage(samples, truth, mask)["spread_ratio"].mean()
+  ratio = lambda c: quality.spread_ratio(c["sample_spread"], c["truth_spread"])  # noqa: E731
+  fine = ratio(quality.coverage(samples, truth, mask, block=1))
+  coarse = ratio(quality.coverage(samples, truth, mask))
   assert fine == pytest.approx(200 / 1100, rel=0.05), fine
   assert coarse == pytest.approx(200 / (200 + 900 / 16), rel=0.05), coarse
 
@@ -227,5 +231,9 @@ def test_coverage_reads_the_hole_only_and_needs_two_samples():
   with pytest.raises(ValueError, match="at least 2 samples"):
     quality.coverage(samples[:1], truth, mask)
   # The `sample` method carries the figures when N >= 2, and only then.
-  assert "spread_ratio" in quality.sample_methods(samples, truth, mask)["sample"]
-  assert "spread_ratio" not in quality.sample_methods(samples[:1], truth, mask)["sample"]
+  assert "sample_spread" in quality.sample_methods(samples, truth, mask)["sample"]
+  assert "sample_spread" not in quality.sample_methods(samples[:1], truth, mask)["sample"]
+  # No hole: nothing to cover (spreads 0, rank 0); a set of identical fill-ins: ratio 1.
+  none = quality.coverage(samples, truth, np.ones_like(mask))
+  assert np.all(none["sample_spread"] == 0) and np.all(none["truth_rank"] == 0)
+  assert quality.spread_ratio(none["sample_spread"], none["truth_spread"]) == 1.0

@@ -149,7 +149,8 @@ def method_figures(outputs: dict[str, np.ndarray], truth: np.ndarray,
 
 def methods_summary(per_example: dict[str, dict[str, np.ndarray]],
                     reference: str | None) -> dict[str, dict[str, float]]:
-  """{method: {figure: mean over examples, psnr_vs_REF, psnr_vs_REF_stderr, ..._wins, ...}}.
+  """{method: {figure: mean over examples, psnr_vs_REF, psnr_vs_REF_stderr, ..._wins, ...}},
+  and the samples' `spread_ratio` (`hvae.quality.coverage`).
 
   Args:
     per_example: {method: {figure: [n]}} over the same n examples.
@@ -158,6 +159,8 @@ def methods_summary(per_example: dict[str, dict[str, np.ndarray]],
   table = {}
   for method, figs in per_example.items():
     row = {k: float(np.mean(v)) for k, v in figs.items()}
+    if "sample_spread" in figs:  # a ratio of means, not a mean of ratios (quality.coverage)
+      row["spread_ratio"] = quality.spread_ratio(figs["sample_spread"], figs["truth_spread"])
     if reference in per_example and method != reference:
       for fig in PAIRED:
         p = quality.paired(figs[fig], per_example[reference][fig],

@@ -40,7 +40,8 @@ NAME_BASELINE.png. The grid's columns: context | input | first baseline | mode |
 
 When the inputs are complete images (every mask but a mask image: centre, boxes, freeform,
 box:...), the hole's true pixels are known, so every method is scored as `--mode=eval` scores
-it (psnr, ssim, l1, hf_ratio, seam; paired with the first baseline): per image in
+it (psnr, ssim, l1, hf_ratio, seam; paired with the first baseline; with N >= 2 the samples'
+coverage of the truth, `hvae.quality.coverage`): per image in
 results.json (`figures` of each image, `methods` the means), the table printed and written to
 OUT/table.md (with a per-image PSNR/SSIM table). A mask image marks what to remove: no scores.
 """
