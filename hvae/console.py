@@ -124,7 +124,7 @@ def eval_summary(step: int, metrics: Mapping[str, Any], overfitting: Sequence[in
     L2 4.56 L3 0.78  verdict: level 3 overfits  (5.2 s)".
   """
   def num(name: str, digits: int = 3) -> str:
-    value = _float(metrics[name])
+    value = to_float(metrics[name])
     return f"{value:.{digits}f}" if math.isfinite(value) else "nan"
 
   parts = [f"eval step {int(step)}:"]
@@ -135,7 +135,7 @@ def eval_summary(step: int, metrics: Mapping[str, Any], overfitting: Sequence[in
   levels = metric_names.levels(metrics, metric_names.EVAL, "kl")
   if levels:
     parts.append(" held-out KL " + " ".join(
-        f"L{l} {_short(_float(metrics[metric_names.name('eval', 'kl', level=l)]))}"
+        f"L{l} {_short(to_float(metrics[metric_names.name('eval', 'kl', level=l)]))}"
         for l in levels))
     flagged = sorted(overfitting)
     verdict = ("no level overfits" if not flagged else
@@ -154,6 +154,6 @@ def _short(value: float) -> str:
   return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def _float(value: Any) -> float:
+def to_float(value: Any) -> float:
   """A Python float from a Python/numpy/jax scalar or size-1 array."""
   return float(np.asarray(value).reshape(()))

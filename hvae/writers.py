@@ -76,11 +76,6 @@ def writing(what: str):
     raise write_error(what, e) from e
 
 
-def _scalar(value: Any) -> float:
-  """A Python float from a Python/numpy/jax scalar or size-1 array."""
-  return float(np.asarray(value).reshape(()))
-
-
 def _json_value(value: float) -> float | None:
   return value if math.isfinite(value) else None
 
@@ -182,7 +177,7 @@ class MetricWriter:
     """
     if "step" in scalars:
       raise ValueError("'step' is reserved for the row's step in metrics.jsonl.")
-    values = {name: _scalar(value) for name, value in scalars.items()}
+    values = {name: console.to_float(value) for name, value in scalars.items()}
     step = int(step)
     if not self._primary:
       return
