@@ -97,6 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.optim = o = ml_collections.ConfigDict()
   o.name = "adamw"  # adam | adamw | adamax
+  o.b1 = 0.9  # decay rate of the first moment
+  o.b2 = 0.999  # of the second moment (VDVAE: 0.9, which follows fast changes of gradient size)
   o.learning_rate = 1e-3  # peak learning rate
   o.warmup_steps = 100  # linear learning-rate warm-up
   o.schedule = "cosine"  # constant | cosine (decays to 0: see optim.schedule_steps)

@@ -64,23 +64,34 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 _OPTIMIZERS = {
-    "adam": lambda lr, wd: optax.adam(lr),
-    "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd),
-    "adamax": lambda lr, wd: optax.adamax(lr),
+    "adam": lambda lr, wd, b1, b2: optax.adam(lr, b1=b1, b2=b2),
+    "adamw": lambda lr, wd, b1, b2: optax.adamw(lr, b1=b1, b2=b2, weight_decay=wd),
+    "adamax": lambda lr, wd, b1, b2: optax.adamax(lr, b1=b1, b2=b2),
 }
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
-  """The optimiser of `config.optim` (clipping is part of it; skipping is in the step)."""
+  """The optimiser of `config.optim` (clipping is part of it; skipping is in the step).
+
+  `optim.b1`, `optim.b2` are the decay rates of the first and second moments (optax's defaults,
+  0.9 and 0.999, when a config written before they existed lacks them). A small b2 (VDVAE's 0.9)
+  lets the second moment follow gradients whose size changes quickly, such as the location
+  gradients during `model.likelihood_grad_anneal`: with b2 = 0.999 it lags ~1000 steps behind,
+  and each update is several times its usual size (docs/results.md, "The anneal's spike").
+  """
   o = config.optim
   if o.name not in _OPTIMIZERS:
     raise ConfigError(f"optim.name: {o.name!r} is not one of {', '.join(_OPTIMIZERS)}")
+  b1, b2 = float(o.get("b1", 0.9)), float(o.get("b2", 0.999))
+  for key, value in (("b1", b1), ("b2", b2)):
+    if not 0.0 <= value < 1.0:
+      raise ConfigError(f"optim.{key}: must be in [0, 1), got {value}")
   if o.weight_decay and o.name != "adamw":
     raise ConfigError(f"optim.weight_decay: only optim.name='adamw' applies it (got {o.name!r})")
   parts = []
   if o.grad_clip and o.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(o.grad_clip))
-  parts.append(_OPTIMIZERS[o.name](learning_rate_schedule(config), o.weight_decay))
+  parts.append(_OPTIMIZERS[o.name](learning_rate_schedule(config), o.weight_decay, b1, b2))
   return optax.chain(*parts)
 
 
