@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.level_widths = (0,)  # per level: channels at 64/2^l (0 = model.width); cheap capacity
   m.blocks_per_level = 2  # residual blocks per resolution, in the trunk and in the decoder
   m.merge_blocks = 0  # residual blocks after a level's last latent merge (VDVAE), at its resolution
+  m.head_clamp = 0.0  # c > 0: Gaussian heads' mean and scale soft-clamped, c*tanh(x/c) (NVAE: 5)
   m.upsample = "nearest"  # nearest | bilinear: 2x upsampling of the decoder state
   m.hole_fill = "zeros"  # zeros | pull_push: the prior input's hole (x * m, or a smooth fill of it)
   m.fill_residual = False  # the likelihood's locations = the prior input's pixels + the head's

@@ -76,8 +76,9 @@ def create_optimizer(config) -> optax.GradientTransformation:
   `optim.b1`, `optim.b2` are the decay rates of the first and second moments (optax's defaults,
   0.9 and 0.999, when a config written before they existed lacks them). A small b2 (VDVAE's 0.9)
   lets the second moment follow gradients whose size changes quickly, such as the location
-  gradients during `model.likelihood_grad_anneal`: with b2 = 0.999 it lags ~1000 steps behind,
-  and each update is several times its usual size (docs/results.md, "The anneal's spike").
+  gradients during `model.likelihood_grad_anneal`: with b2 = 0.999 it lags ~1000 steps behind
+  and updates grow to several times the learning rate (`tests/test_train.py`); docs/results.md,
+  "The anneal's spikes", has what it did on faces.
   """
   o = config.optim
   if o.name not in _OPTIMIZERS:

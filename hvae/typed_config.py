@@ -111,6 +111,10 @@ class ModelConfig:
   # residual blocks after a level's last latent merge, at its own resolution (VDVAE's block after
   # z's projection): a sample is shaped by its neighbours' before the state moves up; 0 = none
   merge_blocks: int = 0
+  # c > 0: every Gaussian head's mean and pre-softplus scale pass through c * tanh(. / c) (NVAE's
+  # soft clamp, c = 5): |mean| < c and sigma >= softplus(0.54 - c), so one example's KL stays
+  # bounded (docs/results.md, "The anneal's spikes"); 0 = off
+  head_clamp: float = 0.0
   upsample: str = "nearest"
   hole_fill: str = "zeros"  # HOLE_FILLS: the prior input's missing pixels (x * m, or a smooth fill)
   fill_residual: bool = False  # likelihood locations = a_p's pixels (the fill) + the head's output
@@ -169,6 +173,7 @@ class ModelConfig:
     _positive("model.width", self.width)
     _positive("model.blocks_per_level", self.blocks_per_level, allow_zero=True)
     _positive("model.merge_blocks", self.merge_blocks, allow_zero=True)
+    _positive("model.head_clamp", self.head_clamp, allow_zero=True)
     _positive("model.num_mixtures", self.num_mixtures)
     if self.level_widths and len(self.level_widths) != L:
       raise ConfigError(f"model.level_widths: has {len(self.level_widths)} entries for {L} levels")
@@ -235,6 +240,7 @@ class ModelConfig:
         top_latent_dim=int(m.top_latent_dim), width=int(m.width),
         level_widths=per_level("model.level_widths", m.get("level_widths", (0,)), L, int),
         blocks_per_level=int(m.blocks_per_level), merge_blocks=int(m.get("merge_blocks", 0)),
+        head_clamp=float(m.get("head_clamp", 0.0)),
         upsample=m.get("upsample", "nearest"),
         hole_fill=m.get("hole_fill", "zeros"),
         fill_residual=_strict_bool(m.get("fill_residual", False)), likelihood=m.likelihood,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import centre_mask, random_images, tiny_model_config
 
-from hvae.model import ladder
+from hvae.model import ladder, layers
 from hvae.model.ladder import HVAE
 from hvae.typed_config import ConfigError, ModelConfig
 
@@ -413,6 +413,32 @@ def test_sigma_floor_bounds_every_sigma():
   out = apply(params, random_images(B), centre_mask(B), jax.random.PRNGKey(0))
   for floor, lev in zip(cfg.sigma_floor, out.levels):
     assert float(jnp.min(lev.q.scale)) >= floor and float(jnp.min(lev.p.scale)) >= floor
+
+
+def test_head_clamp_bounds_means_and_sigmas_and_leaves_small_outputs_alone():
+  """`model.head_clamp` = c (NVAE's soft clamp): whatever the head's raw outputs, |mean| < c and
+  sigma within the floor plus softplus(_SOFTPLUS_ONE -/+ c), so one example's KL is bounded
+  (unclamped, raw outputs of a runaway head gave sigma = 1e-4 and |mean| = 158 on faces, KL
+  1e12 nats per dimension); outputs well inside the bounds barely move; c = 0 is the identity."""
+  c, floor = 5.0, 0.1
+  raw = jnp.asarray([-1e4, -50.0, -0.1, 0.0, 0.1, 50.0, 1e4])
+  g = layers.gaussian_from_raw(raw, raw, floor, clamp=c)
+  lo = floor + 1e-4 + float(jax.nn.softplus(layers._SOFTPLUS_ONE - c))
+  hi = floor + 1e-4 + float(jax.nn.softplus(layers._SOFTPLUS_ONE + c))
+  assert float(jnp.max(jnp.abs(g.mean))) <= c and lo - 1e-6 <= float(jnp.min(g.scale))
+  assert float(jnp.max(g.scale)) <= hi + 1e-6 and lo > 0.01 + floor  # sigma > 0.01 + floor
+  kl = g.kl(layers.gaussian_from_raw(-raw, -raw, floor, clamp=c))
+  assert float(jnp.max(kl)) < 1e6  # unclamped: inf
+  near = layers.gaussian_from_raw(raw[2:5], raw[2:5], floor, clamp=c)
+  same = layers.gaussian_from_raw(raw[2:5], raw[2:5], floor)
+  np.testing.assert_allclose(near.mean, same.mean, rtol=1e-3)
+  np.testing.assert_allclose(near.scale, same.scale, rtol=1e-3)
+  off = layers.gaussian_from_raw(raw, raw, floor, clamp=0.0)
+  np.testing.assert_array_equal(off.mean, raw)
+  # The config reaches every head; a negative clamp is a config error.
+  assert ladder._head(tiny_model_config(head_clamp=c), 1, 2).clamp == c
+  with pytest.raises(ConfigError, match="model.head_clamp"):
+    tiny_model_config(head_clamp=-1.0)
 
 
 def test_dropout_of_one_level_touches_only_that_level():

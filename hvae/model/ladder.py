@@ -144,6 +144,7 @@ class LatentGroup(nn.Module):
 
 def _head(cfg: ModelConfig, l: int, channels: int, vector: bool = False) -> layers.GaussianHead:
   return layers.GaussianHead(channels, vector=vector, sigma_floor=cfg.sigma_floor[l - 1],
+                             clamp=cfg.head_clamp,
                              dropout=cfg.dropout[l - 1])
 
 

@@ -198,8 +198,22 @@ def remat_level(remat: tuple[bool, ...], level: int) -> bool:
   return bool(remat) and remat[level - 1]
 
 
-def gaussian_from_raw(mean: jnp.ndarray, raw_scale: jnp.ndarray, sigma_floor: float):
-  """sigma = floor + softplus(raw) (never below the floor); raw = 0 gives sigma = 1 + floor."""
+def soft_clamp(x: jnp.ndarray, c: float) -> jnp.ndarray:
+  """c * tanh(x / c): ~x for |x| << c, always inside (-c, c), its gradient -> 0 at the bounds
+  (NVAE's soft clamp); c = 0 returns x unchanged."""
+  return c * jnp.tanh(x / c) if c > 0 else x
+
+
+def gaussian_from_raw(mean: jnp.ndarray, raw_scale: jnp.ndarray, sigma_floor: float,
+                      clamp: float = 0.0):
+  """sigma = floor + softplus(raw) (never below the floor); raw = 0 gives sigma = 1 + floor.
+
+  With `clamp` = c > 0 (`model.head_clamp`) the mean and raw first pass through `soft_clamp`:
+  |mean| < c and softplus(_SOFTPLUS_ONE - c) < sigma - floor - 1e-4 < softplus(_SOFTPLUS_ONE +
+  c). Without it, a head whose input features run away can put sigma at its 1e-4 minimum and
+  the mean far out at once, and one example's KL reaches 1e12 nats (faces, the anneal's end).
+  """
+  mean, raw_scale = soft_clamp(mean, clamp), soft_clamp(raw_scale, clamp)
   sigma = sigma_floor + _MIN_SIGMA + nn.softplus(raw_scale + _SOFTPLUS_ONE)
   return DiagGaussian(mean, jnp.log(sigma))
 
@@ -217,6 +231,7 @@ class GaussianHead(nn.Module):
   vector: bool
   sigma_floor: float = 0.0
   dropout: float = 0.0
+  clamp: float = 0.0  # `model.head_clamp` (`soft_clamp`)
 
   @nn.compact
   def __call__(self, h: jnp.ndarray, *, train: bool) -> DiagGaussian:
@@ -229,4 +244,4 @@ class GaussianHead(nn.Module):
     else:
       out = nn.Conv(2 * self.channels, (3, 3), padding="SAME", kernel_init=init, **f32)(h)
     mean, raw = jnp.split(out, 2, axis=-1)
-    return gaussian_from_raw(mean, raw, self.sigma_floor)
+    return gaussian_from_raw(mean, raw, self.sigma_floor, self.clamp)
