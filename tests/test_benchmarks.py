@@ -227,3 +227,25 @@ def test_held_out_photos_are_the_validation_persons_in_name_order(tmp_path):
     held_out_photos.write(str(workdir), str(tmp_path / "out"))
   with pytest.raises(DataUnavailableError):
     held_out_photos.write(str(workdir), str(tmp_path / "out2"), data_path=str(tmp_path / "no"))
+
+
+def test_latent_stats_name_the_largest_kl_dimension_with_its_gaussians(tiny_straight):
+  """benchmarks/latent_stats.py on the tiny run: every level reported, quantiles ordered, and
+  the largest-KL dimension's KL is the closed form of its sigma_p, sigma_q and |mu_q - mu_p|
+  (so the three figures printed beside it are that dimension's)."""
+  from benchmarks import latent_stats
+  from hvae import api, data
+
+  model = api.load(str(tiny_straight[2]), "latest", ema=False)
+  batches = data.eval_batches(model.config, "train", 8, 8, process_index=0, process_count=1)
+  stats = latent_stats.level_stats(model.model, model.params, batches)
+  assert [s["level"] for s in stats] == [1, 2] and stats[0]["num_examples"] == 8
+  for s in stats:
+    assert s["sigma_p_quantiles"] == sorted(s["sigma_p_quantiles"]) and 0 <= s["tiny_share"] <= 1
+    w = s["worst"]
+    closed = (math.log(w["sigma_p"] / w["sigma_q"])
+              + (w["sigma_q"] ** 2 + w["abs_dmu"] ** 2) / (2 * w["sigma_p"] ** 2) - 0.5)
+    assert w["kl"] == pytest.approx(closed, rel=1e-3, abs=1e-5)
+    assert 0 < s["kl_median"] <= s["kl_max"]
+  out = latent_stats.run(str(tiny_straight[2]), num_examples=8, batch_size=8)
+  assert "step 6 (raw parameters), 8 train examples" in out and out.count("\n| ") == 3
