@@ -418,8 +418,8 @@ def test_sigma_floor_bounds_every_sigma():
 def test_head_clamp_bounds_means_and_sigmas_and_leaves_small_outputs_alone():
   """`model.head_clamp` = c (NVAE's soft clamp): whatever the head's raw outputs, |mean| < c and
   sigma within the floor plus softplus(_SOFTPLUS_ONE -/+ c), so one example's KL is bounded
-  (unclamped, raw outputs of a runaway head gave sigma = 1e-4 and |mean| = 158 on faces, KL
-  1e12 nats per dimension); outputs well inside the bounds barely move; c = 0 is the identity."""
+  (unclamped, a runaway head on faces gave sigma_p = sigma_q = 1e-4 and means 2.1e4 apart, 2e16
+  nats on one dimension); outputs well inside the bounds barely move; c = 0 is the identity."""
   c, floor = 5.0, 0.1
   raw = jnp.asarray([-1e4, -50.0, -0.1, 0.0, 0.1, 50.0, 1e4])
   g = layers.gaussian_from_raw(raw, raw, floor, clamp=c)
