@@ -9,7 +9,7 @@ the evaluation's), and prints per level: the KL per example (median, max), quant
 prior's and posterior's sigma, the share of latent dimensions whose prior sigma is below
 `--tiny_sigma` (and by channel), and the single dimension of largest KL with its sigma_p,
 sigma_q and |mu_q - mu_p|. docs/results.md, "The anneal's spikes", used it to find a level-1
-head whose sigma sat at its 1e-4 minimum with |mu_q - mu_p| = 158 (KL 1e12 nats on one
+head whose sigma sat at its 1e-4 minimum with |mu_q - mu_p| = 2.1e4 (KL 2.2e16 nats on one
 dimension) at the step before a loss spike.
 """
 
@@ -49,7 +49,7 @@ def level_stats(model, params, batches, *, seed: int = 0, tiny_sigma: float = 0.
   import numpy as np
 
   @jax.jit
-  def heads(image, mask, rng):
+  def heads(params, image, mask, rng):  # params an argument: not baked into the program
     out = model.apply({"params": params}, image, mask, compute_posterior=True,
                       rngs={"sample": rng})
     return [dict(kl=lv.kl, sigma_p=lv.p.scale, sigma_q=lv.q.scale,
@@ -58,7 +58,8 @@ def level_stats(model, params, batches, *, seed: int = 0, tiny_sigma: float = 0.
   parts = []
   for i, batch in enumerate(batches):
     keep = np.asarray(batch["weight"]) > 0
-    got = jax.device_get(heads(batch["image"], batch["mask"], jax.random.PRNGKey(seed + i)))
+    got = jax.device_get(heads(params, batch["image"], batch["mask"],
+                               jax.random.PRNGKey(seed + i)))
     parts.append([{k: np.asarray(v)[keep] for k, v in level.items()} for level in got])
   stats = []
   for l in range(len(parts[0])):
@@ -111,6 +112,8 @@ def run(workdir: str, checkpoint: str = "latest", split: str = "train",
   from hvae import api, data  # pylint: disable=g-import-not-at-top
 
   model = api.load(workdir, checkpoint, ema=ema)
+  if model.model.config.kind == "deterministic":
+    raise ValueError(f"{workdir}: a deterministic model has no latents to report")
   batches = data.eval_batches(model.config, split, num_examples, min(batch_size, num_examples),
                               process_index=0, process_count=1)
   stats = level_stats(model.model, model.params, batches, seed=int(model.config.seed),

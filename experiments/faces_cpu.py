@@ -56,10 +56,10 @@ What it changes from the quickstart, and why (docs/results.md has the evidence):
   residual block per level, nearest-neighbour upsampling left the mode fill-in in 8x8 blocks.
 * Not yet `optim.b2 = 0.9` or `model.head_clamp = 5` (docs/results.md, "The anneal's spikes").
   At the anneal's end a level-1 Gaussian head can run away for tens of steps: a loss spike, one
-  example's KL up to 1e16 nats. A re-run of seed 1 on 2026-12-02 ended at 1.822 bits/dim, not
-  1.707. The clamp removed every spike (seed 1: 1.807). b2 = 0.9 gave seed 1's best run
-  (1.639 bits/dim, mode +5.25 dB over biharmonic) but lost the hole on seed 0. Both need 2 seeds,
-  together.
+  example's KL up to 5e17 nats (2e16 on one dimension). A re-run of seed 1 on 2026-12-02 ended
+  at 1.822 bits/dim, not 1.707. The clamp removed every spike (seed 1: 1.807). b2 = 0.9 gave
+  seed 1's best run (1.639 bits/dim, mode +5.25 dB over biharmonic) but lost the hole on seed 0.
+  Both need 2 seeds, together.
 * Not `model.latent_group_layout = "space"` (z_1 drawn as 2x2 sub-lattices of positions instead
   of channel groups, against the samples' specks): on seed 1 the hole fell back to the data's
   marginal (a flat grey square, held-out 3.12 bits/dim at step 2000); docs/results.md.

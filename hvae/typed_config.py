@@ -9,6 +9,7 @@ checks every field, so a bad config fails here with the field's name, before com
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,7 +113,7 @@ class ModelConfig:
   # z's projection): a sample is shaped by its neighbours' before the state moves up; 0 = none
   merge_blocks: int = 0
   # c > 0: every Gaussian head's mean and pre-softplus scale pass through c * tanh(. / c) (NVAE's
-  # soft clamp, c = 5): |mean| < c and sigma >= softplus(0.54 - c), so one example's KL stays
+  # soft clamp, c = 5): |mean| <= c and sigma >= floor + 1e-4 + softplus(0.54 - c), so KL stays
   # bounded (docs/results.md, "The anneal's spikes"); 0 = off
   head_clamp: float = 0.0
   upsample: str = "nearest"
@@ -174,6 +175,8 @@ class ModelConfig:
     _positive("model.blocks_per_level", self.blocks_per_level, allow_zero=True)
     _positive("model.merge_blocks", self.merge_blocks, allow_zero=True)
     _positive("model.head_clamp", self.head_clamp, allow_zero=True)
+    if not math.isfinite(self.head_clamp):
+      raise ConfigError(f"model.head_clamp: must be finite (0 = off), got {self.head_clamp}")
     _positive("model.num_mixtures", self.num_mixtures)
     if self.level_widths and len(self.level_widths) != L:
       raise ConfigError(f"model.level_widths: has {len(self.level_widths)} entries for {L} levels")

@@ -209,10 +209,12 @@ def gaussian_from_raw(mean: jnp.ndarray, raw_scale: jnp.ndarray, sigma_floor: fl
   """sigma = floor + softplus(raw) (never below the floor); raw = 0 gives sigma = 1 + floor.
 
   With `clamp` = c > 0 (`model.head_clamp`) the mean and raw first pass through `soft_clamp`:
-  |mean| < c and softplus(_SOFTPLUS_ONE - c) < sigma - floor - 1e-4 < softplus(_SOFTPLUS_ONE +
-  c). Without it, a head whose input features run away can put sigma at its 1e-4 minimum and
-  the mean far out at once: one dimension of one example cost 2e16 nats on faces at the
-  anneal's end (docs/results.md, "The anneal's spikes").
+  |mean| <= c and softplus(_SOFTPLUS_ONE - c) <= sigma - floor - 1e-4 <= softplus(_SOFTPLUS_ONE
+  + c) (float32's tanh reaches 1 exactly). The bound is on the heads' outputs: a refinement's
+  `posterior_offset` (hvae/amortisation.py) is added after it. Without it, a head whose input
+  features run away can put sigma at its 1e-4 minimum and the mean far out at once: one
+  dimension of one example cost 2e16 nats on faces at the anneal's end (docs/results.md, "The
+  anneal's spikes").
   """
   mean, raw_scale = soft_clamp(mean, clamp), soft_clamp(raw_scale, clamp)
   sigma = sigma_floor + _MIN_SIGMA + nn.softplus(raw_scale + _SOFTPLUS_ONE)
