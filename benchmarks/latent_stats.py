@@ -13,6 +13,7 @@ head whose sigma sat at its 1e-4 minimum with |mu_q - mu_p| = 2.1e4 (KL 2.2e16 n
 dimension) at the step before a loss spike.
 """
 
+import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -42,19 +43,27 @@ def _define_flags() -> dict:
 QUANTILES = (0.0, 0.001, 0.01, 0.5)
 
 
-def level_stats(model, params, batches, *, seed: int = 0, tiny_sigma: float = 0.01) -> list[dict]:
-  """Per level (level 1 first): KL per example, sigma quantiles, tiny-sigma share and the
-  dimension of largest KL over `batches` ({"image", "mask", "weight"}; weight-0 rows dropped)."""
-  import jax
-  import numpy as np
+@functools.cache
+def _heads_fn(model):
+  """The jitted pass returning each level's KL, sigmas and mean gap: compiled once per model."""
+  import jax  # pylint: disable=g-import-not-at-top
 
-  @jax.jit
-  def heads(params, image, mask, rng):  # params an argument: not baked into the program
+  def heads(params, image, mask, rng):
     out = model.apply({"params": params}, image, mask, compute_posterior=True,
                       rngs={"sample": rng})
     return [dict(kl=lv.kl, sigma_p=lv.p.scale, sigma_q=lv.q.scale,
                  dmu=abs(lv.q.mean - lv.p.mean)) for lv in out.levels]
 
+  return jax.jit(heads)
+
+
+def level_stats(model, params, batches, *, seed: int = 0, tiny_sigma: float = 0.01) -> list[dict]:
+  """Per level (level 1 first): KL per example, sigma quantiles, tiny-sigma share and the
+  dimension of largest KL over `batches` ({"image", "mask", "weight"}; weight-0 rows dropped)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  heads = _heads_fn(model)
   parts = []
   for i, batch in enumerate(batches):
     keep = np.asarray(batch["weight"]) > 0
@@ -63,27 +72,27 @@ def level_stats(model, params, batches, *, seed: int = 0, tiny_sigma: float = 0.
     parts.append([{k: np.asarray(v)[keep] for k, v in level.items()} for level in got])
   stats = []
   for l in range(len(parts[0])):
-    a = {k: np.concatenate([p[l][k] for p in parts]) for k in parts[0][l]}
-    n = a["kl"].shape[0]
-    kl = a["kl"].reshape(n, -1)
+    shape = parts[0][l]["kl"].shape[1:]
+    flat = {k: np.concatenate([p[l][k] for p in parts]).reshape(-1, int(np.prod(shape)))
+            for k in parts[0][l]}  # [examples, dims], a dimension's channel = its index % C
+    n, kl = flat["kl"].shape[0], flat["kl"]
     per_example = kl.sum(axis=1)
     example, dim = np.unravel_index(int(np.argmax(kl)), kl.shape)
-    position = np.unravel_index(dim, a["kl"].shape[1:])
-    tiny = a["sigma_p"] < tiny_sigma
-    channels = a["kl"].shape[-1]
+    tiny = flat["sigma_p"] < tiny_sigma
     stats.append({
-        "level": l + 1, "shape": tuple(a["kl"].shape[1:]), "num_examples": n,
+        "level": l + 1, "shape": tuple(shape), "num_examples": n,
         "kl_median": float(np.median(per_example)), "kl_max": float(per_example.max()),
-        "sigma_p_quantiles": [float(q) for q in np.quantile(a["sigma_p"], QUANTILES)],
-        "sigma_q_quantiles": [float(q) for q in np.quantile(a["sigma_q"], QUANTILES)],
+        "sigma_p_quantiles": [float(q) for q in np.quantile(flat["sigma_p"], QUANTILES)],
+        "sigma_q_quantiles": [float(q) for q in np.quantile(flat["sigma_q"], QUANTILES)],
         "tiny_share": float(tiny.mean()),
-        "tiny_by_channel": np.bincount(np.nonzero(tiny.reshape(n, -1))[1] % channels,
-                                       minlength=channels).tolist(),
-        "worst": {"example": int(example), "position": tuple(int(p) for p in position),
+        "tiny_by_channel": np.bincount(np.nonzero(tiny)[1] % shape[-1],
+                                       minlength=shape[-1]).tolist(),
+        "worst": {"example": int(example),
+                  "position": tuple(int(p) for p in np.unravel_index(dim, shape)),
                   "kl": float(kl[example, dim]),
-                  "sigma_p": float(a["sigma_p"].reshape(n, -1)[example, dim]),
-                  "sigma_q": float(a["sigma_q"].reshape(n, -1)[example, dim]),
-                  "abs_dmu": float(a["dmu"].reshape(n, -1)[example, dim])},
+                  "sigma_p": float(flat["sigma_p"][example, dim]),
+                  "sigma_q": float(flat["sigma_q"][example, dim]),
+                  "abs_dmu": float(flat["dmu"][example, dim])},
     })
   return stats
 
