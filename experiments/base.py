@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.fill_residual = False  # the likelihood's locations = the prior input's pixels + the head's
   m.likelihood = "dmol"  # dmol | discretized_gaussian | gaussian (continuous, dequantised)
   m.num_mixtures = 5  # logistic components per pixel for likelihood=dmol
+  m.likelihood_mean_clamp = 0.0  # c > 0: the likelihood's means soft-clamped, c*tanh(x/c)
   m.likelihood_grad = "exact"  # exact | scaled: likelihood locations' gradients x their scale,
   # so near-exact channels (G given R of grey photos) cannot swamp the features; values are
   # unchanged, the optimum is not (docs/results.md "Learning structure")

@@ -121,6 +121,10 @@ class ModelConfig:
   fill_residual: bool = False  # likelihood locations = a_p's pixels (the fill) + the head's output
   likelihood: str = "dmol"
   num_mixtures: int = 5
+  # c > 0: the likelihood's locations (dmol's means before the coupling, the Gaussians' means)
+  # pass through c * tanh(. / c), so a runaway output head's loss is bounded (docs/results.md,
+  # "The clamp and b2 = 0.9 together"); 0 = off
+  likelihood_mean_clamp: float = 0.0
   likelihood_grad: str = "exact"
   # (start, end) steps over which the location-gradient factor goes from the mode's (scaled)
   # to exact (likelihoods.location_grad_power); () = the mode throughout
@@ -174,9 +178,11 @@ class ModelConfig:
     _positive("model.width", self.width)
     _positive("model.blocks_per_level", self.blocks_per_level, allow_zero=True)
     _positive("model.merge_blocks", self.merge_blocks, allow_zero=True)
-    _positive("model.head_clamp", self.head_clamp, allow_zero=True)
-    if not math.isfinite(self.head_clamp):
-      raise ConfigError(f"model.head_clamp: must be finite (0 = off), got {self.head_clamp}")
+    for name in ("head_clamp", "likelihood_mean_clamp"):
+      c = getattr(self, name)
+      _positive(f"model.{name}", c, allow_zero=True)
+      if not math.isfinite(c):
+        raise ConfigError(f"model.{name}: must be finite (0 = off), got {c}")
     _positive("model.num_mixtures", self.num_mixtures)
     if self.level_widths and len(self.level_widths) != L:
       raise ConfigError(f"model.level_widths: has {len(self.level_widths)} entries for {L} levels")
@@ -248,6 +254,7 @@ class ModelConfig:
         hole_fill=m.get("hole_fill", "zeros"),
         fill_residual=_strict_bool(m.get("fill_residual", False)), likelihood=m.likelihood,
         num_mixtures=int(m.num_mixtures),
+        likelihood_mean_clamp=float(m.get("likelihood_mean_clamp", 0.0)),
         likelihood_grad=m.get("likelihood_grad", "exact"),  # runs saved before the key: exact
         likelihood_grad_anneal=tuple(int(t) for t in m.get("likelihood_grad_anneal", ()) or ()),
         dropout=per_level("regularize.dropout", reg.get("dropout", (0.0,)), L),

@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import RUN_OPTIONS
+from helpers import RUN_OPTIONS, tiny_model_config
 from scipy import stats
 
+from hvae.errors import ConfigError
 from hvae.model import likelihoods
+from hvae.model.ladder import HVAE
 
 DISCRETE = ("dmol", "discretized_gaussian")
 K = 3
@@ -627,3 +629,51 @@ def test_pixel_temperature_tempers_the_mixture_s_component_choice():
   for temperature in (1e-7, 0.0):  # the mode's component, and its value once the noise is gone
     assert np.all(np.asarray(_sample(lik, p, rng, temperature))[:, 0] > 127.5)
   np.testing.assert_array_equal(np.asarray(_sample(lik, p, rng, 0.0)), np.asarray(mode))
+
+
+@pytest.mark.parametrize("name", likelihoods.NAMES)
+def test_mean_clamp_bounds_a_runaway_head_and_is_a_reparameterisation(name):
+  """`model.likelihood_mean_clamp` = c: every location passes through c * tanh(. / c), so an
+  output head whose means ran to 1e4 costs a bounded loss (on faces one batch cost 2.3e7
+  bits/dim that way, docs/results.md), and the log-probability is the unclamped one at the
+  clamped means; c = 0 changes nothing; the config reaches the model's likelihood."""
+  c = 2.0
+  plain, clamped = likelihoods.get(name, K), likelihoods.get(name, K, mean_clamp=c)
+  assert clamped.mean_clamp == c and plain.mean_clamp == 0.0
+  n = plain.num_params
+  # Which raw channels are locations and log-scales: dmol's [K:4K] and [4K:7K], the Gaussians'
+  # [0:3] and [3:6].
+  loc, log_scale = np.zeros(n, bool), np.zeros(n, bool)
+  if name == "dmol":
+    loc[K:4 * K], log_scale[4 * K:7 * K] = True, True
+  else:
+    loc[:3], log_scale[3:6] = True, True
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.integers(0, 256, (4, 3)), jnp.float32)
+  raw = rng.normal(size=(4, n)).astype(np.float32)
+  # A runaway head: means at +-1e4 with their scales at the floor (e^-7).
+  raw[:, loc] = np.where(rng.random((4, loc.sum())) < 0.5, -1e4, 1e4)
+  raw[:, log_scale] = -10.0
+  raw = jnp.asarray(raw)
+  by_hand = jnp.where(jnp.asarray(loc), c * jnp.tanh(raw / c), raw)
+  got = _log_prob(clamped, raw, image, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(got, _log_prob(plain, by_hand, image, jax.random.PRNGKey(0)),
+                             rtol=1e-5)
+  # Bounded: |x - mean| <= c + 3 for dmol (the data in [-1, 1], its coupling adds <= 2), so a
+  # sub-pixel costs at most ~ that / e^-7 nats; a Gaussian's cost is quadratic,
+  # (c + 1)^2 / (2 e^-14) (dequantised data reach 1 + 1/127.5). Unclamped the same outputs cost
+  # ~3e7 (dmol) and ~1e14 (Gaussians) nats per pixel.
+  inv_s = math.exp(-likelihoods.MIN_LOG_SCALE)
+  per = (c + 3) * inv_s if name == "dmol" else (c + 1.01) ** 2 / 2 * inv_s ** 2
+  assert bool(jnp.all(jnp.isfinite(got))) and float(jnp.min(got)) > -3 * (per + 10)
+  unclamped = _log_prob(plain, raw, image, jax.random.PRNGKey(0))
+  assert float(jnp.max(unclamped)) < -300 * per
+  small = jnp.asarray(rng.normal(size=(4, n)).astype(np.float32)) * 0.1
+  np.testing.assert_allclose(_log_prob(clamped, small, image, jax.random.PRNGKey(0)),
+                             _log_prob(plain, small, image, jax.random.PRNGKey(0)), rtol=1e-3)
+  assert likelihoods.get(name, K, mean_clamp=0.0) == plain  # off: the same (hashable) likelihood
+  assert HVAE(tiny_model_config(likelihood=name, likelihood_mean_clamp=c)).likelihood == \
+      likelihoods.get(name, 2, mean_clamp=c)
+  for bad in (-1.0, float("inf"), float("nan")):
+    with pytest.raises(ConfigError, match="model.likelihood_mean_clamp"):
+      tiny_model_config(likelihood_mean_clamp=bad)

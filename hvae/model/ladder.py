@@ -343,9 +343,10 @@ class HVAE(nn.Module):
 
   @property
   def likelihood(self) -> likelihoods.Likelihood:
-    """The likelihood, its location gradients as `model.likelihood_grad` says."""
+    """The likelihood, its location gradients and clamp as `model.likelihood_grad` and
+    `model.likelihood_mean_clamp` say."""
     return likelihoods.get(self.config.likelihood, self.config.num_mixtures,
-                           self.config.likelihood_grad)
+                           self.config.likelihood_grad, self.config.likelihood_mean_clamp)
 
   @nn.compact
   def __call__(

@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from hvae.model.layers import soft_clamp
+
 MIN_LOG_SCALE = -7.0
 # Sampling only: exp(20) on the [-1, 1] scale is far wider than the data range, so this changes
 # no sample, but exp(log_scale) of an unbounded network output could overflow to inf.
@@ -251,6 +253,7 @@ class DiscretizedMixLogistic(Likelihood):
   num_mixtures: int
   location_grad: str = "exact"  # LOCATION_GRADS: gradients of the coupled means
   location_grad_power: Any = 1.0  # p of the factor scale**p (`location`); traced in training
+  mean_clamp: float = 0.0  # `model.likelihood_mean_clamp`: c > 0 soft-clamps the means (`_split`)
 
   def __post_init__(self):
     if self.num_mixtures < 1:
@@ -281,7 +284,10 @@ class DiscretizedMixLogistic(Likelihood):
     logits = params[..., :k]
     rest = params[..., k:].reshape(params.shape[:-1] + (3, 3, k))
     means, log_scales, coeffs = rest[..., 0, :, :], rest[..., 1, :, :], rest[..., 2, :, :]
-    return logits, means, jnp.maximum(log_scales, MIN_LOG_SCALE), jnp.tanh(coeffs)
+    # `model.likelihood_mean_clamp` = c: |mean| < c, the coupling adds |alpha| + |beta| <= 2 and
+    # the data are in [-1, 1], so |x - mu| < c + 3: one sub-pixel costs < ~(c + 3) e^7 nats.
+    return (logits, soft_clamp(means, self.mean_clamp), jnp.maximum(log_scales, MIN_LOG_SCALE),
+            jnp.tanh(coeffs))
 
   @staticmethod
   def _coupled_means(means, coeffs, x_r, x_g):
@@ -413,6 +419,7 @@ class _ChannelGaussians(Likelihood):
 
   location_grad: str = "exact"  # LOCATION_GRADS: gradients of the means
   location_grad_power: Any = 1.0  # p of the factor scale**p (`location`); traced in training
+  mean_clamp: float = 0.0  # `model.likelihood_mean_clamp`: c > 0 soft-clamps the means (`_split`)
 
   @property
   def num_params(self) -> int:
@@ -424,7 +431,7 @@ class _ChannelGaussians(Likelihood):
 
   def _split(self, params):
     params = _check_params(params, self.num_params)
-    return params[..., :3], jnp.maximum(params[..., 3:], MIN_LOG_SCALE)
+    return soft_clamp(params[..., :3], self.mean_clamp), jnp.maximum(params[..., 3:], MIN_LOG_SCALE)
 
   def log_prob(self, params, image, rng=None):
     return jnp.sum(self.channel_log_prob(params, image, rng), axis=-1)
@@ -545,15 +552,16 @@ class Gaussian(_ChannelGaussians):
     return jnp.clip((mu + 1.0) * 128.0 - 0.5, 0.0, 255.0)
 
 
-_REGISTRY: dict[str, Callable[[int, str], Likelihood]] = {
-  "dmol": lambda num_mixtures, grad: DiscretizedMixLogistic(num_mixtures, grad),
-  "discretized_gaussian": lambda num_mixtures, grad: DiscretizedGaussian(grad),
-  "gaussian": lambda num_mixtures, grad: Gaussian(grad),
+_REGISTRY: dict[str, Callable[[int, str, float], Likelihood]] = {
+  "dmol": lambda k, grad, clamp: DiscretizedMixLogistic(k, grad, mean_clamp=clamp),
+  "discretized_gaussian": lambda k, grad, clamp: DiscretizedGaussian(grad, mean_clamp=clamp),
+  "gaussian": lambda k, grad, clamp: Gaussian(grad, mean_clamp=clamp),
 }
 NAMES = tuple(_REGISTRY)
 
 
-def get(name: str, num_mixtures: int, location_grad: str = "exact") -> Likelihood:
+def get(name: str, num_mixtures: int, location_grad: str = "exact",
+        mean_clamp: float = 0.0) -> Likelihood:
   """The likelihood called `name`.
 
   Args:
@@ -562,6 +570,8 @@ def get(name: str, num_mixtures: int, location_grad: str = "exact") -> Likelihoo
     location_grad: "exact", or "scaled" / "scaled_mean" to multiply the gradient reaching every
       location parameter by its scale (`scale_location_grad`); log-likelihood values are
       unchanged, gradients are not.
+    mean_clamp: c > 0 passes every location through c * tanh(. / c) (after a fill's base is
+      added, `add_base`), so a runaway output head costs a bounded loss; 0 = off.
 
   Returns:
     A hashable `Likelihood`.
@@ -573,4 +583,4 @@ def get(name: str, num_mixtures: int, location_grad: str = "exact") -> Likelihoo
     factory = _REGISTRY[name]
   except KeyError:
     raise ValueError(f"unknown likelihood {name!r}; valid names: {', '.join(NAMES)}") from None
-  return factory(num_mixtures, location_grad)
+  return factory(num_mixtures, location_grad, mean_clamp)
