@@ -59,8 +59,8 @@ What it changes from the quickstart, and why (docs/results.md has the evidence):
   minimum, means 2e4 apart: 2e16 nats on one dimension). The clamp, 5 * tanh(x / 5) on every
   head's mean and pre-softplus scale, bounds one dimension's KL (~5e5 nats); b2 = 0.9 lets
   Adam's second moment follow the anneal's growing gradients and the coupling of G and B to R
-  be learned ~1000 steps sooner. Together, on 2026-12-02: held-out 1.626 / 1.651 / 1.663
-  bits/dim on seeds 0 / 1 / 2 (1.700 / 1.707 before on seeds 0 / 1), the mode +5.14 / +5.30 /
+  be learned several hundred steps sooner. Together, on 2026-12-02: held-out 1.626 / 1.651 /
+  1.663 bits/dim on seeds 0 / 1 / 2 (1.700 / 1.707 before on seeds 0 / 1), the mode +5.14 / +5.30 /
   +5.13 dB over biharmonic. b2 = 0.9 without the clamp lost the hole on seed 0; the clamp without
   b2 ended at 1.807 on seed 1. Seeds 0 and 2 still had one spiking batch each (a bounded level-1
   KL at step 1481; the likelihood, whose means are not clamped, at step 671) and recovered.

@@ -284,8 +284,10 @@ class DiscretizedMixLogistic(Likelihood):
     logits = params[..., :k]
     rest = params[..., k:].reshape(params.shape[:-1] + (3, 3, k))
     means, log_scales, coeffs = rest[..., 0, :, :], rest[..., 1, :, :], rest[..., 2, :, :]
-    # `model.likelihood_mean_clamp` = c: |mean| < c, the coupling adds |alpha| + |beta| <= 2 and
-    # the data are in [-1, 1], so |x - mu| < c + 3: one sub-pixel costs < ~(c + 3) e^7 nats.
+    # `model.likelihood_mean_clamp` = c: |mean| < c, the coupling adds at most |beta| + |gamma|
+    # <= 2 and the data are in [-1, 1], so |x - mu| < c + 3: a sub-pixel costs < ~(c + 3) e^7
+    # nats. A B mean may need |m_b| up to 3 (|m_g| up to 2) to reach every value: c >= 3 keeps
+    # every mean reachable.
     return (logits, soft_clamp(means, self.mean_clamp), jnp.maximum(log_scales, MIN_LOG_SCALE),
             jnp.tanh(coeffs))
 
@@ -577,10 +579,13 @@ def get(name: str, num_mixtures: int, location_grad: str = "exact",
     A hashable `Likelihood`.
 
   Raises:
-    ValueError: for an unknown name (the message lists the valid ones).
+    ValueError: for an unknown name (the message lists the valid ones) or a negative or
+      non-finite `mean_clamp`.
   """
   try:
     factory = _REGISTRY[name]
   except KeyError:
     raise ValueError(f"unknown likelihood {name!r}; valid names: {', '.join(NAMES)}") from None
+  if not (math.isfinite(mean_clamp) and mean_clamp >= 0):
+    raise ValueError(f"mean_clamp must be finite and >= 0 (0 = off), got {mean_clamp}")
   return factory(num_mixtures, location_grad, mean_clamp)
