@@ -66,6 +66,9 @@ What it changes from the quickstart, and why (docs/results.md has the evidence):
   KL at step 1481; the likelihood, whose means are not clamped, at step 671) and recovered.
   `--config.optim.skip_threshold=2e4` skipped exactly those batches on replays (healthy norms
   stayed below 6.1e3); it is not set here, because the figures above were measured without it.
+* Not `model.likelihood_mean_clamp` (the mixture's means soft-clamped, against seed 2's
+  likelihood spike): at c = 2 seed 2 had no spike in 2000 steps, but level 1 went idle and the
+  hole became a flat grey square (2.58 bits/dim at step 2000 against 1.88); docs/results.md.
 * Not `model.latent_group_layout = "space"` (z_1 drawn as 2x2 sub-lattices of positions instead
   of channel groups, against the samples' specks): on seed 1 the hole fell back to the data's
   marginal (a flat grey square, held-out 3.12 bits/dim at step 2000); docs/results.md.
