@@ -14,6 +14,12 @@ import jax.numpy as jnp
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def soft_clamp(x: jnp.ndarray, c: float) -> jnp.ndarray:
+  """c * tanh(x / c): ~x for |x| << c, always inside (-c, c), its gradient -> 0 at the bounds
+  (NVAE's soft clamp); c = 0 returns x unchanged."""
+  return c * jnp.tanh(x / c) if c > 0 else x
+
+
 @flax.struct.dataclass
 class DiagGaussian:
   """N(mean, scale^2 I), stored with its log-scale for accurate KLs.

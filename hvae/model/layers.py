@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hvae.model.distributions import DiagGaussian
+from hvae.model.distributions import DiagGaussian, soft_clamp
 from hvae.typed_config import UPSAMPLING
 
 # softplus(x + _SOFTPLUS_ONE) = 1 at x = 0: heads start at sigma = 1 (plus the floor).
@@ -196,12 +196,6 @@ def remat_level(remat: tuple[bool, ...], level: int) -> bool:
   """Whether level `level`'s residual blocks are rematerialised: `remat` is `model.remat`, one
   flag per level (entry l - 1 for level l), () = none."""
   return bool(remat) and remat[level - 1]
-
-
-def soft_clamp(x: jnp.ndarray, c: float) -> jnp.ndarray:
-  """c * tanh(x / c): ~x for |x| << c, always inside (-c, c), its gradient -> 0 at the bounds
-  (NVAE's soft clamp); c = 0 returns x unchanged."""
-  return c * jnp.tanh(x / c) if c > 0 else x
 
 
 def gaussian_from_raw(mean: jnp.ndarray, raw_scale: jnp.ndarray, sigma_floor: float,

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hvae.model.layers import soft_clamp
+from hvae.model.distributions import soft_clamp
 
 MIN_LOG_SCALE = -7.0
 # Sampling only: exp(20) on the [-1, 1] scale is far wider than the data range, so this changes
